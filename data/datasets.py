@@ -1,0 +1,123 @@
+"""Image folders that return the sample index, with class subsets and clear errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from models.errors import UserError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+class DataError(UserError):
+    """A dataset problem, with a message naming the path and the fix."""
+
+
+def imagenet100_classes(all_classes: Sequence[str]) -> list[str]:
+    """The ImageNet-100 subset of the original release, as a rule on the sorted class folders.
+
+    The original drew ``np.random.seed(1234); np.random.permutation(n)[:100]`` over the sorted class
+    list and kept those classes (relabelled in sorted order); this reproduces that draw exactly.
+    """
+    classes = sorted(all_classes)
+    if len(classes) < 100:
+        raise DataError(f"--dataset imagenet100 needs at least 100 class folders, found {len(classes)}")
+    picked = np.random.RandomState(1234).permutation(len(classes))[:100]
+    return sorted(classes[i] for i in picked)
+
+
+def read_class_list(path: str) -> list[str]:
+    """Class folder names, one per line (blank lines and # comments ignored)."""
+    if not os.path.isfile(path):
+        raise DataError(f"class list file '{path}' does not exist; check --class_list")
+    with open(path) as f:
+        names = [ln.split("#")[0].strip() for ln in f]
+    return [n for n in names if n]
+
+
+def list_class_folders(root: str) -> list[str]:
+    """Sorted names of the class sub-folders of ``root`` (hidden folders skipped)."""
+    if not os.path.isdir(root):
+        raise DataError(f"image folder '{root}' does not exist; check the data path")
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_image_folder(root: str, classes: Sequence[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names, [(path relative to root, label)]) of an ImageFolder-style tree, sorted."""
+    found = list_class_folders(root)
+    if not found:
+        raise DataError(f"'{root}' has no class sub-folders; expected ImageFolder layout root/<class>/<image>")
+    if classes is None:
+        classes = found
+    missing = [c for c in classes if c not in found]
+    if missing:
+        raise DataError(f"'{root}' lacks class folder(s) {missing[:5]} named in the class list")
+    samples = []
+    for label, cls in enumerate(classes):
+        files = []
+        for dirpath, _, names in os.walk(os.path.join(root, cls), followlinks=True):
+            files += [os.path.join(dirpath, n) for n in names if n.lower().endswith(IMG_EXTENSIONS)]
+        if not files:
+            raise DataError(
+                f"class folder '{os.path.join(root, cls)}' holds no images ({', '.join(IMG_EXTENSIONS)}); "
+                "remove it or add its images"
+            )
+        samples += [(os.path.relpath(p, root), label) for p in sorted(files)]
+    return list(classes), samples
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image as 3-channel RGB (grayscale, CMYK, RGBA and palette images are converted)."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", img.size)  # no-op for non-JPEG; keeps full size for JPEG
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, img).convert("RGB")
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image '{path}' ({exc}); delete or replace the file") from exc
+
+
+class IndexedImageFolder:
+    """ImageFolder that returns ``(transform(image, rng), label, index)``.
+
+    The key may be an int or ``(index, epoch)`` (what :class:`data.loaders.EpochSampler` yields). The
+    augmentation RNG is seeded from (seed, epoch, index), so a sample's crop depends on neither the
+    worker nor the rank that loads it: runs are reproducible and resume exactly.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        transform: Callable | None = None,
+        classes: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.root = root
+        self.classes, self.samples = scan_image_folder(root, classes)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def rng(self, index: int, epoch: int) -> random.Random:
+        return random.Random(f"{self.seed}/{epoch}/{index}")
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        rel, label = self.samples[index]
+        img = load_rgb(os.path.join(self.root, rel))
+        out = self.transform(img, self.rng(index, epoch)) if self.transform else img
+        return out, label, index

@@ -1,0 +1,67 @@
+"""Samplers and loaders: deterministic per (seed, epoch), split across ranks, uint8 batches."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class EpochSampler(Sampler):
+    """DistributedSampler-like split that yields ``(index, epoch)`` keys.
+
+    The permutation depends only on (seed, epoch); rank r takes positions r, r + W, r + 2W, ... of it,
+    so the first global batch of a W-rank run holds exactly the first ``batch`` indices of the 1-rank
+    run. The list is padded by wrapping around to a multiple of W. ``start`` skips the first samples of
+    this rank's share (mid-epoch resume).
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.rank, self.world_size = n, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start = 0, 0
+        self.per_rank = -(-n // world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world_size
+        order += (order * (total // max(len(order), 1) + 1))[: total - len(order)]
+        return order[self.rank : total : self.world_size]
+
+    def __iter__(self):
+        return iter([(i, self.epoch) for i in self.indices()[self.start :]])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def build_loader(
+    dataset,
+    batch_size: int,
+    *,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader over ``dataset`` with an :class:`EpochSampler`; ``batch_size`` is per rank."""
+    sampler = EpochSampler(len(dataset), rank, world_size, seed, shuffle)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,131 @@
+"""Transform presets producing uint8 tensors (3, H, W); conversion to float happens on the device.
+
+Random transforms take an explicit ``random.Random`` so that a sample's augmentation is a function of
+(seed, epoch, index) only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def rrc_box(width: int, height: int, rng: random.Random, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (left, top, w, h): area fraction in ``scale``, log-uniform aspect."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    # Fallback: the largest centred crop with the aspect ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class WeakAug:
+    """RandomResizedCrop(size, scale) + horizontal flip (the paper's weak view)."""
+
+    def __init__(self, size: int = 224, scale=(0.2, 1.0), flip: bool = True) -> None:
+        self.size, self.scale, self.flip = size, scale, flip
+
+    def crop(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        left, top, w, h = rrc_box(img.width, img.height, rng, self.scale)
+        img = img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        flip = self.flip and rng.random() < 0.5
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        return to_uint8_tensor(self.crop(img, rng))
+
+
+class StrongAug(WeakAug):
+    """MoCo-v2's view: crop, colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur p=0.5, flip."""
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        left, top, w, h = rrc_box(img.width, img.height, rng, self.scale)
+        img = img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        if rng.random() < 0.8:
+            img = self.jitter(img, rng)
+        if rng.random() < 0.2:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        if rng.random() < 0.5:
+            img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_uint8_tensor(img)
+
+    @staticmethod
+    def jitter(img: Image.Image, rng: random.Random) -> Image.Image:
+        ops = [
+            (TF.adjust_brightness, rng.uniform(0.6, 1.4)),
+            (TF.adjust_contrast, rng.uniform(0.6, 1.4)),
+            (TF.adjust_saturation, rng.uniform(0.6, 1.4)),
+            (TF.adjust_hue, rng.uniform(-0.1, 0.1)),
+        ]
+        rng.shuffle(ops)
+        for fn, factor in ops:
+            img = fn(img, factor)
+        return img
+
+
+class CenterCrop:
+    """Resize the shorter side to ``resize_size``, centre-crop ``crop_size`` (evaluation and caching)."""
+
+    def __init__(self, resize_size: int = 256, crop_size: int = 224) -> None:
+        self.resize_size, self.crop_size = resize_size, crop_size
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        img = TF.resize(img, self.resize_size, interpolation=TF.InterpolationMode.BILINEAR)
+        return to_uint8_tensor(TF.center_crop(img, self.crop_size))
+
+
+class TrainViews:
+    """The four view modes of the paper.
+
+    - single view (``single=True``): ONE tensor, fed to both networks (the paper's best setting);
+    - otherwise a pair (student view, teacher view) of independent samples of their augmentations.
+    As in the original, ``weak_strong`` wins over ``weak_weak``; with neither both views are strong,
+    and the single view uses the student's augmentation.
+    """
+
+    def __init__(self, size: int, single: bool, weak_weak: bool, weak_strong: bool) -> None:
+        weak, strong = WeakAug(size), StrongAug(size)
+        if weak_strong:
+            self.student, self.teacher = strong, weak
+        elif weak_weak:
+            self.student, self.teacher = weak, weak
+        else:
+            self.student, self.teacher = strong, strong
+        self.single = single
+
+    @property
+    def name(self) -> str:
+        kind = {WeakAug: "weak", StrongAug: "strong"}
+        if self.single:
+            return f"single {kind[type(self.student)]} view"
+        return f"teacher {kind[type(self.teacher)]} / student {kind[type(self.student)]}"
+
+    def __call__(self, img: Image.Image, rng: random.Random):
+        if self.single:
+            return self.student(img, rng)
+        return self.student(img, rng), self.teacher(img, rng)

@@ -1,0 +1,1 @@
+"""Shared machinery (distributed, checkpoints, logging, schedules, ...) and helper entry points."""

@@ -1,0 +1,82 @@
+"""Atomic checkpoint writing, the experiment's checkpoint files, RNG state capture and resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+from models.formats import CheckpointError, safe_load
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+LATEST = "checkpoint_latest.pth"
+
+
+def atomic_save(obj: object, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def rng_state() -> dict:
+    """Every RNG this process uses, in plain tensors and lists (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    inner, version, gauss = state["python"]
+    random.setstate((version, tuple(inner), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_paths(exp_dir: str) -> dict[str, str]:
+    ckpt = os.path.join(exp_dir, "checkpoints")
+    return {"dir": ckpt, "latest": os.path.join(ckpt, LATEST)}
+
+
+def epoch_checkpoint_path(exp_dir: str, epoch: int) -> str:
+    """The paper's name for a periodic checkpoint."""
+    return os.path.join(exp_dir, "checkpoints", f"ckpt_epoch_{epoch}.pth")
+
+
+def load_training_checkpoint(path: str) -> dict:
+    """Read one of our training checkpoints safely and check it is one."""
+    ckpt = safe_load(path, "checkpoint")
+    if not (isinstance(ckpt, dict) and "version" in ckpt and "student" in ckpt and "optimizer" in ckpt):
+        raise CheckpointError(
+            f"'{path}' is not a training checkpoint of this project (no version/student/optimizer); "
+            "to start from other weights use --weights"
+        )
+    return ckpt

@@ -1,0 +1,67 @@
+"""Logging for runs: Python logging (rank 0 INFO, others WARNING), JSON lines, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+
+def setup_logging(log_file: str | None = None, is_main: bool = True, debug: bool = False) -> None:
+    """Configure the root logger once: console, plus ``log_file`` on rank 0."""
+    level = logging.DEBUG if debug else logging.INFO if is_main else logging.WARNING
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(level)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if log_file and is_main:
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+def write_json(path: str, obj: object) -> None:
+    """Write ``obj`` as indented JSON atomically (temp file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def append_json_line(path: str, obj: dict) -> None:
+    """Append one JSON object as a line (one line per epoch)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, sort_keys=True) + "\n")
+
+
+class ScalarWriter:
+    """TensorBoard scalars on rank 0; a no-op elsewhere or when tensorboard is not installed."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.writer = None
+        if log_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logging.getLogger(__name__).warning("tensorboard is not installed; no event files written")
+                return
+            self.writer = SummaryWriter(log_dir)
+
+    def add(self, scalars: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

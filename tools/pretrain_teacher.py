@@ -1,0 +1,79 @@
+"""Train the demo's small teacher on an ImageFolder and save it in torchvision's public layout.
+
+The demo stands in for a downloaded self-supervised teacher with one trained on the demo's labels
+(the original also accepted supervised teachers): a MoCo-v2 trained from scratch on 1,400 tiny images
+for the few minutes the demo allows stays below a randomly initialised network on k-NN, so it would
+not show distillation working. The file is a plain torchvision state dict (``fc`` included), so it is
+read by the same loading code as a downloaded torchvision checkpoint.
+
+    python -m tools.pretrain_teacher demo_data --arch resnet18 --epochs 15 --out demo_teacher.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+import torch
+import torchvision
+from torch import nn
+
+from data.datasets import IndexedImageFolder
+from data.loaders import build_loader
+from data.transforms import WeakAug
+from models.backbones import IMAGENET_MEAN, IMAGENET_STD, Normalize, canonical_arch
+from tools.checkpoint import atomic_save
+from tools.cli import add_debug_flag, run_cli
+from tools.metric_logger import setup_logging
+from tools.schedules import cosine_lr, set_lr
+
+log = logging.getLogger("simreg.pretrain_teacher")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("supervised demo teacher", add_help=add_help)
+    p.add_argument("data", help="dataset root with train/<class>/<image>")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--learning_rate", type=float, default=0.05)
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .pth (torchvision state dict)")
+    add_debug_flag(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    setup_logging()
+    torch.manual_seed(args.seed)
+    dataset = IndexedImageFolder(
+        os.path.join(args.data, "train"), WeakAug(args.image_size, (0.6, 1.0), flip=False), seed=args.seed
+    )
+    loader = build_loader(dataset, args.batch_size, num_workers=args.num_workers, seed=args.seed)
+    net = getattr(torchvision.models, canonical_arch(args.arch))(num_classes=len(dataset.classes))
+    model = nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), net)
+    opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=5e-4)
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        set_lr(opt, cosine_lr(args.learning_rate, epoch, args.epochs))
+        loader.sampler.set_epoch(epoch)
+        correct = total = 0
+        for images, labels, _ in loader:
+            logits = model(images.float().div_(255))
+            loss = nn.functional.cross_entropy(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += (logits.argmax(1) == labels).sum().item()
+            total += labels.numel()
+        log.info("teacher epoch %d/%d: train accuracy %.1f%%", epoch, args.epochs, 100.0 * correct / total)
+    atomic_save(net.state_dict(), args.out)
+    log.info("saved %s teacher (torchvision layout) to %s in %.0f s", args.arch, args.out, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
