@@ -285,6 +285,11 @@ def save_checkpoint(args, exp_dir: str, epoch: int, student: Student, optimizer,
         atomic_save(state, epoch_checkpoint_path(exp_dir, epoch))
 
 
+def build_optimizer(student: Student, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD (not Nesterov) with weight decay on every student and head parameter, as in the paper."""
+    return torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -324,9 +329,7 @@ def main(args: argparse.Namespace) -> dict:
     student = Student(args.arch_student, teacher.feat_dim, args.n_mlp_layers).to(dist_info.device)
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        student.parameters(), lr=args.learning_rate, momentum=args.sgd_momentum, weight_decay=args.weight_decay
-    )
+    optimizer = build_optimizer(student, args.learning_rate, args.sgd_momentum, args.weight_decay)
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")
     start_epoch = resume(args, exp_dir, student, optimizer, scaler)
     model = student

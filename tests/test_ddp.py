@@ -1,0 +1,95 @@
+"""The DDP contract: a 2-process gloo run equals a 1-process run with the same global batch."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_student
+from data.loaders import EpochSampler, build_loader
+
+
+class ToyImages:
+    """20 deterministic uint8 'images' (3, 8, 8); keys may be (index, epoch) like the real dataset."""
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        g = torch.Generator().manual_seed(index)
+        return torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8), index % 2, index
+
+
+class ToyTeacher(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.register_buffer("w", torch.randn(3 * 8 * 8, 5, generator=g))
+
+    def targets(self, images, indices):
+        return images.flatten(1) @ self.w
+
+
+def toy_student():
+    torch.manual_seed(0)  # BatchNorm-free, so per-rank statistics cannot differ from the 1-process run
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(4, 5),
+    )  # fmt: skip
+
+
+def train_toy(rank: int, world_size: int, out: str) -> None:
+    student = toy_student()
+    model = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
+    opt = train_student.build_optimizer(student, 0.1, 0.9, 1e-4)
+    loader = build_loader(ToyImages(), 8 // world_size, num_workers=0, rank=rank, world_size=world_size, seed=3)
+    cfg = train_student.StepConfig(torch.device("cpu"), None, False, print_freq=1000, is_main=rank == 0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for epoch in (1, 2):
+        loader.sampler.set_epoch(epoch)
+        stats = train_student.train_one_epoch(model, ToyTeacher(), loader, opt, scaler, epoch, cfg)
+    if rank == 0:
+        torch.save({"params": student.state_dict(), "loss": stats["loss"], "steps": stats["steps"]}, out)
+
+
+def _worker(rank: int, world_size: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        train_toy(rank, world_size, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sampler_ranks_partition_the_single_process_order():
+    single = EpochSampler(20, 0, 1, seed=3).indices()
+    ranks = [EpochSampler(20, r, 2, seed=3).indices() for r in range(2)]
+    assert [ranks[i % 2][i // 2] for i in range(20)] == single
+
+
+@pytest.mark.distributed
+def test_two_process_gloo_equals_one_process(tmp_path):
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    train_toy(0, 1, one)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), two), nprocs=2, join=True)
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert a["steps"] == 2 and b["steps"] == 2
+    for k in a["params"]:
+        torch.testing.assert_close(b["params"][k], a["params"][k], rtol=1e-5, atol=1e-6)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert not torch.equal(a["params"]["4.weight"], toy_student().state_dict()["4.weight"])  # it did train
+
+
+def test_batch_size_must_divide_across_ranks(tiny_data, resnet18_teacher_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        train_student.distributed, "init_distributed",
+        lambda device: train_student.distributed.DistInfo(0, 3, 0, torch.device("cpu")),
+    )  # fmt: skip
+    args = train_student.get_args_parser().parse_args(
+        [tiny_data, "--teacher_weights", resnet18_teacher_file, "--batch_size", "8", "--exp_dir", str(tmp_path / "e")]
+    )
+    with pytest.raises(train_student.UserError, match="does not divide across 3 processes"):
+        train_student.main(args)
+    assert os.path.isdir(str(tmp_path / "e"))
