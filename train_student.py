@@ -14,10 +14,12 @@ Several machines: the same command on each node with ``--nnodes N --node_rank R
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -39,6 +41,8 @@ from tools.checkpoint import (
     atomic_save,
     checkpoint_paths,
     epoch_checkpoint_path,
+    file_sha256,
+    load_latest_checkpoint,
     load_training_checkpoint,
     rng_state,
     set_rng_state,
@@ -46,6 +50,7 @@ from tools.checkpoint import (
 from tools.cli import add_debug_flag, resolve_exp_dir, run_cli
 from tools.metric_logger import ScalarWriter, append_json_line, setup_logging, write_json
 from tools.schedules import cosine_lr, set_lr
+from tools.signals import Interrupted, StopRequest
 
 log = logging.getLogger("simreg.train")
 
@@ -66,6 +71,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--weak_weak", action="store_true", help="weak augmentation for teacher and student")
     g.add_argument("--weak_strong", action="store_true", help="weak view for the teacher, strong for the student")
     g.add_argument("--num_workers", type=int, default=8, help="data loading processes per rank")
+    g.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="replace unreadable images by the next readable one (counted and reported) instead of stopping",
+    )
 
     g = p.add_argument_group("model")
     g.add_argument(
@@ -97,6 +107,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--weights", default=None, help="initialise the student from this checkpoint, start at epoch 1")
     g.add_argument("--save_freq", type=int, default=10, help="keep ckpt_epoch_<N>.pth every N epochs")
     g.add_argument("--print_freq", type=int, default=100, help="log the loss every N steps")
+    g.add_argument(
+        "--ckpt_every_steps",
+        type=int,
+        default=0,
+        help="also write a mid-epoch checkpoint every N steps (long epochs on preemptible clusters)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument(
         "--amp",
@@ -113,13 +129,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 @dataclass
 class StepConfig:
-    """How one training step runs (not what it computes)."""
+    """How training steps run (not what they compute)."""
 
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
     print_freq: int
     is_main: bool = True
+    distributed: bool = False
+    ckpt_every_steps: int = 0  # 0: checkpoints at epoch ends only
+    stop: StopRequest | None = None
+
+
+@dataclass
+class EpochProgress:
+    """A partly done epoch: steps done by each rank, loss and image counts summed over ranks."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
 
 
 def to_device_images(batch: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
@@ -130,59 +158,111 @@ def to_device_images(batch: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
-def train_one_epoch(student, teacher, loader, optimizer, scaler, epoch: int, cfg: StepConfig) -> dict:
-    """One pass over ``loader``; returns the epoch's mean loss (over all ranks) and throughput.
+def train_one_epoch(
+    student, teacher, loader, optimizer, scaler, epoch: int, cfg: StepConfig, progress=None, on_checkpoint=None
+) -> dict:
+    """One pass over ``loader`` (the rest of it when ``progress`` resumes a partial epoch).
 
-    ``teacher.targets(images, indices)`` gives the regression targets (B, D); the loss is averaged on
-    the device and read back only every ``print_freq`` steps, so steps do not wait for the host.
+    ``teacher.targets(images, indices)`` gives the regression targets (B, D). The loss is summed on the
+    device and read back only every ``print_freq`` steps (and at checkpoints), so steps do not wait for
+    the host. ``on_checkpoint(epoch, EpochProgress)`` is called every ``cfg.ckpt_every_steps`` steps and
+    when a stop signal arrives (then :class:`Interrupted` is raised). Returns the epoch's mean loss
+    over all ranks and its throughput.
     """
+    progress = progress or EpochProgress()
     student.train()
-    loss_sum = torch.zeros((), device=cfg.device)
-    n_steps, n_images, start = 0, 0, time.perf_counter()
+    dev = cfg.device
+    meters = Meters(dev, progress if cfg.is_main else EpochProgress(step=progress.step))
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not cfg.is_main, leave=False, dynamic_ncols=True)
-    autocast = torch.autocast(cfg.device.type, dtype=cfg.amp_dtype or torch.float32, enabled=cfg.amp_dtype is not None)
+    autocast = torch.autocast(dev.type, dtype=cfg.amp_dtype or torch.float32, enabled=cfg.amp_dtype is not None)
     for views, _, index in bar:
         # The single-view mode hands one tensor that both networks see; otherwise (student, teacher).
         x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
         x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
         with autocast:
-            target = teacher.targets(x_t, index.to(cfg.device, non_blocking=True))
+            target = teacher.targets(x_t, index.to(dev, non_blocking=True))
             pred = student(x_s)
         loss = regression_loss(pred, target)  # fp32, outside autocast
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.detach()
-        n_steps += 1
-        n_images += x_s.shape[0]
-        if n_steps % cfg.print_freq == 0:
-            avg = loss_sum.item() / n_steps  # the only host sync, every print_freq steps
-            check_finite(avg, epoch, n_steps)
+        meters.update(loss.detach(), x_s.shape[0])
+        at_print = meters.step % cfg.print_freq == 0
+        if at_print:
+            avg = meters.check(epoch)  # host sync, every print_freq steps only
             bar.set_postfix(loss=f"{avg:.4f}")
-            log.info("epoch %d step %d/%d loss %.4f", epoch, n_steps, len(loader), avg)
+            log.info("epoch %d step %d/%d loss %.4f", epoch, meters.step, progress.step + len(loader), avg)
+        at_ckpt = bool(cfg.ckpt_every_steps) and meters.step % cfg.ckpt_every_steps == 0
+        stop = stop_agreed(cfg, at_print or at_ckpt)
+        if on_checkpoint and (stop or at_ckpt):
+            meters.check(epoch)  # never save weights that have gone NaN
+            on_checkpoint(epoch, meters.reduced())
+        if stop:
+            raise Interrupted(f"stopped by signal in epoch {epoch} after step {meters.step}")
     bar.close()
-    totals = distributed.all_reduce_sum(
-        torch.stack(
-            [
-                loss_sum.float(),
-                torch.tensor(float(n_steps), device=cfg.device),
-                torch.tensor(float(n_images), device=cfg.device),
-            ]
-        )
-    )
-    loss_avg = (totals[0] / totals[1].clamp(min=1)).item()
-    check_finite(loss_avg, epoch, n_steps)
-    seconds = time.perf_counter() - start
-    return {"loss": loss_avg, "images_per_s": totals[2].item() / seconds, "steps": n_steps, "time_s": seconds}
+    return meters.summary(epoch)
 
 
-def check_finite(loss: float, epoch: int, step: int) -> None:
-    if loss != loss or loss in (float("inf"), float("-inf")):
-        raise UserError(
-            f"the loss became {loss} in epoch {epoch} by step {step}; training stopped and the last good "
-            "checkpoint is kept - lower --learning_rate or use --amp none"
+def stop_agreed(cfg: StepConfig, at_sync_point: bool) -> bool:
+    """Whether to stop now. Ranks agree at sync points only, so no step waits on the others."""
+    if cfg.stop is None:
+        return False
+    if not cfg.distributed:
+        return cfg.stop.requested
+    if not at_sync_point:
+        return False
+    flag = torch.tensor([1.0 if cfg.stop.requested else 0.0], device=cfg.device)
+    return distributed.all_reduce_sum(flag).item() > 0
+
+
+class Meters:
+    """Loss, step and image counts kept on the device; the first non-finite step is remembered too."""
+
+    def __init__(self, device: torch.device, progress: EpochProgress) -> None:
+        self.device = device
+        self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.step, self.images, self.start_step = progress.step, progress.images, progress.step
+        self.new_images, self.start = 0, time.perf_counter()
+
+    def update(self, loss: torch.Tensor, batch: int) -> None:
+        self.step += 1
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, self.step), self.first_bad)
+        self.loss_sum += loss
+        self.images += batch
+        self.new_images += batch
+
+    def check(self, epoch: int) -> float:
+        """Raise if any step so far gave a non-finite loss; else return this rank's running mean."""
+        bad = int(self.first_bad.item())
+        if bad >= 0:
+            raise UserError(
+                f"the loss became NaN or infinite at step {bad} of epoch {epoch}; training stopped and the last good "
+                "checkpoint is kept - lower --learning_rate, or try --amp none"
+            )
+        return self.loss_sum.item() / max(self.step, 1)
+
+    def reduced(self) -> EpochProgress:
+        """The progress summed over ranks (what a mid-epoch checkpoint stores)."""
+        t = distributed.all_reduce_sum(
+            torch.stack([self.loss_sum, torch.tensor(float(self.images), dtype=torch.float64, device=self.device)])
         )
+        return EpochProgress(self.step, float(t[0].item()), int(t[1].item()))
+
+    def summary(self, epoch: int) -> dict:
+        self.check(epoch)
+        seconds = time.perf_counter() - self.start
+        t = torch.tensor([float(self.step), float(self.new_images)], dtype=torch.float64, device=self.device)
+        steps_all, new_images = distributed.all_reduce_sum(t).tolist()
+        loss_all = self.reduced()
+        return {
+            "loss": loss_all.loss_sum / max(steps_all, 1),
+            "images_per_s": new_images / seconds,
+            "steps": self.step,
+            "time_s": seconds,
+        }
 
 
 # ============ building blocks of main ============
@@ -198,7 +278,7 @@ def build_dataset(args, dist_info) -> IndexedImageFolder:
     elif args.dataset == "imagenet100":
         classes = imagenet100_classes(list_class_folders(train_dir))
     views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong)
-    dataset = IndexedImageFolder(train_dir, views, classes, seed=args.seed)
+    dataset = IndexedImageFolder(train_dir, views, classes, seed=args.seed, skip_bad=args.skip_bad_images)
     log.info(
         "data: %d images in %d classes from %s; %s, %d px",
         len(dataset),
@@ -236,53 +316,93 @@ def init_student_weights(student: Student, path: str) -> None:
         log.info("student backbone initialised from %s (%s); head starts fresh", path, fmt)
 
 
-# Arguments that define what is trained: a resumed run must agree on them.
-IDENTITY_ARGS = ("arch_student", "n_mlp_layers", "image_size", "single_aug", "weak_weak", "weak_strong")
+@dataclass
+class Run:
+    """What a training checkpoint saves and restores."""
+
+    args: argparse.Namespace
+    exp_dir: str
+    student: Student
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    identity: dict
+    is_main: bool = True
 
 
-def resume(args, exp_dir: str, student: Student, optimizer, scaler) -> int:
-    """Continue from ``--resume`` or the experiment's latest checkpoint; returns the first epoch to run."""
+def run_identity(args, dataset: IndexedImageFolder, teacher) -> dict:
+    """What defines a run: resuming with other data, teacher or student is refused (more epochs are fine)."""
+    return {
+        "n_images": len(dataset),
+        "classes": hashlib.sha1("\n".join(dataset.classes).encode()).hexdigest(),
+        "teacher": f"{teacher.arch}/{teacher.fmt}/{file_sha256(args.teacher_weights)}",
+        "arch_student": args.arch_student,
+        "n_mlp_layers": args.n_mlp_layers,
+        "image_size": args.image_size,
+        "views": dataset.transform.name,
+    }
+
+
+def resume(run: Run) -> tuple[int, EpochProgress]:
+    """Continue from ``--resume`` or the experiment's latest checkpoint.
+
+    Returns the first epoch to run and how much of it is already done (mid-epoch checkpoints).
+    """
+    args = run.args
     if args.resume and args.weights:
         raise UserError("--weights and --resume were both given; --resume continues a run, --weights starts a new one")
-    path = args.resume or checkpoint_paths(exp_dir)["latest"]
-    if not args.resume and (args.no_resume or not os.path.exists(path)):
+    if args.resume:
+        found = (args.resume, load_training_checkpoint(args.resume))
+    else:
+        found = None if args.no_resume else load_latest_checkpoint(run.exp_dir)
+    if found is None:
         if args.weights:
-            init_student_weights(student, args.weights)
-        return 1
-    ckpt = load_training_checkpoint(path)
-    old = ckpt["args"]
-    diff = [f"{k}: {old.get(k)} -> {getattr(args, k)}" for k in IDENTITY_ARGS if old.get(k) != getattr(args, k)]
+            init_student_weights(run.student, args.weights)
+        return 1, EpochProgress()
+    path, ckpt = found
+    old = ckpt.get("identity", {})
+    diff = [f"{k}: {old.get(k)} -> {v}" for k, v in run.identity.items() if old.get(k) != v]
     if diff:
         raise UserError(
-            f"checkpoint '{path}' belongs to a different run ({'; '.join(diff)}); "
-            "use another --exp_dir or pass --no_resume"
+            f"'{path}' belongs to a different run ({'; '.join(diff)}); use another --exp_dir, or --no_resume "
+            "to overwrite it"
         )
     if args.epochs < ckpt["epoch"]:
-        raise UserError(f"--epochs {args.epochs} is below the epoch {ckpt['epoch']} already done in '{path}'")
-    load_strict(student.encoder.backbone, ckpt["student"], path, "student backbone")
-    load_strict(student.head, ckpt["head"], path, "student head")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
+        raise UserError(f"--epochs {args.epochs} is below the {ckpt['epoch']} epochs already done in '{path}'")
+    load_strict(run.student.encoder.backbone, ckpt["student"], path, "student backbone")
+    load_strict(run.student.head, ckpt["head"], path, "student head")
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    log.info("resumed from %s after epoch %d", path, ckpt["epoch"])
-    return ckpt["epoch"] + 1
+    progress = EpochProgress(**ckpt["progress"]) if ckpt.get("progress") else EpochProgress()
+    log.info("resumed from %s: %d epochs done, %d steps into the next", path, ckpt["epoch"], progress.step)
+    return ckpt["epoch"] + 1, progress
 
 
-def save_checkpoint(args, exp_dir: str, epoch: int, student: Student, optimizer, scaler) -> None:
+def save_checkpoint(run: Run, epoch: int, progress: EpochProgress | None = None) -> None:
+    """Rank 0 writes the latest checkpoint (the one it replaces is kept as the fallback).
+
+    With ``progress`` the checkpoint is mid-epoch: ``epoch`` - 1 epochs are done plus ``progress.step``
+    steps of ``epoch``. At epoch ends, every ``--save_freq`` epochs, it is also kept as ckpt_epoch_<N>.pth.
+    """
+    if not run.is_main:
+        return
+    done = epoch - 1 if progress else epoch
     state = {
         "version": CHECKPOINT_VERSION,
-        "epoch": epoch,
-        "args": vars(args),
-        "student": student.backbone_state_dict(),
-        "head": student.head.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
+        "epoch": done,
+        "progress": asdict(progress) if progress else None,
+        "identity": run.identity,
+        "args": vars(run.args),
+        "student": run.student.backbone_state_dict(),
+        "head": run.student.head.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
         "rng": rng_state(),
     }
-    atomic_save(state, checkpoint_paths(exp_dir)["latest"])
-    if epoch % args.save_freq == 0 or epoch == args.epochs:
-        atomic_save(state, epoch_checkpoint_path(exp_dir, epoch))
+    paths = checkpoint_paths(run.exp_dir)
+    atomic_save(state, paths["latest"], keep_previous=paths["previous"])
+    if not progress and (epoch % run.args.save_freq == 0 or epoch == run.args.epochs):
+        atomic_save(state, epoch_checkpoint_path(run.exp_dir, epoch))
 
 
 def build_optimizer(student: Student, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -314,9 +434,10 @@ def main(args: argparse.Namespace) -> dict:
 
     # ============ preparing data ============
     dataset = build_dataset(args, dist_info)
+    per_rank_batch = args.batch_size // dist_info.world_size
     loader = build_loader(
         dataset,
-        args.batch_size // dist_info.world_size,
+        per_rank_batch,
         num_workers=args.num_workers,
         rank=dist_info.rank,
         world_size=dist_info.world_size,
@@ -331,7 +452,8 @@ def main(args: argparse.Namespace) -> dict:
         student = student.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(student, args.learning_rate, args.sgd_momentum, args.weight_decay)
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")
-    start_epoch = resume(args, exp_dir, student, optimizer, scaler)
+    run = Run(args, exp_dir, student, optimizer, scaler, run_identity(args, dataset, teacher), dist_info.is_main)
+    start_epoch, progress = resume(run)
     model = student
     if dist_info.distributed:  # DDP wraps the trainable part only; the teacher stays a plain module
         model = DistributedDataParallel(
@@ -344,34 +466,46 @@ def main(args: argparse.Namespace) -> dict:
     if dist_info.is_main:
         write_json(os.path.join(exp_dir, "logs", "train_args.json"), vars(args))
     writer = ScalarWriter(os.path.join(exp_dir, "logs") if dist_info.is_main else None)
+    stop = StopRequest().install()
     cfg = StepConfig(
-        dist_info.device, amp_dtype(args.amp, dist_info.device), args.channels_last, args.print_freq, dist_info.is_main
-    )
+        dist_info.device, amp_dtype(args.amp, dist_info.device), args.channels_last, args.print_freq,
+        dist_info.is_main, dist_info.distributed, args.ckpt_every_steps, stop,
+    )  # fmt: skip
     stats = {}
-    for epoch in range(start_epoch, args.epochs + 1):
-        lr = cosine_lr(args.learning_rate, epoch, args.epochs)
-        set_lr(optimizer, lr)
-        loader.sampler.set_epoch(epoch)
-        stats = {"epoch": epoch, "lr": lr, **train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, cfg)}
-        if dist_info.is_main:
-            save_checkpoint(args, exp_dir, epoch, student, optimizer, scaler)
-            append_json_line(os.path.join(exp_dir, "logs", "train_log.jsonl"), stats)
-            writer.add(
-                {"train/loss": stats["loss"], "train/lr": lr, "train/images_per_s": stats["images_per_s"]}, epoch
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            lr = cosine_lr(args.learning_rate, epoch, args.epochs)
+            set_lr(optimizer, lr)
+            loader.sampler.set_epoch(epoch, start=progress.step * per_rank_batch)
+            stats = train_one_epoch(
+                model, teacher, loader, optimizer, scaler, epoch, cfg, progress, partial(save_checkpoint, run)
             )
-            log.info(
-                "epoch %d/%d: loss %.4f, lr %.4g, %.0f images/s",
-                epoch,
-                args.epochs,
-                stats["loss"],
-                lr,
-                stats["images_per_s"],
-            )
-        distributed.barrier()
+            stats = {"epoch": epoch, "lr": lr, **stats, "bad_images_skipped": dataset.bad_images_seen()}
+            progress = EpochProgress()
+            save_checkpoint(run, epoch)
+            log_epoch(exp_dir, writer, stats, args.epochs, dist_info.is_main)
+            distributed.barrier()
+    except Interrupted as exc:
+        log.warning("%s; checkpoint saved in %s - rerun the same command to resume", exc, exp_dir)
+        return {"interrupted": True, **stats}
+    finally:
+        stop.uninstall()
+        writer.close()
     finish(exp_dir, student, dist_info.is_main)
-    writer.close()
     distributed.cleanup()
     return stats
+
+
+def log_epoch(exp_dir: str, writer: ScalarWriter, stats: dict, epochs: int, is_main: bool) -> None:
+    if not is_main:
+        return
+    append_json_line(os.path.join(exp_dir, "logs", "train_log.jsonl"), stats)
+    writer.add({"train/loss": stats["loss"], "train/lr": stats["lr"], "train/images_per_s": stats["images_per_s"]},
+               stats["epoch"])  # fmt: skip
+    log.info("epoch %d/%d: loss %.4f, lr %.4g, %.0f images/s", stats["epoch"], epochs, stats["loss"], stats["lr"],
+             stats["images_per_s"])  # fmt: skip
+    if stats["bad_images_skipped"]:
+        log.warning("%d unreadable image(s) skipped so far (--skip_bad_images)", stats["bad_images_skipped"])
 
 
 def finish(exp_dir: str, student: Student, is_main: bool) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from models.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -99,11 +103,21 @@ class IndexedImageFolder:
         transform: Callable | None = None,
         classes: Sequence[str] | None = None,
         seed: int = 0,
+        skip_bad: bool = False,
     ) -> None:
         self.root = root
         self.classes, self.samples = scan_image_folder(root, classes)
+        if not self.samples:
+            raise DataError(f"'{root}' holds no images")
         self.transform = transform
         self.seed = seed
+        self.skip_bad = skip_bad
+        # Shared with the loader's worker processes, which count the images they had to skip.
+        self._bad = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def bad_images_seen(self) -> int:
+        """How many unreadable images were replaced so far (with ``skip_bad``)."""
+        return int(self._bad[0])
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -117,7 +131,17 @@ class IndexedImageFolder:
 
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        rel, label = self.samples[index]
-        img = load_rgb(os.path.join(self.root, rel))
-        out = self.transform(img, self.rng(index, epoch)) if self.transform else img
-        return out, label, index
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            rel, label = self.samples[i]
+            try:
+                img = load_rgb(os.path.join(self.root, rel))
+            except DataError as exc:
+                if not self.skip_bad:
+                    raise DataError(f"{exc}, or pass --skip_bad_images to skip such files") from None
+                self._bad += 1
+                log.warning("skipping unreadable image %s", os.path.join(self.root, rel))
+                continue
+            # The replacement keeps its own index, so its label and cached target stay consistent.
+            return (self.transform(img, self.rng(i, epoch)) if self.transform else img), label, i
+        raise DataError(f"no image under '{self.root}' could be read")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
 import random
@@ -10,18 +12,22 @@ import tempfile
 import numpy as np
 import torch
 
+from models.errors import UserError
 from models.formats import CheckpointError, safe_load
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 LATEST = "checkpoint_latest.pth"
+PREVIOUS = "checkpoint_previous.pth"
 
 
-def atomic_save(obj: object, path: str) -> None:
+def atomic_save(obj: object, path: str, keep_previous: str | None = None) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never a half-written file.
+    A crash at any moment leaves either the old file or the new one, never a half-written file. With
+    ``keep_previous``, the file being replaced is first renamed there (the fallback if ``path`` is
+    later found corrupt). A full disk raises a UserError and leaves the existing files untouched.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -31,11 +37,28 @@ def atomic_save(obj: object, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"no space left on the device while writing '{path}'; the previous file is intact - "
+                "free some space and rerun the same command to resume"
+            ) from exc
+        raise
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes (identifies weights files in manifests and checkpoints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -63,7 +86,7 @@ def set_rng_state(state: dict) -> None:
 
 def checkpoint_paths(exp_dir: str) -> dict[str, str]:
     ckpt = os.path.join(exp_dir, "checkpoints")
-    return {"dir": ckpt, "latest": os.path.join(ckpt, LATEST)}
+    return {"dir": ckpt, "latest": os.path.join(ckpt, LATEST), "previous": os.path.join(ckpt, PREVIOUS)}
 
 
 def epoch_checkpoint_path(exp_dir: str, epoch: int) -> str:
@@ -80,3 +103,22 @@ def load_training_checkpoint(path: str) -> dict:
             "to start from other weights use --weights"
         )
     return ckpt
+
+
+def load_latest_checkpoint(exp_dir: str) -> tuple[str, dict] | None:
+    """The experiment's latest good training checkpoint, falling back to the previous one.
+
+    Returns (path, checkpoint), or None when the experiment has none yet. A corrupt latest file is
+    reported with a warning naming both files; if neither can be read, that is an error.
+    """
+    paths = checkpoint_paths(exp_dir)
+    latest, previous = paths["latest"], paths["previous"]
+    if not os.path.exists(latest) and not os.path.exists(previous):
+        return None
+    try:
+        return latest, load_training_checkpoint(latest)
+    except CheckpointError as exc:
+        if not os.path.exists(previous):
+            raise
+        log.warning("latest checkpoint %s is unusable (%s); falling back to %s", latest, exc, previous)
+        return previous, load_training_checkpoint(previous)

@@ -21,8 +21,18 @@ def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespa
     except UserError as exc:
         if getattr(args, "debug", False):
             raise
-        logging.getLogger("simreg").error("error: %s", exc)
+        logging.getLogger("simreg").error("error: %s", user_message(exc))
         sys.exit(2)
+
+
+def user_message(exc: BaseException) -> str:
+    """The error's own sentence; an error re-raised from a DataLoader worker carries the worker's
+    traceback in its text, of which only the last line (the original message) is kept."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return text
 
 
 def resolve_exp_dir(exp_dir: str | None, base_dir: str, exp: str) -> str:

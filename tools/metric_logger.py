@@ -13,17 +13,19 @@ def setup_logging(log_file: str | None = None, is_main: bool = True, debug: bool
     level = logging.DEBUG if debug else logging.INFO if is_main else logging.WARNING
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for handler in list(root.handlers):  # only ours: handlers added by others (e.g. pytest) stay
+        if getattr(handler, "_simreg", False):
+            root.removeHandler(handler)
+            handler.close()
     root.setLevel(level)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    root.addHandler(console)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file and is_main:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        handler._simreg = True
+        root.addHandler(handler)
 
 
 def write_json(path: str, obj: object) -> None:
