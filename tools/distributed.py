@@ -59,17 +59,33 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=30)
         dist.init_process_group(
             backend,
+            store=_attempt_store(rank, world_size, timeout),
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(minutes=30),
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, under a prefix per torchrun restart attempt.
+
+    torchrun keeps one store across restarts (--max_restarts); without a prefix, a restarted rank can
+    read the previous attempt's addresses of its peers and fail to connect to processes that are gone.
+    """
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=rank == 0 and not agent_hosts_store, timeout=timeout, multi_tenant=not agent_hosts_store,
+    )  # fmt: skip
+    return dist.PrefixStore(f"simreg/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier() -> None:
