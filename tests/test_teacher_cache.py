@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 from data.datasets import IndexedImageFolder
 from data.transforms import CenterCrop
 from models.errors import UserError
+from models.formats import safe_load
 from models.teachers import load_teacher
 from tools import teacher_cache
 from tools.teacher_cache import CachedTeacher, build_cache, manifest_path, open_cached_teacher, plan_rank
@@ -101,15 +101,30 @@ def test_plan_gives_each_pending_index_to_one_rank_in_equal_full_batches():
     assert parts[0][0].tolist() == [0, 2, 6, 7] and parts[1][0].tolist() == [3, 5, 9, 9]
 
 
+def _cache_rank(rank: int, argv: list[str], port: int) -> None:
+    """One torchrun-like worker of tools.cache_teacher_features (spawned by the test below)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    from tools import cache_teacher_features
+
+    cache_teacher_features.main(cache_teacher_features.get_args_parser().parse_args(argv))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.distributed
 def test_two_rank_build_equals_live_teacher_in_dataset_order(data, weights, tmp_path):
     out = tmp_path / "feats.npy"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "tools.cache_teacher_features", str(data), "--teacher_weights", weights, "--out", str(out)]
-    cmd += ["--resize_size", "36", "--crop_size", "32", "--batch_size", "2", "--num_workers", "0", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    argv = [str(data), "--teacher_weights", weights, "--out", str(out), "--resize_size", "36", "--crop_size", "32"]
+    argv += ["--batch_size", "2", "--num_workers", "0", "--device", "cpu"]
+    torch.multiprocessing.spawn(_cache_rank, args=(argv, free_port()), nprocs=2)
     cached = np.load(out, mmap_mode="r")
     dataset = crops(data)
     assert cached.dtype == np.float16 and cached.shape == (N_IMAGES, 512)
@@ -212,15 +227,22 @@ def test_cache_must_agree_with_the_teacher_flags(cache, data, weights, caplog):
 
 
 @pytest.mark.slow
-def test_train_student_with_the_cache(cache, data, tmp_path):
+def test_train_student_with_the_cache_and_live(cache, data, weights, tmp_path):
     sys.path.insert(0, REPO)
     import train_student
 
-    flags = [str(data), "--arch_student", "resnet18", "--n_mlp_layers", "2", "--image_size", "32"]
-    flags += ["--single_aug", "--weak_weak", "--epochs", "1", "--batch_size", "4", "--num_workers", "0"]
-    flags += ["--device", "cpu", "--print_freq", "1", "--exp_dir", str(tmp_path / "exp"), "--teacher_feats", cache]
+    def run(*extra: str) -> dict:
+        flags = [str(data), "--arch_student", "resnet18", "--n_mlp_layers", "2", "--image_size", "32"]
+        flags += ["--single_aug", "--weak_weak", "--epochs", "1", "--batch_size", "4", "--num_workers", "0"]
+        flags += ["--device", "cpu", "--print_freq", "1", *extra]
+        return train_student.main(train_student.get_args_parser().parse_args(flags))
+
     with pytest.raises(UserError, match="--use_cache and --teacher_feats FILE.npy go together"):
-        train_student.main(train_student.get_args_parser().parse_args(flags))
-    stats = train_student.main(train_student.get_args_parser().parse_args([*flags, "--use_cache"]))
+        run("--teacher_feats", cache, "--exp_dir", str(tmp_path / "bad"))
+    stats = run("--use_cache", "--teacher_feats", cache, "--exp_dir", str(tmp_path / "cached"))
     assert stats["epoch"] == 1 and stats["steps"] == N_IMAGES // 4 and 0.0 <= stats["loss"] <= 4.0
-    assert os.path.exists(tmp_path / "exp" / "checkpoints" / "student_backbone.pth")
+    assert os.path.exists(tmp_path / "cached" / "checkpoints" / "student_backbone.pth")
+    stats = run("--teacher_weights", weights, "--teacher_fc", "--exp_dir", str(tmp_path / "live"))  # 1000 logits
+    assert stats["steps"] == N_IMAGES // 4 and 0.0 <= stats["loss"] <= 4.0
+    head = safe_load(str(tmp_path / "live" / "checkpoints" / "checkpoint_latest.pth"))["head"]
+    assert head["3.weight"].shape == (1000, 1024)  # the student regresses the teacher's fc outputs

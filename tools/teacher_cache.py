@@ -320,11 +320,18 @@ def build_cache(
     shape = (n, int(teacher.feat_dim))
     manifest = {"version": MANIFEST_VERSION, **manifest, **dataset_identity(dataset), "shape": list(shape)}
     build_info = {k: manifest[k] for k in ("teacher", "preprocessing", "count", "paths_sha256", "classes", "shape")}
-    done = _prepare(npy_path, shape, build_info, overwrite) if rank == 0 else None
-    complete = torch.tensor([rank == 0 and done is None], dtype=torch.uint8, device=device)
+    done, failure = None, None
+    if rank == 0:
+        try:
+            done = _prepare(npy_path, shape, build_info, overwrite)
+        except UserError as exc:  # tell the other ranks before raising, or they would wait forever
+            failure = exc
+    status = torch.tensor([2 if failure else int(rank == 0 and done is None)], dtype=torch.uint8, device=device)
     if world_size > 1:
-        dist.broadcast(complete, src=0)
-    if complete.item():
+        dist.broadcast(status, src=0)
+    if failure is not None or status.item() == 2:
+        raise failure or UserError(f"rank 0 could not prepare the teacher cache '{npy_path}' (see its message)")
+    if status.item() == 1:
         return
     pending = _broadcast_pending(done, n, device, world_size)
     indices, steps = plan_rank(pending, rank, world_size, batch_size)
