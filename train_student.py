@@ -30,11 +30,11 @@ from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.backbones import BACKBONES, canonical_arch
 from models.errors import UserError
-from models.formats import convert, load_strict, safe_load
+from models.formats import FORMATS, convert, load_strict, safe_load
 from models.heads import HEAD_LAYERS
 from models.loss import regression_loss
 from models.student import Student
-from models.teachers import load_teacher
+from models.teachers import load_teacher, teacher_arch_names
 from tools import distributed
 from tools.checkpoint import (
     CHECKPOINT_VERSION,
@@ -51,6 +51,7 @@ from tools.cli import add_debug_flag, resolve_exp_dir, run_cli
 from tools.metric_logger import ScalarWriter, append_json_line, setup_logging, write_json
 from tools.schedules import cosine_lr, set_lr
 from tools.signals import Interrupted, StopRequest
+from tools.teacher_cache import open_cached_teacher
 
 log = logging.getLogger("simreg.train")
 
@@ -81,15 +82,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument(
         "--arch_teacher",
         default=None,
-        help="teacher architecture; default: read from the checkpoint (resnet50 for the paper)",
+        help=f"teacher architecture, one of {', '.join(teacher_arch_names())}; default: the checkpoint's",
     )
     g.add_argument("--arch_student", default="resnet18", help=f"one of {', '.join(BACKBONES)}, or mobilenet")
     g.add_argument("--teacher_weights", default=None, help="teacher checkpoint file (any supported format)")
-    g.add_argument("--teacher_format", default="auto", help="teacher checkpoint layout; auto detects it")
+    g.add_argument("--teacher_format", default="auto", help=f"teacher checkpoint layout: auto, {', '.join(FORMATS)}")
     g.add_argument("--n_mlp_layers", type=int, default=4, choices=HEAD_LAYERS, help="prediction head depth")
     g.add_argument("--linear_pred", action="store_true", help="alias of --n_mlp_layers 0 (linear predictor)")
-    g.add_argument("--use_cache", action="store_true", help="regress cached teacher features")
-    g.add_argument("--teacher_feats", default=None, help="teacher feature cache (.npy) for --use_cache")
+    g.add_argument(
+        "--teacher_fc",
+        action="store_true",
+        help="regress the checkpoint's projection output (MoCo fc, SwAV projection_head, ...), not its pooled feature",
+    )
+    g.add_argument("--use_cache", action="store_true", help="regress cached teacher features (no teacher network)")
+    g.add_argument(
+        "--teacher_feats", default=None, help="teacher feature cache FILE.npy (tools.cache_teacher_features)"
+    )
+    g.add_argument(
+        "--cache_on_device", action="store_true", help="with --use_cache: copy the cache into device memory if it fits"
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=130)
@@ -292,12 +303,22 @@ def build_dataset(args, dist_info) -> IndexedImageFolder:
     return dataset
 
 
-def build_teacher(args, device: torch.device):
+def build_teacher(args, device: torch.device, dataset: IndexedImageFolder | None = None):
+    """The live frozen teacher, or with --use_cache the cached one (same ``targets(images, indices)`` call)."""
     if args.use_cache or args.teacher_feats:
-        raise UserError("--use_cache / --teacher_feats are not available yet in this version; use a live teacher")
+        if not (args.use_cache and args.teacher_feats):
+            raise UserError(
+                "--use_cache and --teacher_feats FILE.npy go together (the cache comes from "
+                "python -m tools.cache_teacher_features); pass both, or neither for a live teacher"
+            )
+        teacher = {"arch": args.arch_teacher, "weights": args.teacher_weights, "use_fc": args.teacher_fc}
+        return open_cached_teacher(
+            args.teacher_feats, dataset, device, args.cache_on_device, args.image_size, teacher=teacher
+        )
     if not args.teacher_weights:
         raise UserError("no teacher given; pass --teacher_weights FILE (a MoCo, torchvision, ... checkpoint)")
-    teacher = load_teacher(args.teacher_weights, args.arch_teacher, args.teacher_format).to(device)
+    teacher = load_teacher(args.teacher_weights, args.arch_teacher, args.teacher_format, use_fc=args.teacher_fc)
+    teacher = teacher.to(device)
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     return teacher
@@ -334,12 +355,21 @@ def run_identity(args, dataset: IndexedImageFolder, teacher) -> dict:
     return {
         "n_images": len(dataset),
         "classes": hashlib.sha1("\n".join(dataset.classes).encode()).hexdigest(),
-        "teacher": f"{teacher.arch}/{teacher.fmt}/{file_sha256(args.teacher_weights)}",
+        "teacher": teacher_fingerprint(args, teacher),
         "arch_student": args.arch_student,
         "n_mlp_layers": args.n_mlp_layers,
         "image_size": args.image_size,
         "views": dataset.transform.name,
     }
+
+
+def teacher_fingerprint(args, teacher) -> str:
+    """Architecture, format, head choice and the weights' SHA-256 (a cache records the teacher it came from)."""
+    manifest = getattr(teacher, "manifest", None)
+    if manifest is not None:
+        t = manifest["teacher"]
+        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}/{t['weights_sha256']}"
+    return f"{teacher.arch}/{teacher.fmt}/fc={args.teacher_fc}/{file_sha256(args.teacher_weights)}"
 
 
 def resume(run: Run) -> tuple[int, EpochProgress]:
@@ -446,7 +476,7 @@ def main(args: argparse.Namespace) -> dict:
     )
 
     # ============ building teacher and student ============
-    teacher = build_teacher(args, dist_info.device)
+    teacher = build_teacher(args, dist_info.device, dataset)
     student = Student(args.arch_student, teacher.feat_dim, args.n_mlp_layers).to(dist_info.device)
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)

@@ -10,15 +10,18 @@ the keys it did not recognise (an error for the caller to report).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from models.errors import UserError
+from models.resnet_wide import tf_to_torchvision
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(UserError):
@@ -41,13 +44,17 @@ def safe_load(path: str, what: str = "checkpoint") -> object:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # a broken pickle stream, not a forbidden class
+            raise CheckpointError(
+                f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or corrupt?)"
+            ) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"refused to load {what} '{path}': it needs arbitrary code to unpickle, which could run "
             f"commands on this machine ({first[:200]}); only weights files (tensors, dicts, numbers) "
             "are accepted - re-save it as a plain state dict from a trusted environment"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # whatever the parser trips on, the file is not a readable checkpoint
         raise CheckpointError(
             f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): "
             f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
@@ -56,7 +63,13 @@ def safe_load(path: str, what: str = "checkpoint") -> object:
 
 @dataclass
 class Converted:
-    """A checkpoint mapped to torchvision names."""
+    """A checkpoint mapped to torchvision names.
+
+    ``projection`` holds the checkpoint's own output layers after the pooled feature (a projection MLP,
+    or a classifier), keyed for an ``nn.Sequential`` (``0.weight``, ``1.running_mean``, ...) or a single
+    Linear (``weight``, ``bias``); ``--teacher_fc`` uses them. ``input_norm`` is the preprocessing the
+    network was trained with: ``imagenet`` (mean/std) or ``none`` (raw [0, 1] pixels).
+    """
 
     backbone: dict[str, torch.Tensor]
     dropped: list[str] = field(default_factory=list)
@@ -64,6 +77,9 @@ class Converted:
     head: dict[str, torch.Tensor] | None = None  # SimReg prediction head, paper indices
     arch: str | None = None  # architecture recorded in the file, if any
     meta: dict = field(default_factory=dict)
+    projection: dict[str, torch.Tensor] | None = None
+    projection_name: str = ""
+    input_norm: str = "imagenet"
 
 
 def _tensors(obj: object) -> dict[str, torch.Tensor]:
@@ -108,30 +124,160 @@ def _strip_module(sd: dict) -> dict:
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
-# ---------------------------------------------------------------- torchvision (plain names)
+def _under(sd: dict, prefix: str) -> dict:
+    """Entries of ``sd`` under ``prefix``, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _arch_of(raw: object) -> str | None:
+    return raw.get("arch") if isinstance(raw, dict) and isinstance(raw.get("arch"), str) else None
+
+
+def _encoder_with_fc(raw: object, keep: str, drop: tuple[str, ...], name: str) -> Converted:
+    """Layouts that keep the backbone under ``keep`` with its projection MLP as ``fc`` (MoCo, SimSiam)."""
+    kept, dropped, unknown = _split_prefix(_strip_module(state_dict_of(raw)), keep, drop)
+    backbone, proj = _drop_classifier(kept, prefix=keep)
+    projection = _under(kept, "fc.")
+    return Converted(
+        backbone, dropped + proj, unknown, arch=_arch_of(raw), projection=projection or None, projection_name=name
+    )
+
+
+# ---------------------------------------------------------------- plain torchvision names
+# Supervised torchvision files, DINO / Barlow Twins / VICReg backbone releases, BYOL and SimCLR files
+# converted to torchvision names all look alike: the format decides the preprocessing and network.
 def _is_torchvision(raw: object) -> bool:
     sd = _strip_module(state_dict_of(raw))
     return "conv1.weight" in sd or "features.0.0.weight" in sd
 
 
-def _convert_torchvision(raw: object) -> Converted:
-    backbone, dropped = _drop_classifier(_strip_module(state_dict_of(raw)))
-    arch = raw.get("arch") if isinstance(raw, dict) and isinstance(raw.get("arch"), str) else None
-    return Converted(backbone, dropped, arch=arch)
+def _plain(raw: object, input_norm: str = "imagenet") -> Converted:
+    sd = _strip_module(state_dict_of(raw))
+    backbone, dropped = _drop_classifier(sd)
+    fc = _under(sd, "fc.") or _under(sd, "classifier.1.")  # ResNet fc; MobileNet-v2's (Dropout, Linear)
+    return Converted(
+        backbone,
+        dropped,
+        arch=_arch_of(raw),
+        projection=fc or None,
+        projection_name="the classifier stored with the backbone (its logits)",
+        input_norm=input_norm,
+    )
 
 
-# ---------------------------------------------------------------- MoCo v1 / v2 (official)
+# ---------------------------------------------------------------- MoCo v1 / v2 (facebookresearch/moco)
 def _is_moco(raw: object) -> bool:
-    return any(k.startswith("module.encoder_q.") for k in state_dict_of(raw))
+    return any(k.startswith("encoder_q.") for k in _strip_module(state_dict_of(raw)))
 
 
 def _convert_moco(raw: object) -> Converted:
-    sd = state_dict_of(raw)
-    kept, dropped, unknown = _split_prefix(sd, "module.encoder_q.", drop=("module.encoder_k.", "module.queue"))
-    backbone, proj = _drop_classifier(kept, prefix="module.encoder_q.")
-    arch = raw.get("arch") if isinstance(raw, dict) and isinstance(raw.get("arch"), str) else None
-    projection = {k[len("fc.") :]: v for k, v in kept.items() if k.startswith("fc.")}
-    return Converted(backbone, dropped + proj, unknown, arch=arch, meta={"projection": projection})
+    # v1: fc = Linear(2048, 128); v2: fc = Linear(2048, 2048), ReLU, Linear(2048, 128) -> fc.0 / fc.2
+    return _encoder_with_fc(raw, "encoder_q.", ("encoder_k.", "queue"), "MoCo projection (encoder_q.fc)")
+
+
+# ---------------------------------------------------------------- MoCo v3 (facebookresearch/moco-v3)
+def _is_mocov3(raw: object) -> bool:
+    return any(k.startswith("base_encoder.") for k in _strip_module(state_dict_of(raw)))
+
+
+def _convert_mocov3(raw: object) -> Converted:
+    # projector = base_encoder.fc (Linear, BN, ReLU, Linear, BN without affine); predictor dropped
+    drop = ("momentum_encoder.", "predictor.")
+    return _encoder_with_fc(raw, "base_encoder.", drop, "MoCo v3 projector (base_encoder.fc)")
+
+
+# ---------------------------------------------------------------- SimSiam (facebookresearch/simsiam)
+def _is_simsiam(raw: object) -> bool:
+    return "encoder.conv1.weight" in _strip_module(state_dict_of(raw))
+
+
+def _convert_simsiam(raw: object) -> Converted:
+    return _encoder_with_fc(raw, "encoder.", ("predictor.",), "SimSiam projector (encoder.fc)")
+
+
+# ---------------------------------------------------------------- SwAV (facebookresearch/swav)
+SWAV_HEADS = ("projection_head.", "prototypes.")
+
+
+def _is_swav(raw: object) -> bool:
+    sd = _strip_module(state_dict_of(raw))
+    return "conv1.weight" in sd and any(k.startswith(SWAV_HEADS) for k in sd)
+
+
+def _convert_swav(raw: object) -> Converted:
+    # The released file is a raw state dict with "module." names; SwAV's extra ConstantPad2d(1) plus
+    # conv1 padding 2 equals torchvision's padding 3, so the backbone is a torchvision ResNet-50.
+    sd = _strip_module(state_dict_of(raw))
+    backbone = {k: v for k, v in sd.items() if not k.startswith(SWAV_HEADS)}
+    dropped = [k for k in sd if k.startswith(SWAV_HEADS)]
+    projection = _under(sd, "projection_head.")
+    return Converted(backbone, dropped, projection=projection or None, projection_name="SwAV projection_head")
+
+
+# ---------------------------------------------------------------- DINO (facebookresearch/dino)
+def _dino_teacher(raw: object) -> dict | None:
+    if isinstance(raw, dict) and isinstance(raw.get("teacher"), dict):
+        sd = _strip_module(_tensors(raw["teacher"]))
+        if any(k.startswith("backbone.") for k in sd):
+            return sd
+    return None
+
+
+def _convert_dino(raw: object) -> Converted:
+    sd = _dino_teacher(raw)
+    if sd is None:  # the backbone-only release: plain torchvision names, no fc
+        return _plain(raw)
+    # The full training checkpoint: DINO's own evaluation reads the EMA teacher, and so do we.
+    backbone, dropped, unknown = _split_prefix(sd, "backbone.", drop=("head.",))
+    backbone, fc = _drop_classifier(backbone, prefix="backbone.")
+    return Converted(backbone, dropped + fc, unknown, meta={"checkpoint_key": "teacher"})
+
+
+# ---------------------------------------------------------------- Barlow Twins / VICReg (facebookresearch)
+def _is_backbone_projector(raw: object, with_bn: bool) -> bool:
+    sd = _strip_module(state_dict_of(raw))
+    has = lambda p: any(k.startswith(p) for k in sd)
+    return has("backbone.") and has("projector.") and has("bn.") == with_bn
+
+
+def _convert_backbone_projector(raw: object, name: str) -> Converted:
+    sd = _strip_module(state_dict_of(raw))
+    if not any(k.startswith("backbone.") for k in sd):  # the released resnet50.pth: a bare backbone
+        return _plain(raw)
+    backbone, dropped, unknown = _split_prefix(sd, "backbone.", drop=("projector.", "bn."))
+    backbone, fc = _drop_classifier(backbone, prefix="backbone.")
+    projection = _under(sd, "projector.")
+    return Converted(backbone, dropped + fc, unknown, projection=projection or None, projection_name=name)
+
+
+# ---------------------------------------------------------------- SimCLR v1 converted from TensorFlow
+def _is_simclr_tf(raw: object) -> bool:
+    sd = _strip_module(state_dict_of(raw))
+    return "conv2d.weight" in sd and "batch_normalization.weight" in sd
+
+
+def _convert_simclr(raw: object) -> Converted:
+    sd = _strip_module(state_dict_of(raw))
+    if "conv2d.weight" not in sd:  # converted with torchvision names (e.g. tonylins/simclr-converter)
+        return _plain(raw, input_norm="none")
+    table = tf_to_torchvision()
+    backbone, unknown = {}, []
+    for k, v in sd.items():
+        layer, _, param = k.partition(".")
+        if layer in table:
+            backbone[f"{table[layer]}.{param}"] = v
+        elif layer != "fc":
+            unknown.append(k)
+    fc = _under(sd, "fc.")
+    dropped = [k for k in sd if k.startswith("fc.")]
+    return Converted(
+        backbone,
+        dropped,
+        unknown,
+        projection=fc or None,
+        projection_name="the supervised linear head fc stored with the SimCLR weights (logits)",
+        input_norm="none",  # SimCLR (TensorFlow) was trained on [0, 1] pixels without mean/std
+    )
 
 
 # ---------------------------------------------------------------- this project's checkpoints
@@ -141,11 +287,14 @@ def _is_simreg(raw: object) -> bool:
 
 def _convert_simreg(raw: dict) -> Converted:
     args = raw.get("args") or {}
+    head = _tensors(raw.get("head")) or None
     return Converted(
         _tensors(raw["student"]),
-        head=_tensors(raw.get("head")) or None,
+        head=head,
         arch=args.get("arch_student"),
         meta={"n_mlp_layers": args.get("n_mlp_layers"), "epoch": raw.get("epoch")},
+        projection=head,
+        projection_name="the SimReg prediction head",
     )
 
 
@@ -168,6 +317,8 @@ def _convert_simreg_original(raw: object) -> Converted:
         head=head or None,
         arch=arch,
         meta={"epoch": raw.get("epoch") if isinstance(raw, dict) else None},
+        projection=head or None,
+        projection_name="the SimReg prediction head",
     )
 
 
@@ -176,34 +327,138 @@ class Format:
     detect: Callable[[object], bool]
     convert: Callable[[object], Converted]
     description: str
+    markers: tuple[str, ...] = ()  # key fragments typical of the layout (for "it resembles ...")
 
+
+_never = lambda raw: False  # plain-name layouts that keys cannot tell apart: chosen by flag
 
 # Order matters for auto-detection: the most specific layouts first, plain names last.
 FORMATS: dict[str, Format] = {
-    "simreg": Format(_is_simreg, _convert_simreg, "this project's training checkpoints"),
-    "simreg_original": Format(_is_simreg_original, _convert_simreg_original, "the authors' released SimReg students"),
-    "moco": Format(_is_moco, _convert_moco, "official MoCo v1/v2 (module.encoder_q.*)"),
-    "torchvision": Format(_is_torchvision, _convert_torchvision, "plain torchvision names"),
+    "simreg": Format(
+        _is_simreg, _convert_simreg, "this project's training checkpoints", ("student", "head", "version")
+    ),
+    "simreg_original": Format(
+        _is_simreg_original,
+        _convert_simreg_original,
+        "the authors' released SimReg students (encoder_q.module.*)",
+        ("encoder_q.module", "predict_q"),
+    ),
+    "dino": Format(
+        lambda raw: _dino_teacher(raw) is not None,
+        _convert_dino,
+        "DINO ResNet-50: full checkpoint (teacher/student, module.backbone.*) or the backbone-only release",
+        ("teacher", "backbone.", "head.last_layer"),
+    ),
+    "moco": Format(
+        _is_moco, _convert_moco, "MoCo v1/v2 (module.encoder_q.*, encoder_k, queue)", ("encoder_q", "queue")
+    ),
+    "mocov3": Format(
+        _is_mocov3,
+        _convert_mocov3,
+        "MoCo v3 ResNet-50 (module.base_encoder.*, momentum_encoder, predictor)",
+        ("base_encoder", "momentum_encoder"),
+    ),
+    "simsiam": Format(
+        _is_simsiam, _convert_simsiam, "SimSiam (module.encoder.*, predictor)", ("encoder.", "predictor")
+    ),
+    "swav": Format(
+        _is_swav,
+        _convert_swav,
+        "SwAV / DeepCluster-v2 (module.<torchvision names>, projection_head, prototypes)",
+        ("projection_head", "prototypes"),
+    ),
+    "barlowtwins": Format(
+        lambda raw: _is_backbone_projector(raw, with_bn=True),
+        lambda raw: _convert_backbone_projector(raw, "Barlow Twins projector"),
+        "Barlow Twins: checkpoint.pth (module.backbone/projector/bn) or the released resnet50.pth",
+        ("backbone.", "projector", "bn."),
+    ),
+    "vicreg": Format(
+        lambda raw: _is_backbone_projector(raw, with_bn=False),
+        lambda raw: _convert_backbone_projector(raw, "VICReg projector"),
+        "VICReg: model.pth (module.backbone/projector) or the released resnet50.pth",
+        ("backbone.", "projector"),
+    ),
+    "simclr": Format(
+        _is_simclr_tf,
+        _convert_simclr,
+        "SimCLR v1 converted from TensorFlow: conv2d_N / batch_normalization_N names, or torchvision names",
+        ("conv2d", "batch_normalization"),
+    ),
+    "byol": Format(
+        _never,
+        lambda raw: _plain(raw),
+        "BYOL converted from JAX (torchvision names); runs on the SAME-padding byol_resnet50",
+        (),
+    ),
+    "torchvision": Format(
+        _is_torchvision, _plain, "plain torchvision names (supervised, exported students)", ("conv1.", "layer1.")
+    ),
 }
 
+SIMCLR_ARCHS = ("resnet50x1", "resnet50x2", "resnet50x4")
 
-def detect_format(raw: object, path: str = "") -> str:
-    """The first registry format whose detector accepts ``raw``, or a CheckpointError."""
+
+def _refine_plain(raw: object, arch: str | None, path: str) -> str:
+    """Plain torchvision names: the architecture flag or a SimCLR-wide stem decides the format."""
+    if arch == "byol_resnet50":
+        return "byol"
+    if arch in SIMCLR_ARCHS:
+        return "simclr"
+    sd = _strip_module(state_dict_of(raw))
+    stem = sd.get("conv1.weight")
+    inner = sd.get("layer1.0.conv1.weight")
+    if stem is not None and inner is not None and stem.shape[0] in (128, 256) and inner.shape[0] == stem.shape[0]:
+        log.info(
+            "'%s' holds a ResNet-50 widened %dx everywhere: read as SimCLR (no mean/std); "
+            "pass --teacher_format vicreg for VICReg's wide ResNets",
+            path,
+            stem.shape[0] // 64,
+        )
+        return "simclr"
+    log.info(
+        "'%s' has plain torchvision names: read with ImageNet mean/std (supervised, DINO, Barlow Twins, VICReg); "
+        "converted BYOL needs --arch_teacher byol_resnet50, SimCLR with torchvision names --teacher_format simclr",
+        path,
+    )
+    return "torchvision"
+
+
+def resembles(raw: object) -> list[str]:
+    """Registry formats whose typical key fragments occur in ``raw``, best match first."""
+    keys = list(raw) if isinstance(raw, dict) else []
+    keys += list(state_dict_of(raw))
+    scores = {}
+    for name, fmt in FORMATS.items():
+        hits = sum(any(m in k for k in keys) for m in fmt.markers)
+        if hits:
+            scores[name] = hits / len(fmt.markers)
+    return sorted(scores, key=lambda n: -scores[n])
+
+
+def detect_format(raw: object, path: str = "", arch: str | None = None) -> str:
+    """The first registry format whose detector accepts ``raw``, or a CheckpointError.
+
+    ``arch`` (the teacher architecture flag, if given) settles the plain-torchvision-name cases.
+    """
     for name, fmt in FORMATS.items():
         if fmt.detect(raw):
-            return name
-    keys = list(state_dict_of(raw))[:5] if state_dict_of(raw) else list(raw)[:5] if isinstance(raw, dict) else []
+            return _refine_plain(raw, arch, path) if name == "torchvision" else name
+    sd = state_dict_of(raw)
+    keys = list(sd)[:5] if sd else list(raw)[:5] if isinstance(raw, dict) else [type(raw).__name__]
+    like = resembles(raw)[:3]
+    hint = f"; it resembles: {', '.join(like)}" if like else ""
     raise CheckpointError(
-        f"could not recognise the layout of '{path}' (first keys: {keys}); known formats: "
+        f"could not recognise the layout of '{path}' (first keys: {keys}){hint}. Known formats: "
         + "; ".join(f"{n} ({f.description})" for n, f in FORMATS.items())
         + ". Name one with --teacher_format / --format if the file is one of them"
     )
 
 
-def convert(raw: object, fmt: str = "auto", path: str = "") -> tuple[str, Converted]:
+def convert(raw: object, fmt: str = "auto", path: str = "", arch: str | None = None) -> tuple[str, Converted]:
     """Detect (or take) the format and convert; returns (format name, Converted)."""
     if fmt == "auto":
-        fmt = detect_format(raw, path)
+        fmt = detect_format(raw, path, arch)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format '{fmt}'; choose one of: auto, {', '.join(FORMATS)}")
     try:
@@ -211,7 +466,11 @@ def convert(raw: object, fmt: str = "auto", path: str = "") -> tuple[str, Conver
     except (KeyError, AttributeError, TypeError) as exc:
         raise CheckpointError(f"'{path}' is not a '{fmt}' checkpoint ({exc!r}); try --teacher_format auto") from exc
     if not converted.backbone:
-        raise CheckpointError(f"'{path}' read as format '{fmt}' holds no backbone weights; is it the right file?")
+        like = [n for n in resembles(raw) if n != fmt][:3]
+        hint = f" (it resembles: {', '.join(like)})" if like else ""
+        raise CheckpointError(
+            f"'{path}' read as format '{fmt}' holds no backbone weights{hint}; is it the right file or format?"
+        )
     return fmt, converted
 
 
@@ -220,9 +479,20 @@ def _show(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], path: str, what: str) -> None:
-    """Load ``sd`` into ``module`` with every key accounted for, or raise a CheckpointError naming them."""
+def load_strict(
+    module: torch.nn.Module, sd: dict[str, torch.Tensor], path: str, what: str, assign: bool = False
+) -> None:
+    """Load ``sd`` into ``module`` with every key accounted for, or raise a CheckpointError naming them.
+
+    Only BatchNorm's ``num_batches_tracked`` counters may be absent (converters from TensorFlow/JAX do
+    not write them; eval-mode BatchNorm never reads them): they are filled with 0. ``assign=True``
+    adopts the file's tensors (as float32) instead of copying, for networks built on the meta device.
+    """
     own = module.state_dict()
+    sd = dict(sd)
+    for k, v in own.items():
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = torch.zeros((), dtype=v.dtype)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing:
@@ -234,11 +504,16 @@ def load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], path: str,
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
     if bad:
         raise CheckpointError(f"{what} weights in '{path}' do not fit the network (file vs network): {_show(bad, 4)}")
-    module.load_state_dict(sd, strict=True)
+    if assign:
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    module.load_state_dict(sd, strict=True, assign=assign)
 
 
 def infer_arch(sd: dict[str, torch.Tensor]) -> str | None:
-    """Guess the torchvision architecture from a torchvision-named state dict (None if unsure)."""
+    """Guess the architecture from a torchvision-named state dict (None if unsure).
+
+    ResNet-50s widened everywhere (SimCLR 2x/4x, stem 128/256 channels) are ``resnet50x2`` / ``resnet50x4``.
+    """
     if "features.0.0.weight" in sd:
         return "mobilenet_v2"
     if "conv1.weight" not in sd:
@@ -247,6 +522,9 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> str | None:
     n3 = len({k.split(".")[1] for k in sd if k.startswith("layer3.")})
     if not bottleneck:
         return {2: "resnet18", 6: "resnet34"}.get(n3)
-    if n3 == 6 and sd["layer1.0.conv1.weight"].shape[0] == 128:
+    stem, inner = sd["conv1.weight"].shape[0], sd["layer1.0.conv1.weight"].shape[0]
+    if n3 == 6 and stem in (128, 256) and inner == stem:
+        return f"resnet50x{stem // 64}"
+    if n3 == 6 and stem == 64 and inner == 128:
         return "wide_resnet50_2"
     return {6: "resnet50", 23: "resnet101", 36: "resnet152"}.get(n3)

@@ -1,0 +1,248 @@
+"""Teacher feature cache: build (2-rank gloo, resumable), manifest checks, gathering, training with it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from data.datasets import IndexedImageFolder
+from data.transforms import CenterCrop
+from models.errors import UserError
+from models.formats import safe_load
+from models.teachers import load_teacher
+from tools import teacher_cache
+from tools.teacher_cache import CachedTeacher, build_cache, manifest_path, open_cached_teacher, plan_rank
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_IMAGES = 11  # odd: two ranks with batches of 2 need padding
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # two spinning threads on a busy 2-core machine are far slower than one
+    yield
+    torch.set_num_threads(before)
+
+
+def write_images(root, n: int = N_IMAGES, classes=("ant", "bee", "cat")) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / "train" / classes[i % len(classes)]
+        folder.mkdir(parents=True, exist_ok=True)
+        size = (40 + 4 * (i % 3), 36 + 2 * (i % 4))  # not square, not the crop size
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_images(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("teacher") / "r18.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+def crops(data_root) -> IndexedImageFolder:
+    return IndexedImageFolder(str(data_root / "train"), CenterCrop(36, 32))
+
+
+def live_features(weights: str, dataset) -> np.ndarray:
+    teacher = load_teacher(weights)
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))]).float() / 255
+    return teacher(x).numpy()
+
+
+MANIFEST = {"teacher": {"arch": "resnet18", "format": "torchvision", "use_fc": False, "weights_sha256": "x"}}
+MANIFEST["preprocessing"] = {"resize_size": 36, "crop_size": 32}
+
+
+class Counting(torch.nn.Module):
+    """A teacher that counts the images it sees and can fail after some batches (an interrupted build)."""
+
+    def __init__(self, teacher, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.teacher, self.feat_dim, self.fail_after = teacher, teacher.feat_dim, fail_after
+        self.images, self.calls = 0, 0
+
+    def forward(self, x):
+        if self.fail_after is not None and self.calls == self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        self.images += len(x)
+        return self.teacher(x)
+
+
+def test_plan_gives_each_pending_index_to_one_rank_in_equal_full_batches():
+    pending = np.array([0, 2, 3, 5, 6, 7, 9])
+    parts = [plan_rank(pending, r, 2, 2) for r in range(2)]
+    assert parts[0][1] == parts[1][1] == 2
+    assert parts[0][0].tolist() == [0, 2, 6, 7] and parts[1][0].tolist() == [3, 5, 9, 9]
+
+
+def _cache_rank(rank: int, argv: list[str], port: int) -> None:
+    """One torchrun-like worker of tools.cache_teacher_features (spawned by the test below)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    from tools import cache_teacher_features
+
+    cache_teacher_features.main(cache_teacher_features.get_args_parser().parse_args(argv))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_rank_build_equals_live_teacher_in_dataset_order(data, weights, tmp_path):
+    out = tmp_path / "feats.npy"
+    argv = [str(data), "--teacher_weights", weights, "--out", str(out), "--resize_size", "36", "--crop_size", "32"]
+    argv += ["--batch_size", "2", "--num_workers", "0", "--device", "cpu"]
+    torch.multiprocessing.spawn(_cache_rank, args=(argv, free_port()), nprocs=2)
+    cached = np.load(out, mmap_mode="r")
+    dataset = crops(data)
+    assert cached.dtype == np.float16 and cached.shape == (N_IMAGES, 512)
+    live = live_features(weights, dataset)
+    np.testing.assert_allclose(cached.astype(np.float32), live, rtol=2e-3, atol=2e-3 * np.abs(live).max())
+    manifest = json.loads(open(manifest_path(str(out))).read())
+    assert manifest["count"] == N_IMAGES and manifest["classes"] == ["ant", "bee", "cat"]
+    assert manifest["shape"] == [N_IMAGES, 512] and manifest["world_size"] == 2
+    assert manifest["teacher"]["arch"] == "resnet18" and manifest["teacher"]["format"] == "torchvision"
+    assert manifest["teacher"]["weights_sha256"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    assert manifest["preprocessing"]["crop_size"] == 32 and manifest["preprocessing"]["resize_size"] == 36
+    assert not [p for p in os.listdir(tmp_path) if "partial" in p or "done" in p]
+
+
+def test_interrupted_build_resumes_with_only_the_missing_rows(data, weights, tmp_path, monkeypatch):
+    monkeypatch.setattr(teacher_cache, "FLUSH_SECONDS", -1.0)  # flush after every batch
+    dataset, teacher = crops(data), load_teacher(weights)
+    out = str(tmp_path / "feats.npy")
+    kwargs = {"batch_size": 2, "num_workers": 0, "device": torch.device("cpu")}
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(Counting(teacher, fail_after=3), dataset, out, MANIFEST, **kwargs)
+    assert not os.path.exists(out) and np.load(out + ".done.npy").sum() == 6
+    with pytest.raises(UserError, match="interrupted: rerun the same build command"):
+        CachedTeacher(out)
+    second = Counting(teacher)
+    build_cache(second, dataset, out, MANIFEST, **kwargs)
+    assert (second.calls, second.images) == (3, 6)  # the 5 missing rows, padded to full batches of 2
+    live = live_features(weights, dataset)
+    np.testing.assert_allclose(np.load(out).astype(np.float32), live, rtol=2e-3, atol=2e-3 * np.abs(live).max())
+    again = Counting(teacher)
+    build_cache(again, dataset, out, MANIFEST, **kwargs)  # complete for these settings: nothing to do
+    assert again.images == 0
+    other = {**MANIFEST, "preprocessing": {"resize_size": 40, "crop_size": 32}}
+    with pytest.raises(UserError, match="built with other settings"):
+        build_cache(teacher, dataset, out, other, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cache(data, tmp_path_factory):
+    """A finished cache with known rows: row i = [i, i + 0.5, ...] (built by a fake teacher)."""
+
+    class Rows(torch.nn.Module):
+        feat_dim = 4
+
+        def forward(self, x):  # the image's mean pixel identifies nothing; use a lookup by content
+            return torch.stack([lookup[tuple(img.flatten()[:8].tolist())] for img in x])
+
+    dataset = crops(data)
+    lookup = {}
+    for i in range(len(dataset)):
+        img = dataset[i][0].float() / 255
+        lookup[tuple(img.flatten()[:8].tolist())] = torch.tensor([i, i + 0.5, -i, 2.0 * i])
+    out = str(tmp_path_factory.mktemp("cache") / "rows.npy")
+    build_cache(Rows(), dataset, out, MANIFEST, batch_size=3, num_workers=0, device=torch.device("cpu"))
+    return out
+
+
+def test_cached_teacher_gathers_rows_by_index(cache, data):
+    expected = np.array([[i, i + 0.5, -i, 2.0 * i] for i in range(N_IMAGES)], dtype=np.float32)
+    index = torch.tensor([7, 0, 7, 10, 3])
+    for on_device in (False, True):
+        teacher = CachedTeacher(cache, crops(data), "cpu", on_device=on_device)
+        out = teacher.targets(torch.zeros(5, 3, 32, 32), index)
+        assert out.dtype == torch.float32 and teacher.feat_dim == 4 and (teacher.table is not None) == on_device
+        np.testing.assert_array_equal(out.numpy(), expected[index.numpy()])
+
+
+def test_cache_for_another_image_set_is_refused(cache, data, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    os.remove(other / "train" / "ant" / "img00.png")
+    with pytest.raises(UserError, match="another image set: it holds 11 images, the training set has 10"):
+        CachedTeacher(cache, crops(other))
+    os.rename(other / "train" / "ant" / "img03.png", other / "train" / "ant" / "img00.png")
+    shutil.copy(other / "train" / "bee" / "img01.png", other / "train" / "bee" / "img99.png")
+    with pytest.raises(UserError, match="its image files differ"):
+        CachedTeacher(cache, crops(other))
+    os.rename(other / "train" / "cat", other / "train" / "cow")
+    with pytest.raises(UserError, match=r"its class list differs \(e.g. \['cat', 'cow'\]\)"):
+        CachedTeacher(cache, crops(other))
+
+
+def test_cache_must_agree_with_the_teacher_flags(cache, data, weights, caplog):
+    dataset, cpu = crops(data), torch.device("cpu")
+    with pytest.raises(UserError, match="built with teacher resnet18, but --arch_teacher is resnet50"):
+        open_cached_teacher(cache, dataset, cpu, teacher={"arch": "sup_resnet50"})
+    with pytest.raises(UserError, match="holds pooled features; match --teacher_fc"):
+        open_cached_teacher(cache, dataset, cpu, teacher={"use_fc": True})
+    with pytest.raises(UserError, match="built from other weights than --teacher_weights"):
+        open_cached_teacher(cache, dataset, cpu, teacher={"weights": weights})
+    with caplog.at_level(logging.WARNING):
+        open_cached_teacher(cache, dataset, cpu, image_size=224, teacher={"arch": "resnet18"})
+    assert "--image_size 224 differs from the cache's 32 px centre crops" in caplog.text
+    os.rename(manifest_path(cache), manifest_path(cache) + ".bak")
+    try:
+        with pytest.raises(UserError, match="has no manifest"):
+            CachedTeacher(cache)
+    finally:
+        os.rename(manifest_path(cache) + ".bak", manifest_path(cache))
+
+
+@pytest.mark.slow
+def test_train_student_with_the_cache_and_live(cache, data, weights, tmp_path):
+    sys.path.insert(0, REPO)
+    import train_student
+
+    def run(*extra: str) -> dict:
+        flags = [str(data), "--arch_student", "resnet18", "--n_mlp_layers", "2", "--image_size", "32"]
+        flags += ["--single_aug", "--weak_weak", "--epochs", "1", "--batch_size", "4", "--num_workers", "0"]
+        flags += ["--device", "cpu", "--print_freq", "1", *extra]
+        return train_student.main(train_student.get_args_parser().parse_args(flags))
+
+    with pytest.raises(UserError, match="--use_cache and --teacher_feats FILE.npy go together"):
+        run("--teacher_feats", cache, "--exp_dir", str(tmp_path / "bad"))
+    stats = run("--use_cache", "--teacher_feats", cache, "--exp_dir", str(tmp_path / "cached"))
+    assert stats["epoch"] == 1 and stats["steps"] == N_IMAGES // 4 and 0.0 <= stats["loss"] <= 4.0
+    assert os.path.exists(tmp_path / "cached" / "checkpoints" / "student_backbone.pth")
+    stats = run("--teacher_weights", weights, "--teacher_fc", "--exp_dir", str(tmp_path / "live"))  # 1000 logits
+    assert stats["steps"] == N_IMAGES // 4 and 0.0 <= stats["loss"] <= 4.0
+    head = safe_load(str(tmp_path / "live" / "checkpoints" / "checkpoint_latest.pth"))["head"]
+    assert head["3.weight"].shape == (1000, 1024)  # the student regresses the teacher's fc outputs

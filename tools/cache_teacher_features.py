@@ -1,0 +1,123 @@
+"""Build a teacher feature cache: one float16 row per training image, in dataset order.
+
+The paper's cached runs (SimCLR-x4, BYOL, SwAV teachers) regressed one fixed centre-crop feature per
+image (Resize 256, CenterCrop 224, the teacher's own normalisation). One process:
+
+    python -m tools.cache_teacher_features /path/to/imagenet --arch_teacher resnet50x4 \
+        --teacher_weights simclr_r50x4.pth --out cache/simclr_r50x4_train.npy
+
+All GPUs of a machine (rows still land in dataset order; an interrupted build resumes when rerun):
+
+    torchrun --nproc_per_node=gpu -m tools.cache_teacher_features /path/to/imagenet ...same flags...
+
+Then train with ``train_student.py ... --use_cache --teacher_feats cache/simclr_r50x4_train.npy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+
+from data.datasets import IndexedImageFolder, imagenet100_classes, list_class_folders, read_class_list
+from data.transforms import CenterCrop
+from models.errors import UserError
+from models.formats import FORMATS
+from models.teachers import load_teacher, teacher_arch_names
+from tools import distributed
+from tools.checkpoint import file_sha256
+from tools.cli import add_debug_flag, run_cli
+from tools.metric_logger import setup_logging
+from tools.teacher_cache import build_cache
+
+log = logging.getLogger("simreg.cache")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("teacher feature cache", add_help=add_help)
+    p.add_argument("data", help="dataset root holding train/ (ImageFolder layout), as for train_student.py")
+    p.add_argument("--dataset", default="imagenet", choices=["imagenet", "imagenet100"])
+    p.add_argument("--class_list", default=None, help="file of class folder names, one per line")
+    p.add_argument(
+        "--arch_teacher", default=None, help=f"one of {', '.join(teacher_arch_names())}; default: from the file"
+    )
+    p.add_argument("--teacher_weights", required=True, help="teacher checkpoint file (any supported format)")
+    p.add_argument("--teacher_format", default="auto", help=f"teacher checkpoint layout: auto, {', '.join(FORMATS)}")
+    p.add_argument("--teacher_fc", action="store_true", help="cache the checkpoint's projection output instead")
+    p.add_argument("--out", required=True, help="output FILE.npy (FILE.json manifest is written beside it)")
+    p.add_argument("--resize_size", type=int, default=256, help="shorter side before the centre crop")
+    p.add_argument("--crop_size", type=int, default=224, help="centre crop size (the cached view)")
+    p.add_argument("--batch_size", type=int, default=256, help="images per batch and process")
+    p.add_argument("--num_workers", type=int, default=8, help="data loading processes per process")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished cache built with other settings")
+    add_debug_flag(p)
+    return p
+
+
+def build_dataset(args) -> IndexedImageFolder:
+    """The training images in train_student.py's order and class subset, as uint8 centre crops."""
+    train_dir = os.path.join(args.data, "train")
+    if not os.path.isdir(train_dir):
+        raise UserError(f"data folder '{args.data}' has no train/ sub-folder; expected <data>/train/<class>/<image>")
+    classes = None
+    if args.class_list:
+        classes = read_class_list(args.class_list)
+    elif args.dataset == "imagenet100":
+        classes = imagenet100_classes(list_class_folders(train_dir))
+    return IndexedImageFolder(train_dir, CenterCrop(args.resize_size, args.crop_size), classes)
+
+
+def main(args: argparse.Namespace) -> None:
+    dist_info = distributed.init_distributed(args.device)
+    setup_logging(None, dist_info.is_main, args.debug)
+    if not args.out.endswith(".npy"):
+        raise UserError(f"--out '{args.out}' must end in .npy (a NumPy array file)")
+    if dist_info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # ============ data and teacher ============
+    dataset = build_dataset(args)
+    teacher = load_teacher(args.teacher_weights, args.arch_teacher, args.teacher_format, use_fc=args.teacher_fc)
+    teacher = teacher.to(dist_info.device)
+    log.info("caching %d images of %d classes from %s", len(dataset), len(dataset.classes), dataset.root)
+    manifest = {
+        "teacher": {
+            "arch": teacher.arch,
+            "format": teacher.fmt,
+            "use_fc": args.teacher_fc,
+            "weights_sha256": file_sha256(args.teacher_weights) if dist_info.is_main else "",
+        },
+        "preprocessing": {
+            "resize_size": args.resize_size,
+            "crop_size": args.crop_size,
+            "interpolation": "bilinear",
+            "input": "uint8 / 255, then the teacher's normalisation",
+            "normalisation": "ImageNet mean/std" if teacher.input_norm == "imagenet" else "none ([0, 1] pixels)",
+        },
+        "weights_file": os.path.abspath(args.teacher_weights),
+        "data_root": os.path.abspath(dataset.root),
+    }
+
+    # ============ extraction ============
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    build_cache(
+        teacher,
+        dataset,
+        args.out,
+        manifest,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=dist_info.device,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        overwrite=args.overwrite,
+    )
+    distributed.barrier()
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
