@@ -191,7 +191,7 @@ def train_one_epoch(
         x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
         x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
         with autocast:
-            target = teacher.targets(x_t, index.to(dev, non_blocking=True))
+            target = teacher.targets(x_t, index)  # indices stay on the host: a cache gathers there
             pred = student(x_s)
         loss = regression_loss(pred, target)  # fp32, outside autocast
         optimizer.zero_grad(set_to_none=True)

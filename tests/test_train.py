@@ -113,7 +113,7 @@ def test_trained_student_can_be_reloaded_as_a_teacher(tiny_data, resnet18_teache
     ("extra", "message"),
     [
         ({"batch_size": 100}, "fewer than --batch_size"),
-        ({"use_cache": True}, "not available yet"),
+        ({"use_cache": True}, "--use_cache and --teacher_feats FILE.npy go together"),
         ({"arch_student": "vgg11"}, "unknown architecture 'vgg11'"),
     ],
 )
