@@ -24,10 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.datasets import IndexedImageFolder, imagenet100_classes, list_class_folders, read_class_list
+from data.decode import DECODERS
 from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.backbones import BACKBONES, canonical_arch
 from models.errors import UserError
+from models.fold import compile_frozen
 from models.formats import convert, load_strict, safe_load
 from models.heads import HEAD_LAYERS
 from models.loss import regression_loss
@@ -66,6 +68,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--weak_weak", action="store_true", help="weak augmentation for teacher and student")
     g.add_argument("--weak_strong", action="store_true", help="weak view for the teacher, strong for the student")
     g.add_argument("--num_workers", type=int, default=8, help="data loading processes per rank")
+    g.add_argument(
+        "--decode",
+        default="auto",
+        choices=list(DECODERS),
+        help="JPEG decoding of the single view: auto (fastest, same crops), pil (the reference path)",
+    )
 
     g = p.add_argument_group("model")
     g.add_argument(
@@ -106,6 +114,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     g.add_argument("--channels_last", action="store_true", help="NHWC memory layout for both networks")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
+    g.add_argument(
+        "--compile_teacher", action="store_true", help="fold the teacher's BatchNorm into its convs, torch.compile it"
+    )
     g.add_argument("--seed", type=int, default=0)
     add_debug_flag(p)
     return p
@@ -130,6 +141,28 @@ def to_device_images(batch: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
+def distill_step(model, teacher, views, index: torch.Tensor, optimizer, scaler, cfg: StepConfig) -> torch.Tensor:
+    """One optimisation step on a loader batch; returns the detached loss on the device (no host sync).
+
+    ``views`` is one uint8 batch (B, 3, H, W) fed to both networks (single view) or a pair
+    (student view, teacher view). The teacher runs under inference mode: no autograd bookkeeping.
+    """
+    x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
+    x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
+    autocast = torch.autocast(cfg.device.type, dtype=cfg.amp_dtype or torch.float32, enabled=cfg.amp_dtype is not None)
+    with torch.inference_mode(), autocast:
+        target = teacher.targets(x_t, index.to(cfg.device, non_blocking=True))
+    target = target.clone()  # an inference-mode tensor cannot be saved for the loss's backward
+    with autocast:
+        pred = model(x_s)
+    loss = regression_loss(pred, target)  # fp32, outside autocast
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def train_one_epoch(student, teacher, loader, optimizer, scaler, epoch: int, cfg: StepConfig) -> dict:
     """One pass over ``loader``; returns the epoch's mean loss (over all ranks) and throughput.
 
@@ -140,22 +173,10 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, epoch: int, cfg
     loss_sum = torch.zeros((), device=cfg.device)
     n_steps, n_images, start = 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not cfg.is_main, leave=False, dynamic_ncols=True)
-    autocast = torch.autocast(cfg.device.type, dtype=cfg.amp_dtype or torch.float32, enabled=cfg.amp_dtype is not None)
     for views, _, index in bar:
-        # The single-view mode hands one tensor that both networks see; otherwise (student, teacher).
-        x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
-        x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
-        with autocast:
-            target = teacher.targets(x_t, index.to(cfg.device, non_blocking=True))
-            pred = student(x_s)
-        loss = regression_loss(pred, target)  # fp32, outside autocast
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += loss.detach()
+        loss_sum += distill_step(student, teacher, views, index, optimizer, scaler, cfg)
         n_steps += 1
-        n_images += x_s.shape[0]
+        n_images += (views[0] if isinstance(views, (list, tuple)) else views).shape[0]
         if n_steps % cfg.print_freq == 0:
             avg = loss_sum.item() / n_steps  # the only host sync, every print_freq steps
             check_finite(avg, epoch, n_steps)
@@ -197,7 +218,7 @@ def build_dataset(args, dist_info) -> IndexedImageFolder:
         classes = read_class_list(args.class_list)
     elif args.dataset == "imagenet100":
         classes = imagenet100_classes(list_class_folders(train_dir))
-    views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong)
+    views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode)
     dataset = IndexedImageFolder(train_dir, views, classes, seed=args.seed)
     log.info(
         "data: %d images in %d classes from %s; %s, %d px",
@@ -220,7 +241,20 @@ def build_teacher(args, device: torch.device):
     teacher = load_teacher(args.teacher_weights, args.arch_teacher, args.teacher_format).to(device)
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
+    if args.compile_teacher:  # inference only: BatchNorm on running statistics folds into the convs
+        teacher.encoder = compile_frozen(teacher.encoder)
     return teacher
+
+
+def build_optimizer(params, args, device: torch.device) -> torch.optim.Optimizer:
+    """The paper's SGD; the fused kernel (one launch for all parameters) where the device has one."""
+    return torch.optim.SGD(
+        params,
+        lr=args.learning_rate,
+        momentum=args.sgd_momentum,
+        weight_decay=args.weight_decay,
+        fused=device.type in ("cuda", "cpu"),
+    )
 
 
 def init_student_weights(student: Student, path: str) -> None:
@@ -324,9 +358,7 @@ def main(args: argparse.Namespace) -> dict:
     student = Student(args.arch_student, teacher.feat_dim, args.n_mlp_layers).to(dist_info.device)
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        student.parameters(), lr=args.learning_rate, momentum=args.sgd_momentum, weight_decay=args.weight_decay
-    )
+    optimizer = build_optimizer(student.parameters(), args, dist_info.device)
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")
     start_epoch = resume(args, exp_dir, student, optimizer, scaler)
     model = student

@@ -90,7 +90,8 @@ class IndexedImageFolder:
 
     The key may be an int or ``(index, epoch)`` (what :class:`data.loaders.EpochSampler` yields). The
     augmentation RNG is seeded from (seed, epoch, index), so a sample's crop depends on neither the
-    worker nor the rank that loads it: runs are reproducible and resume exactly.
+    worker nor the rank that loads it: runs are reproducible and resume exactly. Files are opened by
+    ``transform.loader`` when the transform has one (fast JPEG decoding, :mod:`data.decode`), else ``load_rgb``.
     """
 
     def __init__(
@@ -118,6 +119,6 @@ class IndexedImageFolder:
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rel, label = self.samples[index]
-        img = load_rgb(os.path.join(self.root, rel))
+        img = (getattr(self.transform, "loader", None) or load_rgb)(os.path.join(self.root, rel))
         out = self.transform(img, self.rng(index, epoch)) if self.transform else img
         return out, label, index
