@@ -71,9 +71,9 @@ class Profile:
     teacher: str = "resnet50"
     student: str = "resnet18"
     step_size: int = 64  # step, cached and e2e stages: image size and batch
-    step_batch: int = 16
+    step_batch: int = 8
     step_iters: int = 1  # steps per timed round
-    e2e_batches: int = 2  # loader batches per timed round
+    e2e_batches: int = 1  # loader batches per timed round
     cache_rows: int = 50_000  # cached teacher array (rows, teacher dim) in fp16 on the device
     knn_train: int = 50_000
     knn_queries: int = 1_000
@@ -158,7 +158,7 @@ class Variant:
 
     name: str
     run: Callable[[], int] | None  # None: skipped, ``note`` says why
-    role: str = "variant"  # baseline | repeat | variant
+    role: str = "variant"  # baseline | repeat | variant | component (a part of a variant: no ratio)
     note: str = ""
 
 
@@ -187,7 +187,8 @@ def measure(stage: str, variants: list[Variant], rounds: int, device: torch.devi
             continue
         med = statistics.median(rates[v.name])
         spread = (max(rates[v.name]) - min(rates[v.name])) / med
-        rows.append({**row, "img_s": med, "ratio_vs_baseline": med / base, "spread": spread, "rounds": rates[v.name]})
+        ratio = None if v.role == "component" else med / base
+        rows.append({**row, "img_s": med, "ratio_vs_baseline": ratio, "spread": spread, "rounds": rates[v.name]})
     return rows
 
 
@@ -438,7 +439,7 @@ def e2e_variants(p: Profile, ctx: Context, best: str) -> list[Variant]:
     pin, length = ctx.device.type == "cuda", p.e2e_batches * p.step_batch
     folder = IndexedImageFolder(ctx.train_dir)
     base = original_loader(Cycle(OriginalFolder(folder, p.step_size), length), p.step_batch, p.workers, pin)
-    step = ours_steps(p, ctx)[best]
+    step, tag = ours_steps(p, ctx)[best], best.removeprefix("ours: ").replace(", no sync", "")
     views = TrainViews(p.step_size, True, True, False, decode="auto")
     ds = Cycle(IndexedImageFolder(ctx.train_dir, views), length)
     loader = build_loader(ds, p.step_batch, num_workers=p.workers, pin_memory=pin)
@@ -446,8 +447,8 @@ def e2e_variants(p: Profile, ctx: Context, best: str) -> list[Variant]:
         loader_variant(
             "original: float32 x2 loader + original step", base, original_step(p, ctx), lambda b: b[0], "baseline"
         ),
-        loader_variant(f"ours: decode=auto loader + step [{best}]", loader, step, lambda b: (b[0], b[2])),
-        loader_variant("ours: decode=auto loader alone", loader, None, identity),
+        loader_variant(f"ours: decode=auto loader + step ({tag})", loader, step, lambda b: (b[0], b[2])),
+        loader_variant("ours: decode=auto loader alone", loader, None, identity, "component"),
     ]
     if p.device_decode:
         enc = encoded_loader(ctx.train_dir, p.step_batch, p.workers, length)
@@ -456,8 +457,8 @@ def e2e_variants(p: Profile, ctx: Context, best: str) -> list[Variant]:
             return decode_crop_resize_batch(b[0], b[1], b[2], p.step_size, ctx.device), b[4]
 
         dev = ctx.device.type
-        variants.append(loader_variant(f"ours: decode on {dev} + step [{best}]", enc, step, decoded))
-        variants.append(loader_variant(f"ours: decode on {dev} alone", enc, None, decoded))
+        variants.append(loader_variant(f"ours: decode on {dev} + step ({tag})", enc, step, decoded))
+        variants.append(loader_variant(f"ours: decode on {dev} alone", enc, None, decoded, "component"))
     return variants
 
 
@@ -489,6 +490,11 @@ def knn_topk(train: torch.Tensor, queries: torch.Tensor, k: int, chunk: int) -> 
     return torch.cat(sims), torch.cat(idx)
 
 
+def knn_indices(train: torch.Tensor, queries: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """(Q, k) train indices of the k nearest neighbours, best first."""
+    return knn_topk(train, queries, k, chunk)[1]
+
+
 def majority_vote(neighbour_labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(Q, k) neighbour labels -> (Q,) most frequent label (ties: the lowest label)."""
     counts = torch.zeros(neighbour_labels.shape[0], n_classes, device=neighbour_labels.device)
@@ -501,8 +507,22 @@ def faiss_search(index, queries: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(idx)
 
 
+def baseline_search(p: Profile, train: torch.Tensor, queries: torch.Tensor) -> tuple[str, Callable, str]:
+    """The original's search (a faiss flat L2 index) where it can run here, else DINO-style small chunks."""
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is not None and train.device.type == "cpu":  # the original used faiss-gpu on GPUs
+        flat = faiss.IndexFlatL2(p.knn_dim)
+        flat.add(train.numpy())
+        return "original: faiss IndexFlatL2", partial(faiss_search, flat, queries, p.knn_k), ""
+    note = "no faiss for this device: DINO-style 100-query chunks instead"
+    return "original-style: torch, 100-query chunks", partial(knn_indices, train, queries, p.knn_k, 100), note
+
+
 def stage_knn(p: Profile, ctx: Context) -> list[dict]:
-    """Queries/s of exact k-NN search + majority vote over L2-normalised features."""
+    """Queries/s of exact k-NN search + majority vote over L2-normalised features (1000 classes)."""
     dev, n_classes = ctx.device, 1000
     train = F.normalize(torch.randn(p.knn_train, p.knn_dim, device=dev), dim=1)
     labels = torch.randint(0, n_classes, (p.knn_train,), device=dev)
@@ -513,30 +533,16 @@ def stage_knn(p: Profile, ctx: Context) -> list[dict]:
         majority_vote(labels[search().to(dev)], n_classes)
         return p.knn_queries
 
-    ours = partial(run, lambda: knn_topk(train, queries, p.knn_k, chunk)[1])
-    try:
-        import faiss
-    except ImportError:
-        faiss = None
-    if faiss is not None and dev.type == "cpu":  # the original: a flat L2 index (on GPUs with faiss-gpu)
-        flat = faiss.IndexFlatL2(p.knn_dim)
-        flat.add(train.cpu().numpy())
-        base = Variant(
-            "original: faiss IndexFlatL2", partial(run, lambda: faiss_search(flat, queries, p.knn_k)), "baseline"
-        )
-    else:
-        note = "faiss-gpu not available: DINO-style 100-query chunks instead"
-        base = Variant(
-            "original-style: torch, 100-query chunks",
-            partial(run, lambda: knn_topk(train, queries, p.knn_k, 100)[1]),
-            "baseline",
-            note,
-        )
-    variants = [base, Variant(f"ours: torch, {chunk}-query chunks", ours)]
+    base_name, base_search, note = baseline_search(p, train, queries)
+    ours_search = partial(knn_indices, train, queries, p.knn_k, chunk)
+    variants = [
+        Variant(base_name, partial(run, base_search), "baseline", note),
+        Variant(f"ours: torch, {chunk}-query chunks", partial(run, ours_search)),
+    ]
     rows = measure("knn", with_repeat(variants), p.rounds, dev, "queries")
-    same = (knn_topk(train, queries, 1, chunk)[1].cpu() == knn_topk(train, queries, 1, 100)[1].cpu()).float().mean()
+    same = (base_search()[:, 0].cpu() == ours_search()[:, 0].cpu()).float().mean().item()
     for row in rows:
-        row.update(train_rows=p.knn_train, dim=p.knn_dim, k=p.knn_k, same_top1_as_small_chunks=same.item())
+        row.update(train_rows=p.knn_train, dim=p.knn_dim, k=p.knn_k, same_top1_as_baseline=same)
     return rows
 
 
@@ -652,25 +658,52 @@ def machine_info(device: torch.device) -> dict:
     }
 
 
+def row_remark(r: dict) -> str:
+    if r["img_s"] is None:
+        return r["note"]
+    if "bound" in r:
+        return f"bound: {r['bound']} (loader alone {r['loader_img_s']:.0f}/s, step alone {r['step_img_s']:.0f}/s)"
+    if "gather_fraction_of_step" in r:
+        return f"gather {r['gather_ms']:.3f} ms = {r['gather_fraction_of_step']:.3%} of a step"
+    if "img_s_per_core" in r:
+        return f"{r['img_s_per_core']:.0f}/s per worker core"
+    if "forty_epochs_s" in r:
+        return f"40 epochs of {r['rows']} rows: {r['forty_epochs_s']:.0f} s"
+    return r["note"]
+
+
 def print_table(rows: list[dict], info: dict) -> None:
+    """The summary: one line per row, rates as medians over the rounds."""
     print(f"\n{info['device']} | {info['cpu_cores']} CPU cores | torch {info['torch']} | {info['date']}")
-    print(f"{'stage':<7} {'config':<62} {'rate/s':>10} {'ratio':>6} {'spread':>7}")
+    print(f"{'stage':<7} {'config':<66} {'rate/s':>10} {'ratio':>6} {'spread':>7}")
     for r in rows:
+        name = r["config"][:66]
         if r["img_s"] is None:
-            print(f"{r['stage']:<7} {r['config'][:62]:<62} {'-':>10} {'-':>6} {'-':>7}  {r['note']}")
+            print(f"{r['stage']:<7} {name:<66} {'-':>10} {'-':>6} {'-':>7}  {row_remark(r)}")
             continue
-        extra = f"  bound: {r['bound']}" if "bound" in r else ""
-        if "gather_fraction_of_step" in r:
-            extra = f"  gather {r['gather_fraction_of_step']:.2%} of a step"
-        rate, ratio, spread = f"{r['img_s']:.1f}", f"{r['ratio_vs_baseline']:.2f}", f"{r['spread']:.1%}"
-        print(f"{r['stage']:<7} {r['config'][:62]:<62} {rate:>10} {ratio:>6} {spread:>7}{extra}")
+        ratio = "-" if r["ratio_vs_baseline"] is None else f"{r['ratio_vs_baseline']:.2f}"
+        rate, spread = f"{r['img_s']:.1f}", f"{r['spread']:.1%}"
+        print(f"{r['stage']:<7} {name:<66} {rate:>10} {ratio:>6} {spread:>7}  {row_remark(r)}")
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     setup_logging(None, True, args.debug)
     prof, device, stages = resolve(args)
+    threads = torch.get_num_threads()
     if args.dry_run:  # toy sizes: one thread avoids oversubscription stalls on a busy machine
         torch.set_num_threads(1)
+    try:
+        rows = run_stages(args, prof, device, stages)
+    finally:
+        torch.set_num_threads(threads)
+    if args.json:
+        write_json(args.json, rows)
+        print(f"rows written to {args.json}")
+    return rows
+
+
+def run_stages(args: argparse.Namespace, prof: Profile, device: torch.device, stages: list[str]) -> list[dict]:
+    """Generate (or reuse) the JPEGs, run the stages in order, print the table; returns the rows."""
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     work = args.work_dir or os.path.join(tempfile.gettempdir(), "simreg_bench")
@@ -682,13 +715,10 @@ def main(args: argparse.Namespace) -> list[dict]:
     for name in stages:
         log.info("stage %s", name)
         ctx.rows += STAGES[name](prof, ctx)
-    info = machine_info(device)
+    info = {**machine_info(device), "torch_threads": torch.get_num_threads()}
     profile = args.profile + (" (dry run)" if args.dry_run else "")
     rows = [{**r, "profile": profile, **info, "jpeg_kb": made["mean_kb"]} for r in ctx.rows]
     print_table(rows, info)
-    if args.json:
-        write_json(args.json, rows)
-        print(f"rows written to {args.json}")
     return rows
 
 
