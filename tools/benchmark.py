@@ -439,7 +439,8 @@ def e2e_variants(p: Profile, ctx: Context, best: str) -> list[Variant]:
     pin, length = ctx.device.type == "cuda", p.e2e_batches * p.step_batch
     folder = IndexedImageFolder(ctx.train_dir)
     base = original_loader(Cycle(OriginalFolder(folder, p.step_size), length), p.step_batch, p.workers, pin)
-    step, tag = ours_steps(p, ctx)[best], best.removeprefix("ours: ").replace(", no sync", "")
+    step = ours_steps(p, ctx)[best]
+    tag = best.removeprefix("ours: ").replace(", no sync", "").replace("channels_last, ", "")
     views = TrainViews(p.step_size, True, True, False, decode="auto")
     ds = Cycle(IndexedImageFolder(ctx.train_dir, views), length)
     loader = build_loader(ds, p.step_batch, num_workers=p.workers, pin_memory=pin)
