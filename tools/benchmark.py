@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import logging
 import os
@@ -64,16 +65,16 @@ log = logging.getLogger("simreg.benchmark")
 class Profile:
     """Sizes of one run. Defaults: the CPU profile (2 cores, under 3 minutes)."""
 
-    images: int = 192  # generated JPEGs (500x375, quality 90)
+    images: int = 256  # generated JPEGs (500x375, quality 90)
     crop: int = 224  # data stage crop size
     workers: int = 2  # loader processes = cores used by the data stage
     data_batch: int = 32
     teacher: str = "resnet50"
     student: str = "resnet18"
     step_size: int = 64  # step, cached and e2e stages: image size and batch
-    step_batch: int = 8
+    step_batch: int = 16
     step_iters: int = 1  # steps per timed round
-    e2e_batches: int = 1  # loader batches per timed round
+    e2e_batches: int = 2  # loader batches per timed round
     cache_rows: int = 50_000  # cached teacher array (rows, teacher dim) in fp16 on the device
     knn_train: int = 50_000
     knn_queries: int = 1_000
@@ -83,7 +84,10 @@ class Profile:
     probe_dim: int = 512
     probe_classes: int = 100
     probe_steps: int = 100  # optimisation steps (batch 256) per timed round
-    rounds: int = 3
+    rounds: int = 5
+    # torch threads of the main process: on a shared 2-core machine, two threads stall (busy-waiting)
+    # whenever another process holds a core, by 10-50x; one thread gives stable per-core figures.
+    threads: int | None = 1  # None: torch's default
     compile: bool = False  # torch.compile variants (minutes of compilation on 2 CPU cores: off)
     device_decode: bool = False  # batched decode_jpeg on the device (and DALI when installed)
     needs_cuda: bool = False
@@ -105,6 +109,8 @@ PROFILES = {
         probe_rows=1_281_167,
         probe_classes=1000,
         probe_steps=1000,
+        rounds=3,
+        threads=None,
         compile=True,
         device_decode=True,
         needs_cuda=True,
@@ -131,6 +137,7 @@ DRY_RUN = {
     "probe_classes": 10,
     "probe_steps": 2,
     "rounds": 2,
+    "threads": 1,
 }
 
 
@@ -515,6 +522,7 @@ def baseline_search(p: Profile, train: torch.Tensor, queries: torch.Tensor) -> t
     except ImportError:
         faiss = None
     if faiss is not None and train.device.type == "cpu":  # the original used faiss-gpu on GPUs
+        faiss.omp_set_num_threads(torch.get_num_threads())  # the same cores as the torch search
         flat = faiss.IndexFlatL2(p.knn_dim)
         flat.add(train.numpy())
         return "original: faiss IndexFlatL2", partial(faiss_search, flat, queries, p.knn_k), ""
@@ -608,6 +616,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: the temp folder)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per stage (default: the profile's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: profile's)")
     p.add_argument("--seed", type=int, default=0)
     add_debug_flag(p)
     return p
@@ -617,11 +626,14 @@ def resolve(args) -> tuple[Profile, torch.device, list[str]]:
     """The profile (with --dry_run / --rounds applied), the device and the stages; user mistakes are errors."""
     prof = PROFILES[args.profile]
     if args.dry_run:
-        prof = dataclasses_replace(prof, **DRY_RUN)
+        prof = dataclasses.replace(prof, **DRY_RUN)
     if args.rounds:
-        prof = dataclasses_replace(prof, rounds=args.rounds)
+        prof = dataclasses.replace(prof, rounds=args.rounds)
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"--device {args.device} is not a device name; use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} asks for CUDA, which this machine lacks; use --device cpu")
     if prof.needs_cuda and device.type != "cuda" and not args.dry_run:
@@ -633,12 +645,6 @@ def resolve(args) -> tuple[Profile, torch.device, list[str]]:
     if unknown:
         raise UserError(f"unknown stage(s) {', '.join(unknown)} in --stages; choose from {', '.join(STAGES)}")
     return prof, device, stages
-
-
-def dataclasses_replace(prof: Profile, **changes) -> Profile:
-    import dataclasses
-
-    return dataclasses.replace(prof, **changes)
 
 
 def machine_info(device: torch.device) -> dict:
@@ -691,8 +697,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     setup_logging(None, True, args.debug)
     prof, device, stages = resolve(args)
     threads = torch.get_num_threads()
-    if args.dry_run:  # toy sizes: one thread avoids oversubscription stalls on a busy machine
-        torch.set_num_threads(1)
+    if args.threads or prof.threads:
+        torch.set_num_threads(args.threads or prof.threads)
     try:
         rows = run_stages(args, prof, device, stages)
     finally:
