@@ -110,14 +110,16 @@ def test_draft_decoder_maps_the_box_into_the_reduced_image(jpegs):
     assert worst_mean <= 1.0 and worst_max <= 8
 
 
-def test_auto_uses_draft_only_when_the_crop_keeps_the_output_resolution(jpegs, monkeypatch):
+def test_auto_uses_draft_on_large_images_when_the_crop_keeps_the_output_resolution(jpegs, monkeypatch):
     calls = []
     monkeypatch.setattr(D, "decode_draft", lambda img, box, size: calls.append("draft") or D.decode_pil(img, box, size))
     monkeypatch.setattr(D, "decode_tv", lambda img, box, size: calls.append("tv") or D.decode_pil(img, box, size))
     img = D.open_image(jpegs[0])
+    D.decode_auto(img, (0, 0, 64, 70), 32)  # 200x150: too small for draft to pay
+    monkeypatch.setattr(D, "DRAFT_MIN_PIXELS", 200 * 150)
     D.decode_auto(img, (0, 0, 64, 70), 32)
     D.decode_auto(img, (0, 0, 63, 150), 32)
-    assert calls == ["draft", "tv"]
+    assert calls == ["tv", "draft", "tv"]
 
 
 def test_grey_jpeg_takes_the_fast_path_with_the_same_pixels(jpegs, tmp_path):

@@ -65,7 +65,8 @@ log = logging.getLogger("simreg.benchmark")
 class Profile:
     """Sizes of one run. Defaults: the CPU profile (2 cores, under 3 minutes)."""
 
-    images: int = 256  # generated JPEGs (500x375, quality 90)
+    images: int = 256  # generated JPEGs (quality 90)
+    jpeg_size: tuple[int, int] = (500, 375)  # ImageNet's typical size
     crop: int = 224  # data stage crop size
     workers: int = 2  # loader processes = cores used by the data stage
     data_batch: int = 32
@@ -616,6 +617,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--work_dir", default=None, help="where the generated JPEGs go (default: the temp folder)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per stage (default: the profile's)")
+    p.add_argument("--images", type=int, default=None, help="number of generated JPEGs (default: the profile's)")
+    p.add_argument("--jpeg_size", default=None, help="generated JPEG size WIDTHxHEIGHT (default 500x375)")
+    p.add_argument("--crop", type=int, default=None, help="data stage crop size (default: the profile's, 224)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: profile's)")
     p.add_argument("--seed", type=int, default=0)
     add_debug_flag(p)
@@ -629,6 +633,16 @@ def resolve(args) -> tuple[Profile, torch.device, list[str]]:
         prof = dataclasses.replace(prof, **DRY_RUN)
     if args.rounds:
         prof = dataclasses.replace(prof, rounds=args.rounds)
+    if args.crop:
+        prof = dataclasses.replace(prof, crop=args.crop)
+    if args.images:
+        prof = dataclasses.replace(prof, images=args.images)
+    if args.jpeg_size:
+        try:
+            width, height = (int(v) for v in args.jpeg_size.lower().split("x"))
+        except ValueError as exc:
+            raise UserError(f"--jpeg_size {args.jpeg_size} is not WIDTHxHEIGHT (e.g. 500x375)") from exc
+        prof = dataclasses.replace(prof, jpeg_size=(width, height))
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -714,17 +728,20 @@ def run_stages(args: argparse.Namespace, prof: Profile, device: torch.device, st
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     work = args.work_dir or os.path.join(tempfile.gettempdir(), "simreg_bench")
-    root = os.path.join(work, f"jpegs_{prof.images}")
+    width, height = prof.jpeg_size
+    root = os.path.join(work, f"jpegs_{prof.images}_{width}x{height}")
     log.info("generating %d JPEGs under %s (kept for the next run)", prof.images, root)
-    made = make_jpeg_folder(root, prof.images, processes=max(1, min(prof.workers, os.cpu_count() or 1)))
-    log.info("JPEGs: %d files, %.1f KB on average", prof.images, made["mean_kb"])
+    procs = max(1, min(prof.workers, os.cpu_count() or 1))
+    made = make_jpeg_folder(root, prof.images, size=prof.jpeg_size, processes=procs)
+    log.info("JPEGs: %d files of %dx%d, %.1f KB on average", prof.images, width, height, made["mean_kb"])
     ctx = Context(device, os.path.join(root, "train"), "inductor" if device.type == "cuda" else "aot_eager")
     for name in stages:
         log.info("stage %s", name)
         ctx.rows += STAGES[name](prof, ctx)
     info = {**machine_info(device), "torch_threads": torch.get_num_threads()}
     profile = args.profile + (" (dry run)" if args.dry_run else "")
-    rows = [{**r, "profile": profile, **info, "jpeg_kb": made["mean_kb"]} for r in ctx.rows]
+    jpegs = {"jpeg_kb": made["mean_kb"], "jpeg_size": f"{width}x{height}", "crop": prof.crop}
+    rows = [{**r, "profile": profile, **info, **jpegs} for r in ctx.rows]
     print_table(rows, info)
     return rows
 
