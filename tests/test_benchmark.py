@@ -119,3 +119,19 @@ def test_cycle_wraps_keys():
             return key
 
     assert B.Cycle(Keyed([0, 0]), 5)[(3, 9)] == (1, 9)
+
+
+def test_a_failing_stage_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    def broken(p, ctx):
+        raise ValueError("simulated")
+
+    monkeypatch.setitem(B.STAGES, "knn", broken)
+    out = tmp_path / "rows.json"
+    args = B.get_args_parser().parse_args(
+        ["--dry_run", "--stages", "knn,probe", "--work_dir", str(tmp_path), "--json", str(out)]
+    )
+    with pytest.raises(RuntimeError, match="knn failed"):
+        B.main(args)
+    rows = json.loads(out.read_text())
+    assert rows[0]["failed"] and rows[0]["note"] == "failed: ValueError: simulated"
+    assert [r["stage"] for r in rows[1:]] == ["probe"] * 3 and all(r["img_s"] > 0 for r in rows[1:])

@@ -155,6 +155,7 @@ class Context:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so host clocks time finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -237,6 +238,7 @@ def encoded_loader(train_dir: str, batch: int, workers: int, length: int | None 
 
 
 def identity(x):
+    """A loader batch as it comes."""
     return x
 
 
@@ -512,6 +514,7 @@ def majority_vote(neighbour_labels: torch.Tensor, n_classes: int) -> torch.Tenso
 
 
 def faiss_search(index, queries: torch.Tensor, k: int) -> torch.Tensor:
+    """(Q, k) neighbour indices from a faiss index (queries copied to host memory as faiss needs)."""
     _, idx = index.search(queries.cpu().numpy(), k)
     return torch.from_numpy(idx)
 
@@ -717,14 +720,17 @@ def main(args: argparse.Namespace) -> list[dict]:
         rows = run_stages(args, prof, device, stages)
     finally:
         torch.set_num_threads(threads)
+    print_table(rows, rows[0] if rows else machine_info(device))
     if args.json:
-        write_json(args.json, rows)
         print(f"rows written to {args.json}")
+    failed = [r["stage"] for r in rows if r.get("failed")]
+    if failed:
+        raise RuntimeError(f"benchmark stage(s) {', '.join(failed)} failed; see the log above")
     return rows
 
 
 def run_stages(args: argparse.Namespace, prof: Profile, device: torch.device, stages: list[str]) -> list[dict]:
-    """Generate (or reuse) the JPEGs, run the stages in order, print the table; returns the rows."""
+    """Generate (or reuse) the JPEGs and run the stages in order; ``--json`` is rewritten after each stage."""
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     work = args.work_dir or os.path.join(tempfile.gettempdir(), "simreg_bench")
@@ -735,14 +741,28 @@ def run_stages(args: argparse.Namespace, prof: Profile, device: torch.device, st
     made = make_jpeg_folder(root, prof.images, size=prof.jpeg_size, processes=procs)
     log.info("JPEGs: %d files of %dx%d, %.1f KB on average", prof.images, width, height, made["mean_kb"])
     ctx = Context(device, os.path.join(root, "train"), "inductor" if device.type == "cuda" else "aot_eager")
+    meta = {
+        "profile": args.profile + (" (dry run)" if args.dry_run else ""),
+        **machine_info(device),
+        "torch_threads": torch.get_num_threads(),
+        "jpeg_kb": made["mean_kb"],
+        "jpeg_size": f"{width}x{height}",
+        "crop": prof.crop,
+    }
+    rows: list[dict] = []
     for name in stages:
         log.info("stage %s", name)
-        ctx.rows += STAGES[name](prof, ctx)
-    info = {**machine_info(device), "torch_threads": torch.get_num_threads()}
-    profile = args.profile + (" (dry run)" if args.dry_run else "")
-    jpegs = {"jpeg_kb": made["mean_kb"], "jpeg_size": f"{width}x{height}", "crop": prof.crop}
-    rows = [{**r, "profile": profile, **info, **jpegs} for r in ctx.rows]
-    print_table(rows, info)
+        try:
+            stage_rows = STAGES[name](prof, ctx)
+        except Exception as exc:  # one broken stage must not cost a device session the others
+            log.exception("stage %s failed", name)
+            note = f"failed: {type(exc).__name__}: {exc}"[:300]
+            stage_rows = [{"stage": name, "config": "stage failed", "role": "baseline", "note": note, "img_s": None}]
+            stage_rows[0].update(ratio_vs_baseline=None, spread=None, skipped=True, failed=True)
+        ctx.rows += stage_rows
+        rows += [{**r, **meta} for r in stage_rows]
+        if args.json:  # a run cut short (a time limit) still leaves the stages it finished
+            write_json(args.json, rows)
     return rows
 
 

@@ -18,6 +18,7 @@ PY=${PYTHON:-python3}
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || echo "no nvidia-smi"
   nproc
+  df -h /dev/shm  # the loaders' batches travel through shared memory (the baseline's: 2 x 154 MB each)
   $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   $PY -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo "dali: not installed"
