@@ -20,7 +20,7 @@ PY=${PYTHON:-python3}
   nproc
   df -h /dev/shm  # the loaders' batches travel through shared memory (the baseline's: 2 x 154 MB each)
   $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
-'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
   $PY -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo "dali: not installed"
   $PY -c "import faiss; print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus())" 2>/dev/null || echo "faiss: not installed"
 } 2>&1 | tee "$OUT/env.txt"
