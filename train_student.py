@@ -26,10 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.datasets import IndexedImageFolder, imagenet100_classes, list_class_folders, read_class_list
+from data.decode import DECODERS
 from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.backbones import BACKBONES, canonical_arch
 from models.errors import UserError
+from models.fold import compile_frozen
 from models.formats import FORMATS, convert, load_strict, safe_load
 from models.heads import HEAD_LAYERS
 from models.loss import regression_loss
@@ -76,6 +78,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--skip_bad_images",
         action="store_true",
         help="replace unreadable images by the next readable one (counted and reported) instead of stopping",
+    )
+    g.add_argument(
+        "--decode",
+        default="auto",
+        choices=list(DECODERS),
+        help="JPEG decoding of the single view: auto (fastest, same crops), pil (the reference path)",
     )
 
     g = p.add_argument_group("model")
@@ -133,6 +141,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     g.add_argument("--channels_last", action="store_true", help="NHWC memory layout for both networks")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
+    g.add_argument(
+        "--compile_teacher", action="store_true", help="fold the teacher's BatchNorm into its convs, torch.compile it"
+    )
     g.add_argument("--seed", type=int, default=0)
     add_debug_flag(p)
     return p
@@ -169,6 +180,28 @@ def to_device_images(batch: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
+def distill_step(model, teacher, views, index: torch.Tensor, optimizer, scaler, cfg: StepConfig) -> torch.Tensor:
+    """One optimisation step on a loader batch; returns the detached loss on the device (no host sync).
+
+    ``views`` is one uint8 batch (B, 3, H, W) fed to both networks (single view) or a pair
+    (student view, teacher view). The teacher runs under inference mode: no autograd bookkeeping.
+    """
+    x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
+    x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
+    autocast = torch.autocast(cfg.device.type, dtype=cfg.amp_dtype or torch.float32, enabled=cfg.amp_dtype is not None)
+    with torch.inference_mode(), autocast:
+        target = teacher.targets(x_t, index)  # host indices: a cache gathers there
+    target = target.clone()  # an inference-mode tensor cannot be saved for the loss's backward
+    with autocast:
+        pred = model(x_s)
+    loss = regression_loss(pred, target)  # fp32, outside autocast
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def train_one_epoch(
     student, teacher, loader, optimizer, scaler, epoch: int, cfg: StepConfig, progress=None, on_checkpoint=None
 ) -> dict:
@@ -185,20 +218,9 @@ def train_one_epoch(
     dev = cfg.device
     meters = Meters(dev, progress if cfg.is_main else EpochProgress(step=progress.step))
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not cfg.is_main, leave=False, dynamic_ncols=True)
-    autocast = torch.autocast(dev.type, dtype=cfg.amp_dtype or torch.float32, enabled=cfg.amp_dtype is not None)
     for views, _, index in bar:
-        # The single-view mode hands one tensor that both networks see; otherwise (student, teacher).
-        x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
-        x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
-        with autocast:
-            target = teacher.targets(x_t, index)  # indices stay on the host: a cache gathers there
-            pred = student(x_s)
-        loss = regression_loss(pred, target)  # fp32, outside autocast
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        meters.update(loss.detach(), x_s.shape[0])
+        loss = distill_step(student, teacher, views, index, optimizer, scaler, cfg)
+        meters.update(loss, index.shape[0])
         at_print = meters.step % cfg.print_freq == 0
         if at_print:
             avg = meters.check(epoch)  # host sync, every print_freq steps only
@@ -288,7 +310,7 @@ def build_dataset(args, dist_info) -> IndexedImageFolder:
         classes = read_class_list(args.class_list)
     elif args.dataset == "imagenet100":
         classes = imagenet100_classes(list_class_folders(train_dir))
-    views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong)
+    views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode)
     dataset = IndexedImageFolder(train_dir, views, classes, seed=args.seed, skip_bad=args.skip_bad_images)
     log.info(
         "data: %d images in %d classes from %s; %s, %d px",
@@ -321,7 +343,20 @@ def build_teacher(args, device: torch.device, dataset: IndexedImageFolder | None
     teacher = teacher.to(device)
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
+    if args.compile_teacher:  # inference only: BatchNorm on running statistics folds into the convs
+        teacher.encoder = compile_frozen(teacher.encoder)
     return teacher
+
+
+def build_optimizer(params, args, device: torch.device) -> torch.optim.Optimizer:
+    """The paper's SGD; the fused kernel (one launch for all parameters) where the device has one."""
+    return torch.optim.SGD(
+        params,
+        lr=args.learning_rate,
+        momentum=args.sgd_momentum,
+        weight_decay=args.weight_decay,
+        fused=device.type in ("cuda", "cpu"),
+    )
 
 
 def init_student_weights(student: Student, path: str) -> None:
@@ -435,11 +470,6 @@ def save_checkpoint(run: Run, epoch: int, progress: EpochProgress | None = None)
         atomic_save(state, epoch_checkpoint_path(run.exp_dir, epoch))
 
 
-def build_optimizer(student: Student, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD (not Nesterov) with weight decay on every student and head parameter, as in the paper."""
-    return torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -480,7 +510,7 @@ def main(args: argparse.Namespace) -> dict:
     student = Student(args.arch_student, teacher.feat_dim, args.n_mlp_layers).to(dist_info.device)
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(student, args.learning_rate, args.sgd_momentum, args.weight_decay)
+    optimizer = build_optimizer(student.parameters(), args, dist_info.device)
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")
     run = Run(args, exp_dir, student, optimizer, scaler, run_identity(args, dataset, teacher), dist_info.is_main)
     start_epoch, progress = resume(run)

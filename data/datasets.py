@@ -94,7 +94,8 @@ class IndexedImageFolder:
 
     The key may be an int or ``(index, epoch)`` (what :class:`data.loaders.EpochSampler` yields). The
     augmentation RNG is seeded from (seed, epoch, index), so a sample's crop depends on neither the
-    worker nor the rank that loads it: runs are reproducible and resume exactly.
+    worker nor the rank that loads it: runs are reproducible and resume exactly. Files are opened by
+    ``transform.loader`` when the transform has one (fast JPEG decoding, :mod:`data.decode`), else ``load_rgb``.
     """
 
     def __init__(
@@ -131,11 +132,12 @@ class IndexedImageFolder:
 
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
+        opener = getattr(self.transform, "loader", None) or load_rgb  # a transform may decode faster
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             rel, label = self.samples[i]
             try:
-                img = load_rgb(os.path.join(self.root, rel))
+                img = opener(os.path.join(self.root, rel))
             except DataError as exc:
                 if not self.skip_bad:
                     raise DataError(f"{exc}, or pass --skip_bad_images to skip such files") from None

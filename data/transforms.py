@@ -14,6 +14,9 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
+from data.datasets import load_rgb
+from data.decode import DECODERS, EncodedImage, open_image
+
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> uint8 tensor (3, H, W)."""
@@ -43,10 +46,19 @@ def rrc_box(width: int, height: int, rng: random.Random, scale=(0.2, 1.0), ratio
 
 
 class WeakAug:
-    """RandomResizedCrop(size, scale) + horizontal flip (the paper's weak view)."""
+    """RandomResizedCrop(size, scale) + horizontal flip (the paper's weak view).
 
-    def __init__(self, size: int = 224, scale=(0.2, 1.0), flip: bool = True) -> None:
-        self.size, self.scale, self.flip = size, scale, flip
+    ``decode`` names a decoder of :mod:`data.decode`: ``pil`` (the reference, default here) or a fast
+    one such as ``auto`` (what :class:`TrainViews` uses). ``loader`` is how a dataset should open files
+    for this transform: with a fast decoder, plain JPEGs arrive undecoded and only the crop is decoded,
+    with the same box and flip.
+    """
+
+    def __init__(self, size: int = 224, scale=(0.2, 1.0), flip: bool = True, decode: str = "pil") -> None:
+        if decode not in DECODERS:
+            raise ValueError(f"unknown decoder '{decode}'; choose one of {', '.join(DECODERS)}")
+        self.size, self.scale, self.flip, self.decode = size, scale, flip, decode
+        self.loader = load_rgb if decode == "pil" else open_image
 
     def crop(self, img: Image.Image, rng: random.Random) -> Image.Image:
         left, top, w, h = rrc_box(img.width, img.height, rng, self.scale)
@@ -54,7 +66,11 @@ class WeakAug:
         flip = self.flip and rng.random() < 0.5
         return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+    def __call__(self, img: Image.Image | EncodedImage, rng: random.Random) -> torch.Tensor:
+        if isinstance(img, EncodedImage):  # same RNG draws as crop(): box, then flip
+            box = rrc_box(img.width, img.height, rng, self.scale)
+            out = DECODERS[self.decode](img, box, self.size)
+            return out.flip(-1) if self.flip and rng.random() < 0.5 else out
         return to_uint8_tensor(self.crop(img, rng))
 
 
@@ -108,8 +124,8 @@ class TrainViews:
     and the single view uses the student's augmentation.
     """
 
-    def __init__(self, size: int, single: bool, weak_weak: bool, weak_strong: bool) -> None:
-        weak, strong = WeakAug(size), StrongAug(size)
+    def __init__(self, size: int, single: bool, weak_weak: bool, weak_strong: bool, decode: str = "auto") -> None:
+        weak, strong = WeakAug(size, decode=decode), StrongAug(size)
         if weak_strong:
             self.student, self.teacher = strong, weak
         elif weak_weak:
@@ -117,6 +133,8 @@ class TrainViews:
         else:
             self.student, self.teacher = strong, strong
         self.single = single
+        # Fast decoding serves the single view (one crop per file); two views share one full decode.
+        self.loader = self.student.loader if single else load_rgb
 
     @property
     def name(self) -> str:

@@ -1,5 +1,6 @@
 """The DDP contract: a 2-process gloo run equals a 1-process run with the same global batch."""
 
+import argparse
 import os
 
 import pytest
@@ -44,7 +45,8 @@ def toy_student():
 def train_toy(rank: int, world_size: int, out: str) -> None:
     student = toy_student()
     model = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
-    opt = train_student.build_optimizer(student, 0.1, 0.9, 1e-4)
+    hp = argparse.Namespace(learning_rate=0.1, sgd_momentum=0.9, weight_decay=1e-4)
+    opt = train_student.build_optimizer(student.parameters(), hp, torch.device("cpu"))
     loader = build_loader(ToyImages(), 8 // world_size, num_workers=0, rank=rank, world_size=world_size, seed=3)
     cfg = train_student.StepConfig(torch.device("cpu"), None, False, print_freq=1000, is_main=rank == 0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)

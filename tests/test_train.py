@@ -1,5 +1,6 @@
 """The training engine: optimizer contents, view modes, checkpoints, exact resume, export."""
 
+import argparse
 import json
 import os
 
@@ -17,7 +18,8 @@ from models.teachers import load_teacher
 
 def test_optimizer_holds_exactly_student_and_head_parameters():
     student = Student("resnet18", 2048, 4)
-    opt = train_student.build_optimizer(student, 0.05, 0.9, 1e-4)
+    hp = argparse.Namespace(learning_rate=0.05, sgd_momentum=0.9, weight_decay=1e-4)
+    opt = train_student.build_optimizer(student.parameters(), hp, torch.device("cpu"))
     in_opt = [p for g in opt.param_groups for p in g["params"]]
     assert len(in_opt) == len(set(map(id, in_opt)))
     assert {id(p) for p in in_opt} == {id(p) for p in student.encoder.parameters()} | {

@@ -1,0 +1,136 @@
+"""The original release's recipe, re-created as the baseline of ``tools/benchmark.py`` (never used to train).
+
+Same maths as ours, with the costs the original paid (reference.md section 3):
+- data: PIL decode, torchvision ``RandomResizedCrop`` + flip on the PIL image, ``ToTensor`` +
+  ``Normalize`` in the workers (float32), and in the single-view mode the same tensor returned twice,
+  so two identical float32 batches are collated, pinned and copied to the device;
+- step: fp32 in NCHW layout, the teacher under ``no_grad`` with a MoCo-style batch shuffle and
+  unshuffle (a no-op for a teacher in eval mode), for-loop SGD, ``loss.item()`` and a device
+  synchronisation every step;
+- cached linear probe: features in host memory, a ``TensorDataset`` loader (one Python index per
+  sample), a copy to the device and ``loss.item()`` every step.
+DataParallel is left out: the benchmark runs on one device. "fp32" means PyTorch's defaults (cuDNN may
+use TF32 convolutions on Ampere and newer), which can only make this baseline faster.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from data.datasets import IndexedImageFolder, load_rgb
+from models.backbones import IMAGENET_MEAN, IMAGENET_STD, Encoder, Normalize, build_backbone
+from models.loss import regression_loss
+from models.student import Student
+from models.teachers import Teacher
+
+
+class OriginalSingleView:
+    """PIL in, ``[q, q]`` out: one float32 normalised crop, returned twice (the original's single view)."""
+
+    def __init__(self, size: int) -> None:
+        self.t = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+
+    def __call__(self, img) -> list[torch.Tensor]:
+        q = self.t(img)
+        return [q, q]
+
+
+class OriginalFolder(torch.utils.data.Dataset):
+    """The files of an :class:`IndexedImageFolder`, read the original's way: ``([q, q], label)``."""
+
+    def __init__(self, folder: IndexedImageFolder, size: int) -> None:
+        self.samples, self.root = folder.samples, folder.root
+        self.view = OriginalSingleView(size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        rel, label = self.samples[index]
+        return self.view(load_rgb(f"{self.root}/{rel}")), label
+
+
+def original_loader(dataset: OriginalFolder, batch: int, workers: int, pin_memory: bool) -> DataLoader:
+    """The original's loader: shuffled, float32 pairs, default collation (two float32 batches)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+
+
+def build_original_pair(teacher_arch: str, student_arch: str, device: torch.device) -> tuple[Teacher, Student]:
+    """Randomly initialised teacher and student that take *normalised* input (the loader normalised)."""
+    backbone = build_backbone(teacher_arch)
+    teacher = Teacher(Encoder(backbone, backbone.feat_dim, mean=None, std=None), teacher_arch, "random")
+    student = Student(student_arch, teacher.feat_dim)
+    student.encoder.normalize = Normalize(None, None)
+    return teacher.to(device), student.to(device)
+
+
+class OriginalStep:
+    """One distillation step the original's way; ``__call__(x_q, x_k)`` on float32 normalised batches."""
+
+    def __init__(self, teacher: Teacher, student: Student, device: torch.device) -> None:
+        self.teacher, self.student, self.device = teacher, student, device
+        # The original's era of PyTorch: a per-parameter for-loop SGD.
+        self.optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, foreach=False)
+
+    def __call__(self, x_q: torch.Tensor, x_k: torch.Tensor) -> float:
+        x_q = x_q.to(self.device, non_blocking=True)
+        x_k = x_k.to(self.device, non_blocking=True)
+        self.student.train()
+        with torch.no_grad():  # MoCo-style shuffle / unshuffle: BatchNorm of an eval teacher ignores it
+            shuffle = torch.randperm(x_k.shape[0], device=self.device)
+            target = self.teacher(x_k[shuffle])[torch.argsort(shuffle)]
+        loss = regression_loss(self.student(x_q), target)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        value = loss.item()  # host sync every step (the original logged every step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return value
+
+
+class OriginalCachedProbe:
+    """The original's cached linear probe: host features, per-sample ``TensorDataset`` indexing, sync per step."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, n_classes: int, batch: int, device) -> None:
+        self.loader = DataLoader(TensorDataset(feats.cpu(), labels.cpu()), batch_size=batch, shuffle=True)
+        self.device = device
+        self.linear = nn.Linear(feats.shape[1], n_classes).to(device)
+        self.optimizer = torch.optim.SGD(
+            self.linear.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=False
+        )
+
+    def run(self, steps: int) -> int:
+        """``steps`` optimisation steps; returns the number of samples seen."""
+        seen = 0
+        while seen < steps * self.loader.batch_size:
+            for x, y in self.loader:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                loss = F.cross_entropy(self.linear(x), y)
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                loss.item()
+                seen += x.shape[0]
+                if seen >= steps * self.loader.batch_size:
+                    break
+        return seen
