@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -79,7 +80,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--min_crop_scale", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
     g.add_argument("--no_flip", action="store_true", help="no horizontal flip in the training augmentation")
     g.add_argument("--use_cache", action="store_true", help="train on cached centre-crop features (fast)")
-    g.add_argument("--features_dir", default=None, help="feature store (default: <exp_dir>/features)")
+    g.add_argument(
+        "--features_dir", default=None, help="feature store (default: <exp_dir>/features, else <save>/../features)"
+    )
     g.add_argument("--resume", default="", help="linear probe checkpoint to continue (default: <save>/checkpoint.pth)")
     g.add_argument("--no_resume", action="store_true", help="start over even if a probe checkpoint exists")
     g.add_argument("-p", "--print-freq", dest="print_freq", type=int, default=1, help="log every N epochs")
@@ -188,16 +191,98 @@ def _pick(h: dict) -> dict:
     return {"epoch": h["epoch"], "top1": h["top1"], "top5": h["top5"]}
 
 
+@dataclass
+class ProbeRun:
+    """Everything the epochs of one probe run share."""
+
+    probe: LinearProbe
+    trainer: torch.nn.Module  # the probe, or DDP around it
+    optimizer: torch.optim.Optimizer
+    loader: object  # augmented train images, or None with --use_cache
+    train: tuple  # cached (features, labels) on the device (rank 0, --use_cache)
+    val: tuple  # val (features, labels) on the device (rank 0)
+    key: dict
+    settings: dict
+    out_dir: str
+    history: list
+
+
+def build_probe(args, model, datasets, feats, stats, key, out_dir, dist_info) -> tuple[ProbeRun, int]:
+    """The probe (resumed when a matching checkpoint exists) and the first epoch to run."""
+    device = dist_info.device
+    torch.manual_seed(args.seed)
+    probe = LinearProbe(*stats, len(datasets["train"].classes)).to(device)
+    optimizer = torch.optim.SGD(probe.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    settings = probe_settings(args, parse_milestones(args.lr_schedule, args.epochs))
+    first_epoch, history = resume_probe(args, out_dir, key, settings, probe, optimizer)
+    trainer = probe
+    if dist_info.distributed and not args.use_cache:
+        trainer = DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None)
+    loader = None if args.use_cache else train_loader(args, datasets["train"].classes, dist_info)
+
+    def on_device(split: str) -> tuple:
+        return tuple(t.to(device) for t in feats[split]) if dist_info.is_main else ()
+
+    train = on_device("train") if args.use_cache else ()  # held on the device for the whole run
+    run = ProbeRun(probe, trainer, optimizer, loader, train, on_device("val"), key, settings, out_dir, history)
+    return run, first_epoch
+
+
+def train_one_epoch(run: ProbeRun, model, args, epoch: int, dist_info) -> dict:
+    if args.use_cache:  # seconds per epoch on one device: rank 0 alone, the others wait
+        if not dist_info.is_main:
+            return {}
+        return train_epoch_cached(
+            run.probe, *run.train, run.optimizer, batch_size=args.batch_size, seed=args.seed, epoch=epoch
+        )
+    run.loader.sampler.set_epoch(epoch)
+    dtype = amp_dtype(args.amp, dist_info.device)
+    return train_epoch_images(
+        run.trainer,
+        model,
+        run.loader,
+        run.optimizer,
+        device=dist_info.device,
+        amp_dtype=dtype,
+        epoch=epoch,
+        is_main=dist_info.is_main,
+    )
+
+
+def end_epoch(run: ProbeRun, stats: dict, epoch: int, args, writer: ScalarWriter) -> None:
+    """Rank 0: evaluate on the val features, checkpoint atomically, log a JSON line."""
+    stats = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], **stats}
+    if epoch % args.eval_freq == 0 or epoch == args.epochs:
+        stats.update(evaluate_probe(run.probe, *run.val))
+    run.history.append(stats)
+    save_probe_checkpoint(
+        os.path.join(run.out_dir, "checkpoint.pth"),
+        epoch=epoch,
+        key=run.key,
+        settings=run.settings,
+        probe=run.probe,
+        optimizer=run.optimizer,
+        history=run.history,
+    )
+    append_json_line(os.path.join(run.out_dir, "log.jsonl"), stats)
+    writer.add({f"linear/{k}": v for k, v in stats.items() if k != "epoch"}, epoch)
+    if epoch % args.print_freq == 0 or epoch == args.epochs:
+        log.info("linear epoch %d/%d: %s", epoch, args.epochs, _fmt(stats))
+
+
 def main(args: argparse.Namespace) -> dict | None:
+    if args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs}: the probe needs at least one epoch")
     dist_info = distributed.init_distributed(args.device)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
     out_dir = output_dir(args.save, exp_dir, "linear", args.use_pred)
+    # The feature store shared with eval_knn.py: <exp>/features, or beside --save (the original's layout).
     features_dir = args.features_dir or output_dir(
-        None, exp_dir or os.path.abspath(args.save), "features", args.use_pred
+        None, exp_dir or os.path.dirname(os.path.abspath(args.save)), "features", args.use_pred
     )
     setup_logging(os.path.join(out_dir, "linear.log"), dist_info.is_main, args.debug)
-    milestones = parse_milestones(args.lr_schedule, args.epochs)
     device, start = dist_info.device, time.perf_counter()
+    milestones = parse_milestones(args.lr_schedule, args.epochs)
 
     # ============ frozen network, data, statistics ============
     model = build_model_from_args(args).to(device)
@@ -206,68 +291,21 @@ def main(args: argparse.Namespace) -> dict | None:
     key = feature_key(model, args.resize_size, args.crop_size, amp_dtype(args.amp, device), fingerprints(datasets))
     mean, var, feats = probe_inputs(args, model, datasets, key, features_dir, out_dir, dist_info)
 
-    # ============ the probe ============
-    torch.manual_seed(args.seed)
-    probe = LinearProbe(mean, var, len(datasets["train"].classes)).to(device)
-    optimizer = torch.optim.SGD(probe.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    settings = probe_settings(args, milestones)
-    first_epoch, history = resume_probe(args, out_dir, key, settings, probe, optimizer)
-    trainer = probe
-    if dist_info.distributed and not args.use_cache:
-        trainer = DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = None if args.use_cache else train_loader(args, datasets["train"].classes, dist_info)
-    if args.use_cache and dist_info.is_main:
-        train_x, train_y = (t.to(device) for t in feats["train"])  # held on the device for the whole run
-    val_x, val_y = (t.to(device) for t in feats["val"]) if dist_info.is_main else (None, None)
-
-    # ============ training ============
+    # ============ the probe, trained ============
+    run, first_epoch = build_probe(args, model, datasets, feats, (mean, var), key, out_dir, dist_info)
     writer = ScalarWriter(out_dir if dist_info.is_main else None)
     for epoch in range(first_epoch, args.epochs + 1):
-        set_lr(optimizer, step_lr(args.lr, epoch, milestones))
-        if args.use_cache:  # a few seconds per epoch on one device: rank 0 alone
-            stats = (
-                train_epoch_cached(
-                    probe, train_x, train_y, optimizer, batch_size=args.batch_size, seed=args.seed, epoch=epoch
-                )
-                if dist_info.is_main
-                else {}
-            )
-        else:
-            loader.sampler.set_epoch(epoch)
-            stats = train_epoch_images(
-                trainer,
-                model,
-                loader,
-                optimizer,
-                device=device,
-                amp_dtype=amp_dtype(args.amp, device),
-                epoch=epoch,
-                is_main=dist_info.is_main,
-            )
+        set_lr(run.optimizer, step_lr(args.lr, epoch, milestones))
+        stats = train_one_epoch(run, model, args, epoch, dist_info)
         if dist_info.is_main:
-            stats = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **stats}
-            if epoch % args.eval_freq == 0 or epoch == args.epochs:
-                stats.update(evaluate_probe(probe, val_x, val_y))
-            history.append(stats)
-            save_probe_checkpoint(
-                os.path.join(out_dir, "checkpoint.pth"),
-                epoch=epoch,
-                key=key,
-                settings=settings,
-                probe=probe,
-                optimizer=optimizer,
-                history=history,
-            )
-            append_json_line(os.path.join(out_dir, "log.jsonl"), stats)
-            writer.add({f"linear/{k}": v for k, v in stats.items() if k != "epoch"}, epoch)
-            if epoch % args.print_freq == 0 or epoch == args.epochs:
-                log.info("linear epoch %d/%d: %s", epoch, args.epochs, _fmt(stats))
+            end_epoch(run, stats, epoch, args, writer)
         distributed.barrier()
     writer.close()
 
     # ============ results ============
     assert_unchanged(model, snapshot)  # the protocol's promise: the backbone was never touched
-    results = summarise(history, model, settings, out_dir, time.perf_counter() - start) if dist_info.is_main else None
+    seconds = time.perf_counter() - start
+    results = summarise(run.history, model, run.settings, out_dir, seconds) if dist_info.is_main else None
     distributed.cleanup()
     return results
 

@@ -44,6 +44,8 @@ from tools.checkpoint import (
     set_rng_state,
 )
 from tools.cli import add_debug_flag, resolve_exp_dir, run_cli
+from tools.evaluation import eval_datasets
+from tools.knn import knn_monitor
 from tools.metric_logger import ScalarWriter, append_json_line, setup_logging, write_json
 from tools.schedules import cosine_lr, set_lr
 
@@ -107,6 +109,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--channels_last", action="store_true", help="NHWC memory layout for both networks")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--knn_every",
+        type=int,
+        default=0,
+        help="every N epochs (and the last) log k-NN top-1 on val/ (features on all ranks, search on rank 0)",
+    )
+    g.add_argument("--knn_resize_size", type=int, default=0, help="k-NN monitor resize (0: image_size * 256/224)")
     add_debug_flag(p)
     return p
 
@@ -345,17 +354,23 @@ def main(args: argparse.Namespace) -> dict:
         dist_info.device, amp_dtype(args.amp, dist_info.device), args.channels_last, args.print_freq, dist_info.is_main
     )
     stats = {}
+    knn_sets = monitor_datasets(args, dataset.classes) if args.knn_every else None
     for epoch in range(start_epoch, args.epochs + 1):
         lr = cosine_lr(args.learning_rate, epoch, args.epochs)
         set_lr(optimizer, lr)
         loader.sampler.set_epoch(epoch)
         stats = {"epoch": epoch, "lr": lr, **train_one_epoch(model, teacher, loader, optimizer, scaler, epoch, cfg)}
+        if knn_sets and (epoch % args.knn_every == 0 or epoch == args.epochs):  # the same k-NN as eval_knn.py
+            per_rank = max(1, args.batch_size // dist_info.world_size)
+            kw = dict(batch_size=per_rank, workers=args.num_workers, device=dist_info.device, amp_dtype=cfg.amp_dtype)
+            stats.update(knn_monitor(student.encoder, knn_sets, **kw))
         if dist_info.is_main:
             save_checkpoint(args, exp_dir, epoch, student, optimizer, scaler)
             append_json_line(os.path.join(exp_dir, "logs", "train_log.jsonl"), stats)
             writer.add(
                 {"train/loss": stats["loss"], "train/lr": lr, "train/images_per_s": stats["images_per_s"]}, epoch
             )
+            writer.add({f"knn/{k[4:]}": v for k, v in stats.items() if k.startswith("knn_")}, epoch)
             log.info(
                 "epoch %d/%d: loss %.4f, lr %.4g, %.0f images/s",
                 epoch,
@@ -369,6 +384,12 @@ def main(args: argparse.Namespace) -> dict:
     writer.close()
     distributed.cleanup()
     return stats
+
+
+def monitor_datasets(args, classes: list[str]) -> dict:
+    """Centre-crop train/ and val/ for --knn_every (resize 256 for 224 px crops, the same ratio otherwise)."""
+    resize = args.knn_resize_size or round(args.image_size * 256 / 224)
+    return eval_datasets(args.data, resize, args.image_size, classes)
 
 
 def finish(exp_dir: str, student: Student, is_main: bool) -> None:
