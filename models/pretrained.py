@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from models.backbones import ALIASES, BACKBONES, Encoder, build_encoder, canonical_arch
-from models.formats import CheckpointError, Converted, convert, infer_arch, load_strict, safe_load
+from models.formats import CLASSIFIER_PREFIXES, CheckpointError, Converted, convert, infer_arch, load_strict, safe_load
 from models.heads import build_head
 from models.teachers import TEACHER_ALIASES, load_teacher
 
@@ -186,9 +186,11 @@ def _student_model(weights: str, fmt: str, conv: Converted, arch: str | None, us
         raise CheckpointError(
             f"'{weights}' (format {fmt}) has {len(conv.unknown)} unrecognised key(s): {', '.join(conv.unknown[:8])}"
         )
-    arch = resolve_arch(arch, conv.arch, infer_arch(conv.backbone), weights)
+    # A student's classifier slot (fc / classifier) is never part of the evaluated backbone.
+    backbone = {k: v for k, v in conv.backbone.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    arch = resolve_arch(arch, conv.arch, infer_arch(backbone), weights)
     encoder = build_encoder(arch)
-    load_strict(encoder.backbone, conv.backbone, weights, f"student {arch} backbone")
+    load_strict(encoder.backbone, backbone, weights, f"student {arch} backbone")
     head = None
     if use_pred:
         if not conv.head:
