@@ -37,6 +37,7 @@ VOTE_ROWS = 4096  # queries per vote table (rows x classes float64)
 
 def faiss_module():
     """The faiss module, or None when it is not installed."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise here
     try:
         import faiss
     except ImportError:
