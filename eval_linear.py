@@ -10,7 +10,8 @@ set are computed once (the backbone is frozen and deterministic) and the probe i
 The original's command runs as it was:
     python eval_linear.py --arch resnet18 --eval-freq 40 \
         --weights exp/r18/checkpoints/ckpt_epoch_130.pth --save exp/r18/linear /path/to/imagenet
-An experiment folder alone picks its latest checkpoint and writes to <exp_dir>/linear:
+An experiment folder alone picks its latest checkpoint and writes to <exp_dir>/linear
+(<exp_dir>/linear_cached with --use_cache):
     torchrun --nproc_per_node=gpu eval_linear.py /path/to/imagenet --exp_dir exp/r18
 Fast variant on cached centre-crop features (no augmentation; slightly lower, as in the paper):
     python eval_linear.py /path/to/imagenet --exp_dir exp/r18 --use_cache
@@ -275,7 +276,8 @@ def main(args: argparse.Namespace) -> dict | None:
         raise UserError(f"--epochs {args.epochs}: the probe needs at least one epoch")
     dist_info = distributed.init_distributed(args.device)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
-    out_dir = output_dir(args.save, exp_dir, "linear", args.use_pred)
+    # Cached-feature probes are another protocol: their own folder, so neither run resumes the other.
+    out_dir = output_dir(args.save, exp_dir, "linear_cached" if args.use_cache else "linear", args.use_pred)
     # The feature store shared with eval_knn.py: <exp>/features, or beside --save (the original's layout).
     features_dir = args.features_dir or output_dir(
         None, exp_dir or os.path.dirname(os.path.abspath(args.save)), "features", args.use_pred

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DATA=${DATA:-}                       # dataset root with train/ and val/, ImageFolder layout
-EXP_DIR=${EXP_DIR:-exp/r50_to_r18}   # results go to $EXP_DIR/linear
+EXP_DIR=${EXP_DIR:-exp/r50_to_r18}   # results go to $EXP_DIR/linear (linear_cached with USE_CACHE=1)
 EPOCH=${EPOCH:-}                     # empty: the latest checkpoint; N: checkpoints/ckpt_epoch_N.pth
 WEIGHTS=${WEIGHTS:-}                 # a checkpoint file instead of the experiment's (any supported format)
 ARCH=${ARCH:-}                       # empty: read from the checkpoint
@@ -34,37 +34,38 @@ DEMO_WORKERS=${DEMO_WORKERS:-2}
 DEMO_USE_CACHE=${DEMO_USE_CACHE:-$USE_CACHE}
 
 CACHE_FLAG=""
+LINEAR_DIR=linear                    # cached-feature probes go to linear_cached/ (another protocol)
 if [ -z "$DATA" ]; then
   TEACHER_FILE="$DEMO_EXP/teacher/demo_teacher_resnet18.pth"
   if [ ! -f "$DEMO_EXP/checkpoints/checkpoint_latest.pth" ] || [ ! -f "$TEACHER_FILE" ]; then
     echo "error: no finished demo in $DEMO_EXP; run 'bash run.sh' first" >&2
     exit 2
   fi
-  [ "$DEMO_USE_CACHE" = "1" ] && CACHE_FLAG="--use_cache"
+  if [ "$DEMO_USE_CACHE" = "1" ]; then CACHE_FLAG="--use_cache"; LINEAR_DIR=linear_cached; fi
   DEMO_FLAGS="$DEMO_DIR --resize_size $DEMO_SIZE --crop_size $DEMO_SIZE $DEMO_AUG --epochs $EPOCHS --lr $LR --batch-size 256 --workers $DEMO_WORKERS --device cpu $CACHE_FLAG"
   echo "== linear 1/3: distilled student ($DEMO_EXP) =="
   python eval_linear.py $DEMO_FLAGS --exp_dir "$DEMO_EXP" $EXTRA
   echo "== linear 2/3: the demo teacher ($TEACHER_FILE) =="
-  python eval_linear.py $DEMO_FLAGS --teacher --weights "$TEACHER_FILE" --save "$DEMO_EXP/teacher/linear" $EXTRA
+  python eval_linear.py $DEMO_FLAGS --teacher --weights "$TEACHER_FILE" --save "$DEMO_EXP/teacher/$LINEAR_DIR" $EXTRA
   echo "== linear 3/3: $ARCH_STUDENT at random initialisation =="
-  python eval_linear.py $DEMO_FLAGS --random_init --arch "$ARCH_STUDENT" --save "$DEMO_EXP/random_init/linear" $EXTRA
+  python eval_linear.py $DEMO_FLAGS --random_init --arch "$ARCH_STUDENT" --save "$DEMO_EXP/random_init/$LINEAR_DIR" $EXTRA
   python -m tools.eval_summary "teacher=$DEMO_EXP/teacher" "distilled student=$DEMO_EXP" \
     "random init=$DEMO_EXP/random_init"
   exit 0
 fi
 
-[ "$USE_CACHE" = "1" ] && CACHE_FLAG="--use_cache"
+if [ "$USE_CACHE" = "1" ]; then CACHE_FLAG="--use_cache"; LINEAR_DIR=linear_cached; fi
 # Every visible GPU (one process per GPU); with USE_CACHE=1 the probe itself trains on one GPU.
 NGPU=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 RUN="torchrun --standalone --nproc_per_node $NGPU eval_linear.py $DATA --epochs $EPOCHS --lr $LR --batch-size $BATCH_SIZE --workers $NUM_WORKERS $CACHE_FLAG"
 $RUN --exp_dir "$EXP_DIR" ${EPOCH:+--epoch "$EPOCH"} ${WEIGHTS:+--weights "$WEIGHTS"} ${ARCH:+--arch "$ARCH"} $EXTRA
 ROWS=("student=$EXP_DIR")
 if [ -n "$TEACHER" ]; then
-  $RUN --teacher --weights "$TEACHER" --save "$EXP_DIR/teacher_eval/linear" $EXTRA
+  $RUN --teacher --weights "$TEACHER" --save "$EXP_DIR/teacher_eval/$LINEAR_DIR" $EXTRA
   ROWS=("teacher=$EXP_DIR/teacher_eval" "${ROWS[@]}")
 fi
 if [ "$RANDOM_INIT" = "1" ]; then
-  $RUN --random_init --arch "$ARCH_STUDENT" --save "$EXP_DIR/random_init_eval/linear" $EXTRA
+  $RUN --random_init --arch "$ARCH_STUDENT" --save "$EXP_DIR/random_init_eval/$LINEAR_DIR" $EXTRA
   ROWS+=("random init=$EXP_DIR/random_init_eval")
 fi
 python -m tools.eval_summary "${ROWS[@]}"

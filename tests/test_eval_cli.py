@@ -48,12 +48,13 @@ def test_k_values_and_paths():
 def test_summary_table(tmp_path):
     os.makedirs(tmp_path / "s" / "features")
     os.makedirs(tmp_path / "s" / "linear")
-    knn = {"k": {"1": {"majority": {"top1": 89.0}, "weighted": {"top1": 89.5}}}, "epoch": 30}
+    knn = {"k": {k: {"majority": {"top1": 89.0}, "weighted": {"top1": 89.5}} for k in ("1", "20")}, "epoch": 30}
     json.dump(knn, open(tmp_path / "s" / "features" / "knn_results.json", "w"))
     lin = {"headline": {"top1": 95.25, "top5": 99.0}, "settings": {"use_cache": False}}
     json.dump(lin, open(tmp_path / "s" / "linear" / "results.json", "w"))
     rows = {"student": read_results(str(tmp_path / "s")), "random init": read_results(str(tmp_path / "none"))}
     assert rows["student"]["1-NN"] == 89.0 and rows["random init"] == {}
     table = format_table(rows).splitlines()
-    assert table[1].split() == ["student", "89.00", "89.50", "95.25", "99.00"]
+    assert table[0].split() == ["1-NN", "20-NN", "20-NN", "weighted", "linear"]
+    assert table[1].split() == ["student", "89.00", "89.00", "89.50", "95.25"]
     assert table[2].split() == ["random", "init", "-", "-", "-", "-"]

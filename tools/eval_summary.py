@@ -1,7 +1,7 @@
 """Print k-NN and linear results of several evaluated networks side by side.
 
 Each argument is ``NAME=DIR`` where DIR holds ``features/knn_results.json`` (eval_knn.py) and/or
-``linear/results.json`` (eval_linear.py), e.g. an experiment folder:
+``linear/results.json`` / ``linear_cached/results.json`` (eval_linear.py), e.g. an experiment folder:
 
     python -m tools.eval_summary "teacher=exp/demo/teacher" "student=exp/demo" "random init=exp/demo/random_init"
 """
@@ -22,15 +22,15 @@ def read_results(folder: str) -> dict:
             knn = json.load(f)
         for k, res in sorted(knn["k"].items(), key=lambda kv: int(kv[0])):
             row[f"{k}-NN"] = res["majority"]["top1"]
-            row[f"{k}-NN weighted"] = res["weighted"]["top1"]
+            if int(k) > 1:  # with one neighbour both votes agree by construction
+                row[f"{k}-NN weighted"] = res["weighted"]["top1"]
         row["epoch"] = knn.get("epoch")
-    linear_path = os.path.join(folder, "linear", "results.json")
-    if os.path.isfile(linear_path):
-        with open(linear_path) as f:
-            linear = json.load(f)
-        row["linear top-1"] = linear["headline"]["top1"]
-        row["linear top-5"] = linear["headline"]["top5"]
-        row["cached"] = "yes" if linear["settings"].get("use_cache") else "no"
+    for sub, name in (("linear", "linear"), ("linear_cached", "cached linear")):
+        path = os.path.join(folder, sub, "results.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                linear = json.load(f)
+            row[name] = linear["headline"]["top1"]
     return row
 
 
@@ -38,11 +38,12 @@ def format_table(rows: dict[str, dict]) -> str:
     """A plain-text table: one line per network, one column per metric (top-1 %, '-' when absent)."""
     columns = []
     for row in rows.values():
-        columns += [c for c in row if c not in columns and c not in ("epoch", "cached")]
+        columns += [c for c in row if c not in columns and c != "epoch"]
     width = max(len(n) for n in rows) + 2
-    lines = [" " * width + "".join(f"{c:>16}" for c in columns)]
+    cols = {c: max(10, len(c) + 2) for c in columns}
+    lines = [" " * width + "".join(f"{c:>{w}}" for c, w in cols.items())]
     for name, row in rows.items():
-        cells = "".join(f"{row[c]:>16.2f}" if isinstance(row.get(c), float) else f"{'-':>16}" for c in columns)
+        cells = "".join(f"{row[c]:>{w}.2f}" if c in row else f"{'-':>{w}}" for c, w in cols.items())
         lines.append(f"{name:<{width}}{cells}")
     return "\n".join(lines)
 
@@ -55,7 +56,7 @@ def main() -> None:
     for entry in entries:
         name, _, folder = entry.partition("=")
         rows[name] = read_results(folder)
-    print("top-1 % on the val split (k-NN: majority vote; weighted: DINO's T=0.07; linear: last epoch)")
+    print("val top-1 % (k-NN: majority vote, weighted: DINO's T=0.07; linear: last epoch, cached: on cached features)")
     print(format_table(rows))
 
 

@@ -98,7 +98,8 @@ def extract_features(
     )
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     feats, indices = [], []
-    for images, _, index in tqdm(loader, desc=desc, disable=rank != 0, leave=False, dynamic_ncols=True):
+    bar = tqdm(loader, desc=desc, disable=None if rank == 0 else True, leave=False)  # None: off when not a TTY
+    for images, _, index in bar:
         x = images.to(device, non_blocking=True).float().div_(255.0)
         with autocast:
             out = model(x)

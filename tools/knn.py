@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "faiss")
 TIES = ("random", "nearest")
 # Default similarity block: this many float32 elements (query rows x train rows) at a time.
-BLOCK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 25}  # 1 GiB on a GPU, 128 MiB on the CPU
+BLOCK_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 27}  # 1 GiB on a GPU, 512 MiB on the CPU (float32)
 VOTE_ROWS = 4096  # queries per vote table (rows x classes float64)
 
 
@@ -46,11 +46,13 @@ def faiss_module():
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: torch on a CUDA device (exact GEMM, no copies), else faiss when installed, else torch."""
+    """``auto``: torch (as fast as faiss-cpu or faster, see README), unless the device is the CPU and
+    only faiss can reach a GPU."""
     if backend not in BACKENDS:
         raise UserError(f"unknown k-NN backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "torch" if device.type == "cuda" or faiss_module() is None else "faiss"
+        faiss = faiss_module() if device.type == "cpu" else None
+        return "faiss" if faiss is not None and faiss.get_num_gpus() > 0 else "torch"
     if backend == "faiss" and faiss_module() is None:
         raise UserError("--backend faiss needs the faiss package: pip install faiss-cpu (or a faiss GPU build)")
     return backend

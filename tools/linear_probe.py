@@ -122,7 +122,7 @@ def train_epoch_images(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen = 0
-    for images, labels, _ in tqdm(loader, desc=f"linear {epoch}", disable=not is_main, leave=False):
+    for images, labels, _ in tqdm(loader, desc=f"linear {epoch}", disable=None if is_main else True, leave=False):
         x = images.to(device, non_blocking=True).float().div_(255.0)
         labels = labels.to(device, non_blocking=True)
         with torch.no_grad(), autocast:
