@@ -137,3 +137,9 @@ def test_train_student_knn_monitor_logs_each_epoch(tmp_path, setup):
         "random",
     )
     assert final["k"][1]["majority"]["top1"] == lines[-1]["knn_top1_k1"]
+    # Monitoring changes nothing in training: the same run without it ends with the same weights.
+    plain = str(tmp_path / "plain")
+    train_student.main(train_student.get_args_parser().parse_args(argv[:-4] + ["--exp_dir", plain]))
+    a = torch.load(os.path.join(exp, "checkpoints", "student_backbone.pth"), weights_only=True)
+    b = torch.load(os.path.join(plain, "checkpoints", "student_backbone.pth"), weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)

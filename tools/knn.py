@@ -273,8 +273,9 @@ def knn_monitor(
     the other ranks get ``{}``. The encoder's train/eval mode is restored afterwards.
     """
     kw = dict(batch_size=batch_size, num_workers=workers, device=device, amp_dtype=amp_dtype)
-    train = extract_features(encoder, datasets["train"], desc="k-NN train", **kw)
-    val = extract_features(encoder, datasets["val"], desc="k-NN val", **kw)
+    with torch.random.fork_rng(devices=[]):  # the loaders draw seeds: keep training's RNG stream untouched
+        train = extract_features(encoder, datasets["train"], desc="k-NN train", **kw)
+        val = extract_features(encoder, datasets["val"], desc="k-NN val", **kw)
     if train is None:
         return {}
     ks = tuple(k for k in ks if k <= train[0].shape[0]) or (1,)
