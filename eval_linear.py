@@ -221,8 +221,9 @@ def build_probe(args, model, datasets, feats, stats, key, out_dir, dist_info) ->
         trainer = DistributedDataParallel(probe, device_ids=[device.index] if device.type == "cuda" else None)
     loader = None if args.use_cache else train_loader(args, datasets["train"].classes, dist_info)
 
-    def on_device(split: str) -> tuple:
-        return tuple(t.to(device) for t in feats[split]) if dist_info.is_main else ()
+    def on_device(split: str) -> tuple:  # float16 storage is exact: the features were rounded to it
+        x, y = feats[split] if dist_info.is_main else (None, None)
+        return (x.to(device, torch.float16), y.to(device)) if dist_info.is_main else ()
 
     train = on_device("train") if args.use_cache else ()  # held on the device for the whole run
     run = ProbeRun(probe, trainer, optimizer, loader, train, on_device("val"), key, settings, out_dir, history)
