@@ -50,6 +50,8 @@ from tools.checkpoint import (
     set_rng_state,
 )
 from tools.cli import add_debug_flag, resolve_exp_dir, run_cli
+from tools.evaluation import eval_datasets
+from tools.knn import knn_monitor
 from tools.metric_logger import ScalarWriter, append_json_line, setup_logging, write_json
 from tools.schedules import cosine_lr, set_lr
 from tools.signals import Interrupted, StopRequest
@@ -145,6 +147,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--compile_teacher", action="store_true", help="fold the teacher's BatchNorm into its convs, torch.compile it"
     )
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--knn_every",
+        type=int,
+        default=0,
+        help="every N epochs (and the last) log k-NN top-1 on val/ (features on all ranks, search on rank 0)",
+    )
+    g.add_argument("--knn_resize_size", type=int, default=0, help="k-NN monitor resize (0: image_size * 256/224)")
     add_debug_flag(p)
     return p
 
@@ -532,6 +541,7 @@ def main(args: argparse.Namespace) -> dict:
         dist_info.is_main, dist_info.distributed, args.ckpt_every_steps, stop,
     )  # fmt: skip
     stats = {}
+    knn_sets = monitor_datasets(args, dataset.classes) if args.knn_every else None
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             lr = cosine_lr(args.learning_rate, epoch, args.epochs)
@@ -542,6 +552,10 @@ def main(args: argparse.Namespace) -> dict:
             )
             stats = {"epoch": epoch, "lr": lr, **stats, "bad_images_skipped": dataset.bad_images_seen()}
             progress = EpochProgress()
+            if knn_sets and (epoch % args.knn_every == 0 or epoch == args.epochs):  # the same k-NN as eval_knn.py
+                kw = dict(batch_size=per_rank_batch, workers=args.num_workers, device=dist_info.device,
+                          amp_dtype=cfg.amp_dtype)  # fmt: skip
+                stats.update(knn_monitor(student.encoder, knn_sets, **kw))
             save_checkpoint(run, epoch)
             log_epoch(exp_dir, writer, stats, args.epochs, dist_info.is_main)
             distributed.barrier()
@@ -564,8 +578,15 @@ def log_epoch(exp_dir: str, writer: ScalarWriter, stats: dict, epochs: int, is_m
                stats["epoch"])  # fmt: skip
     log.info("epoch %d/%d: loss %.4f, lr %.4g, %.0f images/s", stats["epoch"], epochs, stats["loss"], stats["lr"],
              stats["images_per_s"])  # fmt: skip
+    writer.add({f"knn/{k[4:]}": v for k, v in stats.items() if k.startswith("knn_")}, stats["epoch"])
     if stats["bad_images_skipped"]:
         log.warning("%d unreadable image(s) skipped so far (--skip_bad_images)", stats["bad_images_skipped"])
+
+
+def monitor_datasets(args, classes: list[str]) -> dict:
+    """Centre-crop train/ and val/ for --knn_every (resize 256 for 224 px crops, the same ratio otherwise)."""
+    resize = args.knn_resize_size or round(args.image_size * 256 / 224)
+    return eval_datasets(args.data, resize, args.image_size, classes)
 
 
 def finish(exp_dir: str, student: Student, is_main: bool) -> None:

@@ -1,0 +1,236 @@
+"""Networks to evaluate: any student or teacher checkpoint as a frozen feature extractor.
+
+``load_eval_model(weights, ...)`` reads (safely) this project's checkpoints (``ckpt_epoch_<N>.pth``,
+``checkpoint_latest.pth``, ``student_backbone.pth``), the authors' released SimReg students, the
+predecessor CompRess's students, any torchvision-named state dict and, through
+:func:`models.teachers.load_teacher`, every teacher format. ``random_init_model(arch, seed)`` is the
+untrained baseline. Both return an :class:`EvalModel` whose ``identity`` (the file's SHA-256 and what
+was read from it) keys every cached feature and statistic, so a result is never computed from a stale
+file. Every backbone key must be present and fit: nothing is left at random initialisation silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+from torch import nn
+
+from models.backbones import ALIASES, BACKBONES, Encoder, build_encoder, canonical_arch
+from models.formats import CLASSIFIER_PREFIXES, CheckpointError, Converted, convert, infer_arch, load_strict, safe_load
+from models.heads import build_head
+from models.teachers import TEACHER_ALIASES, load_teacher
+
+log = logging.getLogger(__name__)
+
+# Formats whose backbone is a registry student network (anything else is loaded as a teacher).
+STUDENT_FORMATS = ("simreg", "simreg_original", "compress", "torchvision")
+# Extra layout name understood here on top of models.formats.FORMATS.
+EXTRA_FORMATS = ("compress",)
+
+
+def file_sha256(path: str, block: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class EvalModel(nn.Module):
+    """A frozen network under evaluation: images in [0, 1] (B, 3, H, W) -> features (B, D) float32.
+
+    ``encoder`` maps images to the backbone's pooled feature; with a ``head`` (``--use_pred``) the
+    output is the prediction head's instead. The module stays in eval mode (BatchNorm on running
+    statistics) whatever ``.train()`` is called with and has no trainable parameter.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module | None, arch: str, identity: dict) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.arch = arch
+        self.identity = identity
+        self.fmt = identity.get("format", "")
+        self.feat_dim = _out_dim(head) if head is not None else encoder.feat_dim
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> EvalModel:
+        # Evaluation protocols freeze the network, BatchNorm statistics included (MoCo's lincls does
+        # the same): a parent module switching to train mode must not change the features.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.encoder(x)
+        if self.head is not None:
+            feats = self.head(feats)
+        return feats.float()
+
+
+def _out_dim(head: nn.Module) -> int:
+    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+# ---------------------------------------------------------------- prediction head from its weights
+# (index, kind) sequences of the head layouts that exist in released files.
+HEAD_LAYOUTS = {
+    4: ((0, "linear"), (1, "bn"), (3, "linear"), (4, "linear"), (5, "bn"), (7, "linear")),
+    2: ((0, "linear"), (1, "bn"), (3, "linear")),
+    0: ((0, "bn"), (1, "linear")),
+    # The original's "2-layer" option: two stacked linears without non-linearity (reference.md 2).
+    -2: ((0, "linear"), (1, "linear")),
+}
+
+
+def head_layout(head_sd: dict[str, torch.Tensor]) -> int:
+    """Which :data:`HEAD_LAYOUTS` entry a head state dict (paper indices) has; CheckpointError if none."""
+    kinds = {}
+    for key, value in head_sd.items():
+        index, _, name = key.partition(".")
+        if name == "weight" and index.isdigit():
+            kinds[int(index)] = "linear" if value.ndim == 2 else "bn"
+    found = tuple(sorted(kinds.items()))
+    for layers, layout in HEAD_LAYOUTS.items():
+        if found == layout:
+            return layers
+    raise CheckpointError(f"the prediction head's layers {found} match no known head layout (4, 2 or 0 layers)")
+
+
+def build_head_from_weights(head_sd: dict[str, torch.Tensor], in_dim: int, path: str) -> nn.Module:
+    """The prediction head (B, in_dim) -> (B, D) that ``head_sd`` was saved from, weights loaded."""
+    layers = head_layout(head_sd)
+    last = max(int(k.split(".")[0]) for k in head_sd)
+    out_dim = head_sd[f"{last}.weight"].shape[0]
+    if layers == -2:
+        head = nn.Sequential(nn.Linear(in_dim, 2 * in_dim), nn.Linear(2 * in_dim, out_dim))
+    else:
+        head = build_head(in_dim, out_dim, layers)
+    load_strict(head, head_sd, path, "prediction head")
+    return head
+
+
+# ---------------------------------------------------------------- the predecessor (CompRess) students
+def _is_compress(raw: object) -> bool:
+    """CompRess saved ``{'opt', 'model', 'optimizer', 'epoch'}``, ``model`` a DataParallel state dict."""
+    if not (isinstance(raw, dict) and "opt" in raw and isinstance(raw.get("model"), dict)):
+        return False
+    return any(isinstance(k, str) and k.startswith("module.") for k in raw["model"])
+
+
+def read_student_file(raw: object, fmt: str, path: str) -> tuple[str, Converted]:
+    """(format, converted) for a student file; knows CompRess on top of :data:`models.formats.FORMATS`."""
+    if fmt == "compress" or (fmt == "auto" and _is_compress(raw)):
+        _, conv = convert(raw, "torchvision", path)  # torchvision names under module., fc dropped
+        conv.arch = getattr(raw.get("opt"), "student_arch", None) if isinstance(raw, dict) else None
+        conv.meta["epoch"] = raw.get("epoch") if isinstance(raw, dict) else None
+        return "compress", conv
+    return convert(raw, fmt, path)
+
+
+def resolve_arch(given: str | None, recorded: str | None, found: str | None, path: str) -> str:
+    """The architecture to build: ``--arch`` must agree with the weights' shapes (``found``)."""
+    given = canonical_arch(TEACHER_ALIASES.get(given, given)) if given else None
+    if given and found and given != found:
+        raise CheckpointError(f"'{path}' holds a {found} backbone, but --arch is {given}; pass --arch {found}")
+    arch = given or found
+    if arch is None and recorded:
+        arch = canonical_arch(recorded)
+    if arch is None:
+        known = ", ".join(BACKBONES)
+        raise CheckpointError(f"could not tell the architecture of '{path}'; pass --arch (one of {known})")
+    return arch
+
+
+def is_student_arch(arch: str | None) -> bool:
+    """True for registry backbones (and their aliases); other names (e.g. resnet50x4) are teachers."""
+    if arch is None:
+        return True
+    arch = TEACHER_ALIASES.get(arch, arch)
+    return arch in BACKBONES or arch in ALIASES
+
+
+# ---------------------------------------------------------------- entry points
+def load_eval_model(
+    weights: str, arch: str | None = None, fmt: str = "auto", use_pred: bool = False, as_teacher: bool = False
+) -> EvalModel:
+    """A frozen :class:`EvalModel` from any student or teacher checkpoint.
+
+    Student layouts (:data:`STUDENT_FORMATS`) are loaded here, strictly; any other layout, an
+    architecture only teachers have, or ``as_teacher=True`` goes through ``load_teacher`` so a teacher
+    is evaluated with its own network and preprocessing. ``use_pred`` evaluates the prediction head's
+    output with the head layout the file was trained with.
+    """
+    if as_teacher or not is_student_arch(arch) or fmt not in (*STUDENT_FORMATS, "auto"):
+        return _teacher_model(weights, arch, fmt, use_pred)
+    fmt, conv = read_student_file(safe_load(weights, "--weights"), fmt, weights)
+    if fmt not in STUDENT_FORMATS:  # auto-detected a teacher layout (MoCo, SwAV, ...)
+        return _teacher_model(weights, arch, fmt, use_pred)
+    return _student_model(weights, fmt, conv, arch, use_pred)
+
+
+def _teacher_model(weights: str, arch: str | None, fmt: str, use_pred: bool) -> EvalModel:
+    if use_pred:
+        raise CheckpointError(f"--use_pred needs a student checkpoint with its prediction head; '{weights}' is not one")
+    teacher = load_teacher(weights, arch, fmt)
+    identity = _identity(weights, teacher.fmt, teacher.arch, "teacher", False)
+    return EvalModel(teacher, None, teacher.arch, identity)
+
+
+def _student_model(weights: str, fmt: str, conv: Converted, arch: str | None, use_pred: bool) -> EvalModel:
+    if conv.unknown:
+        raise CheckpointError(
+            f"'{weights}' (format {fmt}) has {len(conv.unknown)} unrecognised key(s): {', '.join(conv.unknown[:8])}"
+        )
+    # A student's classifier slot (fc / classifier) is never part of the evaluated backbone.
+    backbone = {k: v for k, v in conv.backbone.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    arch = resolve_arch(arch, conv.arch, infer_arch(backbone), weights)
+    encoder = build_encoder(arch)
+    load_strict(encoder.backbone, backbone, weights, f"student {arch} backbone")
+    head = None
+    if use_pred:
+        if not conv.head:
+            raise CheckpointError(
+                f"--use_pred: '{weights}' holds no prediction head (an exported backbone?); "
+                "give a training checkpoint (ckpt_epoch_<N>.pth or checkpoint_latest.pth)"
+            )
+        head = build_head_from_weights(conv.head, encoder.feat_dim, weights)
+        recorded = conv.meta.get("n_mlp_layers")
+        if recorded is not None and recorded != head_layout(conv.head):
+            raise CheckpointError(f"'{weights}' says n_mlp_layers={recorded} but its head has another layout")
+    log.info("evaluating %s (%s, format %s%s)", weights, arch, fmt, ", prediction head" if use_pred else "")
+    identity = _identity(weights, fmt, arch, "student", use_pred)
+    identity["epoch"] = conv.meta.get("epoch")
+    return EvalModel(encoder, head, arch, identity)
+
+
+def _identity(weights: str, fmt: str, arch: str, kind: str, use_pred: bool) -> dict:
+    return {
+        "kind": kind,
+        "weights": os.path.abspath(weights),
+        "weights_sha256": file_sha256(weights),
+        "format": fmt,
+        "arch": arch,
+        "use_pred": use_pred,
+    }
+
+
+def random_init_model(arch: str, seed: int = 0) -> EvalModel:
+    """The untrained baseline: ``arch`` at torchvision's default initialisation, drawn with ``seed``."""
+    arch = canonical_arch(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder: Encoder = build_encoder(arch)
+    identity = {
+        "kind": "random_init",
+        "weights_sha256": f"random_init:{arch}:seed{seed}:torch{torch.__version__}",
+        "format": "random_init",
+        "arch": arch,
+        "use_pred": False,
+        "epoch": 0,
+    }
+    return EvalModel(encoder, None, arch, identity)

@@ -1,0 +1,64 @@
+"""Print k-NN and linear results of several evaluated networks side by side.
+
+Each argument is ``NAME=DIR`` where DIR holds ``features/knn_results.json`` (eval_knn.py) and/or
+``linear/results.json`` / ``linear_cached/results.json`` (eval_linear.py), e.g. an experiment folder:
+
+    python -m tools.eval_summary "teacher=exp/demo/teacher" "student=exp/demo" "random init=exp/demo/random_init"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def read_results(folder: str) -> dict:
+    """{column: value} from a folder's k-NN and linear result files (missing files give no columns)."""
+    row = {}
+    knn_path = os.path.join(folder, "features", "knn_results.json")
+    if os.path.isfile(knn_path):
+        with open(knn_path) as f:
+            knn = json.load(f)
+        for k, res in sorted(knn["k"].items(), key=lambda kv: int(kv[0])):
+            row[f"{k}-NN"] = res["majority"]["top1"]
+            if int(k) > 1:  # with one neighbour both votes agree by construction
+                row[f"{k}-NN weighted"] = res["weighted"]["top1"]
+        row["epoch"] = knn.get("epoch")
+    for sub, name in (("linear", "linear"), ("linear_cached", "cached linear")):
+        path = os.path.join(folder, sub, "results.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                linear = json.load(f)
+            row[name] = linear["headline"]["top1"]
+    return row
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A plain-text table: one line per network, one column per metric (top-1 %, '-' when absent)."""
+    columns = []
+    for row in rows.values():
+        columns += [c for c in row if c not in columns and c != "epoch"]
+    width = max(len(n) for n in rows) + 2
+    cols = {c: max(10, len(c) + 2) for c in columns}
+    lines = [" " * width + "".join(f"{c:>{w}}" for c, w in cols.items())]
+    for name, row in rows.items():
+        cells = "".join(f"{row[c]:>{w}.2f}" if c in row else f"{'-':>{w}}" for c, w in cols.items())
+        lines.append(f"{name:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("entries", nargs="+", metavar="NAME=DIR")
+    entries = parser.parse_args().entries
+    rows = {}
+    for entry in entries:
+        name, _, folder = entry.partition("=")
+        rows[name] = read_results(folder)
+    print("val top-1 % (k-NN: majority vote, weighted: DINO's T=0.07; linear: last epoch, cached: on cached features)")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

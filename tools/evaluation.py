@@ -1,0 +1,192 @@
+"""What ``eval_knn.py`` and ``eval_linear.py`` share: flags, the network to evaluate, the data and
+the centre-crop features (computed once per checkpoint, reused only while they are provably current).
+
+This module sits at the command-line boundary (like ``tools/cli.py``): the ``*_from_args`` helpers
+read the parsed flags; everything they call takes plain values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+import torch
+
+from data.datasets import imagenet100_classes, list_class_folders, read_class_list
+from models.errors import UserError
+from models.formats import FORMATS
+from models.pretrained import EXTRA_FORMATS, EvalModel, load_eval_model, random_init_model
+from tools.checkpoint import LATEST, epoch_checkpoint_path
+from tools.cli import add_debug_flag
+from tools.features import FeatureStore, build_eval_dataset, dataset_fingerprint, extract_features
+
+log = logging.getLogger(__name__)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Flags of both evaluation scripts (the original's names first, ours after)."""
+    g = p.add_argument_group("data")
+    g.add_argument("data", metavar="DIR", help="dataset root holding train/ and val/ in ImageFolder layout")
+    g.add_argument("--dataset", default="imagenet", choices=["imagenet", "imagenet100"], help="class subset")
+    g.add_argument("--class_list", default=None, help="file of class folder names to evaluate on, one per line")
+    g.add_argument("--resize_size", type=int, default=256, help="shorter side before the centre crop")
+    g.add_argument("--crop_size", type=int, default=224, help="centre (and linear training) crop size")
+    g.add_argument("-j", "--workers", dest="workers", type=int, default=8, help="data loading processes per rank")
+    g.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=256, help="GLOBAL batch size")
+
+    g = p.add_argument_group("network")
+    g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")
+    g.add_argument("--weights", default=None, help="checkpoint to evaluate (any student or teacher format)")
+    formats = ", ".join(["auto", *FORMATS, *EXTRA_FORMATS])
+    g.add_argument("--format", default="auto", help=f"checkpoint layout: {formats}")
+    g.add_argument("--teacher", action="store_true", help="load --weights as a teacher (load_teacher, any format)")
+    g.add_argument("--random_init", action="store_true", help="evaluate --arch at random initialisation")
+    g.add_argument("--use_pred", action="store_true", help="evaluate the prediction head's output")
+    g.add_argument("--linear_pred", action="store_true", help="original flag; the head layout is read from the file")
+
+    g = p.add_argument_group("output and runtime")
+    g.add_argument("--exp_dir", default=None, help="experiment folder (checkpoints/, features/, linear/)")
+    g.add_argument("--save", default=None, help="output folder (original flag); default under --exp_dir")
+    g.add_argument("--epoch", type=int, default=None, help="checkpoint epoch: picks ckpt_epoch_<N>.pth, names files")
+    g.add_argument("--no_save_features", action="store_true", help="do not keep the float16 features")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"], help="auto = bf16 on CUDA")
+    g.add_argument("--seed", type=int, default=0)
+    add_debug_flag(p)
+
+
+# ---------------------------------------------------------------- paths
+def exp_dir_of(exp_dir: str | None, weights: str | None) -> str | None:
+    """``--exp_dir``, or the experiment a ``<exp>/checkpoints/<file>`` checkpoint belongs to."""
+    if exp_dir:
+        return os.path.abspath(exp_dir)
+    if weights and os.path.basename(os.path.dirname(os.path.abspath(weights))) == "checkpoints":
+        return os.path.dirname(os.path.dirname(os.path.abspath(weights)))
+    return None
+
+
+def resolve_weights(weights: str | None, exp_dir: str | None, epoch: int | None) -> str:
+    """``--weights``, else the experiment's ``ckpt_epoch_<epoch>.pth`` or its latest checkpoint."""
+    if weights:
+        return weights
+    if not exp_dir:
+        raise UserError("nothing to evaluate: give --weights FILE, --exp_dir DIR (a training run) or --random_init")
+    if epoch is not None:
+        return epoch_checkpoint_path(exp_dir, epoch)
+    for name in (LATEST, "student_backbone.pth"):
+        path = os.path.join(exp_dir, "checkpoints", name)
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"'{exp_dir}/checkpoints' has no {LATEST} or student_backbone.pth; train first or give --weights")
+
+
+def output_dir(save: str | None, exp_dir: str | None, sub: str, use_pred: bool) -> str:
+    """``--save`` or ``<exp_dir>/<sub>``; the head's results go to a ``pred_head`` sub-folder (original)."""
+    if not save and not exp_dir:
+        raise UserError(f"no output folder: give --save DIR or --exp_dir DIR (results go to <exp_dir>/{sub})")
+    out = os.path.abspath(save or os.path.join(exp_dir, sub))
+    return os.path.join(out, "pred_head") if use_pred else out
+
+
+# ---------------------------------------------------------------- network, data, features
+def build_model_from_args(args: argparse.Namespace) -> EvalModel:
+    """The frozen network the flags describe (a checkpoint, or --random_init)."""
+    if args.random_init:
+        if args.weights or not args.arch:
+            raise UserError("--random_init evaluates an untrained --arch: give --arch and no --weights")
+        return random_init_model(args.arch, args.seed)
+    exp_dir = exp_dir_of(args.exp_dir, args.weights)
+    weights = resolve_weights(args.weights, exp_dir, args.epoch)
+    return load_eval_model(weights, args.arch, args.format, args.use_pred, args.teacher)
+
+
+def classes_from_args(args: argparse.Namespace) -> list[str] | None:
+    if args.class_list:
+        return read_class_list(args.class_list)
+    if args.dataset == "imagenet100":
+        return imagenet100_classes(list_class_folders(os.path.join(args.data, "train")))
+    return None
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA under ``auto``; fp32 elsewhere."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if amp == "bf16" else None
+
+
+def feature_key(model: EvalModel, resize: int, crop: int, dtype: torch.dtype | None, fingerprints: dict) -> dict:
+    """What the centre-crop features depend on; a saved copy is valid only if this matches exactly."""
+    ident = model.identity
+    return {
+        "model": {k: ident.get(k) for k in ("kind", "weights_sha256", "format", "arch", "use_pred")},
+        "preprocessing": {"resize_size": resize, "crop_size": crop, "autocast": str(dtype or "float32")},
+        "data": fingerprints,
+    }
+
+
+def centre_crop_features(
+    model: EvalModel,
+    datasets: dict,
+    store: FeatureStore,
+    key: dict,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    reuse: str = "auto",
+    save: bool = True,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """{split: (features (N, D) float16-rounded float32, labels (N,))} on rank 0 (None elsewhere).
+
+    ``reuse``: ``auto`` reuses saved features whose key matches and recomputes otherwise;
+    ``require`` (an explicit ``--use_cache``) refuses stale ones; ``never`` recomputes.
+    Features are rounded to float16 in every case, so reused and fresh features give equal results.
+    """
+    splits = tuple(datasets)
+    status, reason = store.check(key, splits)
+    if status == "stale" and reuse == "require":
+        raise UserError(
+            f"--use_cache: the saved features in '{store.folder}' were computed from another checkpoint or setting "
+            f"({reason}); run without --use_cache to recompute them, or choose another --save folder"
+        )
+    if status == "match" and reuse != "never":
+        log.info("reusing features in %s (%s)", store.folder, reason)
+        return _load_on_rank0(store, splits)
+    if status == "stale":
+        log.warning("saved features in %s are stale (%s); recomputing", store.folder, reason)
+    out, start = {}, time.perf_counter()
+    for split, dataset in datasets.items():
+        got = extract_features(
+            model, dataset, batch_size=batch_size, num_workers=workers, device=device, amp_dtype=dtype, desc=split
+        )
+        if got is not None:
+            out[split] = (got[0].to(torch.float16).float(), got[1])
+    if not out:
+        return None
+    log.info("features of %s computed in %.1f s", "+".join(splits), time.perf_counter() - start)
+    if save:
+        store.save(key, out, {"weights": model.identity.get("weights"), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return out
+
+
+def _load_on_rank0(store: FeatureStore, splits: tuple[str, ...]):
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    return {s: (f.float(), y) for s, (f, y) in ((s, store.load(s)) for s in splits)}
+
+
+def eval_datasets(root: str, resize: int, crop: int, classes: list[str] | None, splits=("train", "val")) -> dict:
+    """Centre-crop datasets; val uses train's class list so labels agree."""
+    train = build_eval_dataset(root, "train", resize, crop, classes)
+    out = {"train": train}
+    if "val" in splits:
+        out["val"] = build_eval_dataset(root, "val", resize, crop, train.classes)
+    return out
+
+
+def fingerprints(datasets: dict) -> dict:
+    return {split: dataset_fingerprint(ds) for split, ds in datasets.items()}
