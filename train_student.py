@@ -25,14 +25,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.datasets import IndexedImageFolder, imagenet100_classes, list_class_folders, read_class_list
+from data.datasets import IndexedImageFolder, select_classes
 from data.decode import DECODERS
 from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.backbones import BACKBONES, canonical_arch
 from models.errors import UserError
 from models.fold import compile_frozen
-from models.formats import FORMATS, convert, load_strict, safe_load
+from models.formats import FORMATS, convert, file_sha256, load_strict, safe_load
 from models.heads import HEAD_LAYERS
 from models.loss import regression_loss
 from models.student import Student
@@ -43,7 +43,6 @@ from tools.checkpoint import (
     atomic_save,
     checkpoint_paths,
     epoch_checkpoint_path,
-    file_sha256,
     load_latest_checkpoint,
     load_training_checkpoint,
     rng_state,
@@ -314,11 +313,7 @@ def build_dataset(args, dist_info) -> IndexedImageFolder:
         raise UserError(f"data folder '{args.data}' does not exist; give the dataset root as the first argument")
     if not os.path.isdir(train_dir):
         raise UserError(f"data folder '{args.data}' has no train/ sub-folder; expected <data>/train/<class>/<image>")
-    classes = None
-    if args.class_list:
-        classes = read_class_list(args.class_list)
-    elif args.dataset == "imagenet100":
-        classes = imagenet100_classes(list_class_folders(train_dir))
+    classes = select_classes(args.data, args.class_list, args.dataset)
     views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode)
     dataset = IndexedImageFolder(train_dir, views, classes, seed=args.seed, skip_bad=args.skip_bad_images)
     log.info(

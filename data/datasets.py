@@ -44,6 +44,15 @@ def read_class_list(path: str) -> list[str]:
     return [n for n in names if n]
 
 
+def select_classes(data_root: str, class_list: str | None = None, dataset: str = "imagenet") -> list[str] | None:
+    """The class folders a run uses: ``class_list`` (a file), the ImageNet-100 draw, or None for all."""
+    if class_list:
+        return read_class_list(class_list)
+    if dataset == "imagenet100":
+        return imagenet100_classes(list_class_folders(os.path.join(data_root, "train")))
+    return None
+
+
 def list_class_folders(root: str) -> list[str]:
     """Sorted names of the class sub-folders of ``root`` (hidden folders skipped)."""
     if not os.path.isdir(root):

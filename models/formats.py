@@ -10,6 +10,7 @@ the keys it did not recognise (an error for the caller to report).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import pickle
@@ -30,6 +31,15 @@ class CheckpointError(UserError):
 
 # Old formats pickled an argparse.Namespace of their options: allowed by name, nothing else is.
 SAFE_GLOBALS = [argparse.Namespace]
+
+
+def file_sha256(path: str, block: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def safe_load(path: str, what: str = "checkpoint") -> object:

@@ -11,7 +11,6 @@ file. Every backbone key must be present and fit: nothing is left at random init
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -19,7 +18,16 @@ import torch
 from torch import nn
 
 from models.backbones import ALIASES, BACKBONES, Encoder, build_encoder, canonical_arch
-from models.formats import CLASSIFIER_PREFIXES, CheckpointError, Converted, convert, infer_arch, load_strict, safe_load
+from models.formats import (
+    CLASSIFIER_PREFIXES,
+    CheckpointError,
+    Converted,
+    convert,
+    file_sha256,
+    infer_arch,
+    load_strict,
+    safe_load,
+)
 from models.heads import build_head
 from models.teachers import TEACHER_ALIASES, load_teacher
 
@@ -29,15 +37,6 @@ log = logging.getLogger(__name__)
 STUDENT_FORMATS = ("simreg", "simreg_original", "compress", "torchvision")
 # Extra layout name understood here on top of models.formats.FORMATS.
 EXTRA_FORMATS = ("compress",)
-
-
-def file_sha256(path: str, block: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class EvalModel(nn.Module):

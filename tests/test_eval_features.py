@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from eval_helpers import make_image_folder
 from torch import nn
 
+from tests.eval_helpers import make_image_folder
 from tools.features import FeatureStore, build_eval_dataset, dataset_fingerprint, extract_features
 
 

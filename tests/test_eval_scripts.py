@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from eval_helpers import make_image_folder
 
 import eval_knn
 import eval_linear
@@ -16,6 +15,7 @@ from models.backbones import build_backbone
 from models.errors import UserError
 from models.heads import build_head
 from models.pretrained import file_sha256
+from tests.eval_helpers import make_image_folder
 from tools.knn import knn_classify
 
 COMMON = ["--resize_size", "16", "--crop_size", "16", "-j", "0", "-b", "8"]

@@ -255,3 +255,22 @@ def test_epochs_below_resumed_epoch_and_other_run_are_refused(data8, resnet18_te
     write_image_folder(os.path.join(data8, "train"), classes=("c",), per_class=4)
     with pytest.raises(train_student.UserError, match="different run.*n_images"):
         train_student.main(parse(train_argv(data8, resnet18_teacher_file, exp, 3)))
+
+
+def test_evaluation_checkpoint_and_cache_payloads_run_nothing(tmp_path):
+    from models.formats import CheckpointError
+    from models.pretrained import load_eval_model
+
+    marker = tmp_path / "marker"
+    evil = str(tmp_path / "evil.pth")
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "p": Payload(marker)}, evil)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_eval_model(evil)
+    # A cache is an .npy read without pickle support: an object array is refused, not unpickled.
+    npy = str(tmp_path / "cache.npy")
+    np.save(npy, np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="Python objects"):
+        np.load(npy, mmap_mode="r")  # how the teacher cache opens it
+    with pytest.raises(ValueError, match="allow_pickle"):
+        np.load(npy)  # how saved evaluation features are read
+    assert not marker.exists()

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -78,3 +79,15 @@ def test_cosine_schedule_values():
     assert cosine_lr(0.05, 1, 130) == 0.05  # no warm-up: epoch 1 at the base rate
     assert cosine_lr(0.05, 66, 130) == pytest.approx(0.025)
     assert cosine_lr(0.05, 130, 130) == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 129 / 130)))
+
+
+def test_imagenet100_subset_reproduces_the_original_draw():
+    from data.datasets import imagenet100_classes
+
+    classes = [f"n{i:08d}" for i in range(1000)]
+    np.random.seed(1234)  # the original's calls, on the legacy global generator
+    expected = sorted(classes[i] for i in np.random.permutation(1000)[:100])
+    got = imagenet100_classes(list(reversed(classes)))  # folder order must not matter
+    assert got == expected and len(set(got)) == 100
+    with pytest.raises(UserError, match="at least 100 class folders"):
+        imagenet100_classes(classes[:50])

@@ -48,6 +48,7 @@ from models.fold import compile_frozen
 from models.student import Student
 from models.teachers import Teacher
 from tools.cli import add_debug_flag, run_cli
+from tools.knn import default_chunk, knn_search
 from tools.metric_logger import setup_logging, write_json
 from tools.original_recipe import (
     OriginalCachedProbe,
@@ -486,8 +487,9 @@ def stage_e2e(p: Profile, ctx: Context) -> list[dict]:
     return rows
 
 
-# ============ minimal exact k-NN and cached linear probe (to be swapped for tools.knn / the probe) ============
-# These mirror what the evaluation code does; they live here only until tools/knn.py lands on this branch.
+# ============ k-NN search and cached linear probe ============
+# Ours is the project's own search (tools.knn.knn_search); knn_topk is only the DINO-style baseline for devices
+# where faiss cannot run.
 def knn_topk(train: torch.Tensor, queries: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact cosine k-NN by chunked matrix products: (Q, k) similarities and train indices, best first.
 
@@ -540,17 +542,21 @@ def stage_knn(p: Profile, ctx: Context) -> list[dict]:
     train = F.normalize(torch.randn(p.knn_train, p.knn_dim, device=dev), dim=1)
     labels = torch.randint(0, n_classes, (p.knn_train,), device=dev)
     queries = F.normalize(torch.randn(p.knn_queries, p.knn_dim, device=dev), dim=1)
-    chunk = max(1, min(p.knn_queries, (1 << 28) // p.knn_train))  # a (chunk, N) fp32 block of <= 1 GiB
 
     def run(search: Callable[[], torch.Tensor]) -> int:
         majority_vote(labels[search().to(dev)], n_classes)
         return p.knn_queries
 
     base_name, base_search, note = baseline_search(p, train, queries)
-    ours_search = partial(knn_indices, train, queries, p.knn_k, chunk)
+
+    def ours_search() -> torch.Tensor:
+        return knn_search(train, queries, p.knn_k, backend="torch", device=dev)[1]
+
     variants = [
         Variant(base_name, partial(run, base_search), "baseline", note),
-        Variant(f"ours: torch, {chunk}-query chunks", partial(run, ours_search)),
+        Variant(
+            f"ours: tools.knn torch backend, {default_chunk(p.knn_train, dev)}-query blocks", partial(run, ours_search)
+        ),
     ]
     rows = measure("knn", with_repeat(variants), p.rounds, dev, "queries")
     same = (base_search()[:, 0].cpu() == ours_search()[:, 0].cpu()).float().mean().item()

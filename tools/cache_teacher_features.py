@@ -21,13 +21,12 @@ import os
 
 import torch
 
-from data.datasets import IndexedImageFolder, imagenet100_classes, list_class_folders, read_class_list
+from data.datasets import IndexedImageFolder, select_classes
 from data.transforms import CenterCrop
 from models.errors import UserError
-from models.formats import FORMATS
+from models.formats import FORMATS, file_sha256
 from models.teachers import load_teacher, teacher_arch_names
 from tools import distributed
-from tools.checkpoint import file_sha256
 from tools.cli import add_debug_flag, run_cli
 from tools.metric_logger import setup_logging
 from tools.teacher_cache import build_cache
@@ -62,11 +61,7 @@ def build_dataset(args) -> IndexedImageFolder:
     train_dir = os.path.join(args.data, "train")
     if not os.path.isdir(train_dir):
         raise UserError(f"data folder '{args.data}' has no train/ sub-folder; expected <data>/train/<class>/<image>")
-    classes = None
-    if args.class_list:
-        classes = read_class_list(args.class_list)
-    elif args.dataset == "imagenet100":
-        classes = imagenet100_classes(list_class_folders(train_dir))
+    classes = select_classes(args.data, args.class_list, args.dataset)
     return IndexedImageFolder(train_dir, CenterCrop(args.resize_size, args.crop_size), classes)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import random
@@ -50,15 +49,6 @@ def atomic_save(obj: object, path: str, keep_previous: str | None = None) -> Non
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes (identifies weights files in manifests and checkpoints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from data.datasets import imagenet100_classes, list_class_folders, read_class_list
+from data.datasets import select_classes
 from models.errors import UserError
 from models.formats import FORMATS
 from models.pretrained import EXTRA_FORMATS, EvalModel, load_eval_model, random_init_model
@@ -103,11 +103,7 @@ def build_model_from_args(args: argparse.Namespace) -> EvalModel:
 
 
 def classes_from_args(args: argparse.Namespace) -> list[str] | None:
-    if args.class_list:
-        return read_class_list(args.class_list)
-    if args.dataset == "imagenet100":
-        return imagenet100_classes(list_class_folders(os.path.join(args.data, "train")))
-    return None
+    return select_classes(args.data, args.class_list, args.dataset)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.errors import UserError
+from models.formats import file_sha256
 from models.teachers import TEACHER_ALIASES
-from tools.checkpoint import file_sha256
 from tools.metric_logger import write_json
 
 log = logging.getLogger(__name__)
