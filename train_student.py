@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -52,6 +51,7 @@ from tools.cli import add_debug_flag, resolve_exp_dir, run_cli
 from tools.evaluation import eval_datasets
 from tools.knn import knn_monitor
 from tools.metric_logger import ScalarWriter, append_json_line, setup_logging, write_json
+from tools.progress import EpochProgress, Meters, stop_agreed
 from tools.schedules import cosine_lr, set_lr
 from tools.signals import Interrupted, StopRequest
 from tools.teacher_cache import open_cached_teacher
@@ -171,15 +171,6 @@ class StepConfig:
     stop: StopRequest | None = None
 
 
-@dataclass
-class EpochProgress:
-    """A partly done epoch: steps done by each rank, loss and image counts summed over ranks."""
-
-    step: int = 0
-    loss_sum: float = 0.0
-    images: int = 0
-
-
 def to_device_images(batch: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float in [0, 1] on the device; the networks normalise inside."""
     x = batch.to(cfg.device, non_blocking=True)
@@ -235,7 +226,7 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{avg:.4f}")
             log.info("epoch %d step %d/%d loss %.4f", epoch, meters.step, progress.step + len(loader), avg)
         at_ckpt = bool(cfg.ckpt_every_steps) and meters.step % cfg.ckpt_every_steps == 0
-        stop = stop_agreed(cfg, at_print or at_ckpt)
+        stop = stop_agreed(cfg.stop, cfg.device, cfg.distributed, at_print or at_ckpt)
         if on_checkpoint and (stop or at_ckpt):
             meters.check(epoch)  # never save weights that have gone NaN
             on_checkpoint(epoch, meters.reduced())
@@ -243,67 +234,6 @@ def train_one_epoch(
             raise Interrupted(f"stopped by signal in epoch {epoch} after step {meters.step}")
     bar.close()
     return meters.summary(epoch)
-
-
-def stop_agreed(cfg: StepConfig, at_sync_point: bool) -> bool:
-    """Whether to stop now. Ranks agree at sync points only, so no step waits on the others."""
-    if cfg.stop is None:
-        return False
-    if not cfg.distributed:
-        return cfg.stop.requested
-    if not at_sync_point:
-        return False
-    flag = torch.tensor([1.0 if cfg.stop.requested else 0.0], device=cfg.device)
-    return distributed.all_reduce_sum(flag).item() > 0
-
-
-class Meters:
-    """Loss, step and image counts kept on the device; the first non-finite step is remembered too."""
-
-    def __init__(self, device: torch.device, progress: EpochProgress) -> None:
-        self.device = device
-        self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.step, self.images, self.start_step = progress.step, progress.images, progress.step
-        self.new_images, self.start = 0, time.perf_counter()
-
-    def update(self, loss: torch.Tensor, batch: int) -> None:
-        self.step += 1
-        bad = (self.first_bad < 0) & ~torch.isfinite(loss)
-        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, self.step), self.first_bad)
-        self.loss_sum += loss
-        self.images += batch
-        self.new_images += batch
-
-    def check(self, epoch: int) -> float:
-        """Raise if any step so far gave a non-finite loss; else return this rank's running mean."""
-        bad = int(self.first_bad.item())
-        if bad >= 0:
-            raise UserError(
-                f"the loss became NaN or infinite at step {bad} of epoch {epoch}; training stopped and the last good "
-                "checkpoint is kept - lower --learning_rate, or try --amp none"
-            )
-        return self.loss_sum.item() / max(self.step, 1)
-
-    def reduced(self) -> EpochProgress:
-        """The progress summed over ranks (what a mid-epoch checkpoint stores)."""
-        t = distributed.all_reduce_sum(
-            torch.stack([self.loss_sum, torch.tensor(float(self.images), dtype=torch.float64, device=self.device)])
-        )
-        return EpochProgress(self.step, float(t[0].item()), int(t[1].item()))
-
-    def summary(self, epoch: int) -> dict:
-        self.check(epoch)
-        seconds = time.perf_counter() - self.start
-        t = torch.tensor([float(self.step), float(self.new_images)], dtype=torch.float64, device=self.device)
-        steps_all, new_images = distributed.all_reduce_sum(t).tolist()
-        loss_all = self.reduced()
-        return {
-            "loss": loss_all.loss_sum / max(steps_all, 1),
-            "images_per_s": new_images / seconds,
-            "steps": self.step,
-            "time_s": seconds,
-        }
 
 
 # ============ building blocks of main ============

@@ -1,0 +1,82 @@
+"""Bookkeeping of a training epoch: device-side meters, the partial-epoch record, agreeing to stop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.errors import UserError
+from tools import distributed
+from tools.signals import StopRequest
+
+
+@dataclass
+class EpochProgress:
+    """A partly done epoch: steps done by each rank, loss and image counts summed over ranks."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
+
+
+def stop_agreed(stop: StopRequest | None, device: torch.device, is_distributed: bool, at_sync_point: bool) -> bool:
+    """Whether to stop now. Ranks agree at sync points only, so no step waits on the others."""
+    if stop is None:
+        return False
+    if not is_distributed:
+        return stop.requested
+    if not at_sync_point:
+        return False
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+    return distributed.all_reduce_sum(flag).item() > 0
+
+
+class Meters:
+    """Loss, step and image counts kept on the device; the first non-finite step is remembered too."""
+
+    def __init__(self, device: torch.device, progress: EpochProgress) -> None:
+        self.device = device
+        self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.step, self.images, self.start_step = progress.step, progress.images, progress.step
+        self.new_images, self.start = 0, time.perf_counter()
+
+    def update(self, loss: torch.Tensor, batch: int) -> None:
+        self.step += 1
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, self.step), self.first_bad)
+        self.loss_sum += loss
+        self.images += batch
+        self.new_images += batch
+
+    def check(self, epoch: int) -> float:
+        """Raise if any step so far gave a non-finite loss; else return this rank's running mean."""
+        bad = int(self.first_bad.item())
+        if bad >= 0:
+            raise UserError(
+                f"the loss became NaN or infinite at step {bad} of epoch {epoch}; training stopped and the last good "
+                "checkpoint is kept - lower --learning_rate, or try --amp none"
+            )
+        return self.loss_sum.item() / max(self.step, 1)
+
+    def reduced(self) -> EpochProgress:
+        """The progress summed over ranks (what a mid-epoch checkpoint stores)."""
+        t = distributed.all_reduce_sum(
+            torch.stack([self.loss_sum, torch.tensor(float(self.images), dtype=torch.float64, device=self.device)])
+        )
+        return EpochProgress(self.step, float(t[0].item()), int(t[1].item()))
+
+    def summary(self, epoch: int) -> dict:
+        self.check(epoch)
+        seconds = time.perf_counter() - self.start
+        t = torch.tensor([float(self.step), float(self.new_images)], dtype=torch.float64, device=self.device)
+        steps_all, new_images = distributed.all_reduce_sum(t).tolist()
+        loss_all = self.reduced()
+        return {
+            "loss": loss_all.loss_sum / max(steps_all, 1),
+            "images_per_s": new_images / seconds,
+            "steps": self.step,
+            "time_s": seconds,
+        }
