@@ -21,8 +21,8 @@ LATEST = "checkpoint_latest.pth"
 PREVIOUS = "checkpoint_previous.pth"
 
 
-def atomic_save(obj: object, path: str, keep_previous: str | None = None) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+def atomic_write(path: str, write, keep_previous: str | None = None) -> None:
+    """``write(file)`` into a temporary file in the same folder, fsync, then rename it over ``path``.
 
     A crash at any moment leaves either the old file or the new one, never a half-written file. With
     ``keep_previous``, the file being replaced is first renamed there (the fallback if ``path`` is
@@ -30,10 +30,10 @@ def atomic_save(obj: object, path: str, keep_previous: str | None = None) -> Non
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and os.path.exists(path):
@@ -49,6 +49,11 @@ def atomic_save(obj: object, path: str, keep_previous: str | None = None) -> Non
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj: object, path: str, keep_previous: str | None = None) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f), keep_previous)
 
 
 def rng_state() -> dict:

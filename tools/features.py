@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from data.datasets import DataError, IndexedImageFolder
 from data.loaders import build_loader
 from data.transforms import CenterCrop
 from models.errors import UserError
+from tools.checkpoint import atomic_write
 from tools.metric_logger import write_json
 
 log = logging.getLogger(__name__)
@@ -153,18 +153,7 @@ def broadcast_tensor(t: torch.Tensor | None, shape: tuple[int, ...], device: tor
 
 # ---------------------------------------------------------------- the store
 def _atomic_npy(path: str, array: np.ndarray) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npy", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
