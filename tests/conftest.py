@@ -43,3 +43,13 @@ def resnet18_teacher_file(tmp_path) -> str:
     path = str(tmp_path / "teacher_r18.pth")
     torch.save(torchvision.models.resnet18().state_dict(), path)
     return path
+
+
+class Payload:
+    """Unpickling this would create a marker file: checkpoints carrying it must be refused, never run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import train_student
-from tests.conftest import ROOT, write_image_folder
+from tests.conftest import ROOT, Payload, write_image_folder
 from tools.checkpoint import atomic_save, checkpoint_paths
 from tools.cli import run_cli
 
@@ -138,14 +138,6 @@ def test_corrupt_latest_falls_back_to_previous(data8, resnet18_teacher_file, tmp
     train_student.main(parse(train_argv(data8, resnet18_teacher_file, exp, 2)))
     assert paths["latest"] in caplog.text and paths["previous"] in caplog.text and "falling back" in caplog.text
     assert torch.load(paths["latest"], weights_only=True)["epoch"] == 2
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.mark.parametrize("flag", ["--teacher_weights", "--weights", "--resume"])

@@ -1,7 +1,6 @@
 """load_teacher on the first two layouts (torchvision, official MoCo v1/v2) and safe reading."""
 
 import argparse
-import os
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torchvision
 
 from models.formats import CheckpointError, safe_load
 from models.teachers import load_teacher
+from tests.conftest import Payload
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -104,16 +104,6 @@ def test_unknown_layout_lists_known_formats(tmp_path):
     torch.save({"encoder.weird.weight": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError, match="could not recognise the layout.*torchvision"):
         load_teacher(path)
-
-
-class Payload:
-    """Unpickling this would create a marker file (it must never run)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_code_running_pickle_is_refused_and_runs_nothing(tmp_path):

@@ -40,7 +40,7 @@ class Meters:
         self.device = device
         self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.step, self.images, self.start_step = progress.step, progress.images, progress.step
+        self.step, self.images = progress.step, progress.images
         self.new_images, self.start = 0, time.perf_counter()
 
     def update(self, loss: torch.Tensor, batch: int) -> None:
