@@ -25,13 +25,16 @@ import time
 import numpy as np
 
 from models.errors import UserError
-from tools import distributed
-from tools.cli import run_cli
-from tools.evaluation import (
+from models.io import write_json
+from tools.engine import distributed
+from tools.engine.cli import note_ignored, positive_int, run_cli
+from tools.engine.logs import setup_logging
+from tools.engine.step import amp_dtype
+from tools.eval.common import (
     add_common_args,
-    amp_dtype,
     build_model_from_args,
     centre_crop_features,
+    check_common_args,
     classes_from_args,
     eval_datasets,
     exp_dir_of,
@@ -39,9 +42,8 @@ from tools.evaluation import (
     fingerprints,
     output_dir,
 )
-from tools.features import FeatureStore
-from tools.knn import BACKENDS, TIES, knn_classify
-from tools.metric_logger import setup_logging, write_json
+from tools.eval.features import FeatureStore
+from tools.eval.knn import BACKENDS, TIES, knn_classify
 
 log = logging.getLogger("simreg.eval_knn")
 
@@ -63,6 +65,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="reuse the saved features (refused if they belong to another checkpoint or setting)",
     )
     g.add_argument("--recompute", action="store_true", help="ignore saved features and recompute them")
+    g.add_argument("-p", "--print-freq", dest="print_freq", type=positive_int, default=None,
+                   help="original flag; no effect (a progress bar shows progress)")  # fmt: skip
     return p
 
 
@@ -79,9 +83,12 @@ def parse_ks(text: str) -> tuple[int, ...]:
 def main(args: argparse.Namespace) -> dict | None:
     ks = parse_ks(args.k)
     dist_info = distributed.init_distributed(args.device)
+    check_common_args(args, dist_info.world_size)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
     out_dir = output_dir(args.save, exp_dir, "features", args.use_pred)
     setup_logging(os.path.join(out_dir, "knn.log"), dist_info.is_main, args.debug)
+    if args.print_freq is not None:
+        note_ignored("-p/--print-freq", "progress is shown by a bar (and the results by a summary)")
     start = time.perf_counter()
 
     # ============ network and data ============
@@ -98,7 +105,7 @@ def main(args: argparse.Namespace) -> dict | None:
         key,
         batch_size=max(1, args.batch_size // dist_info.world_size),
         workers=args.workers,
-        device=dist_info.device,
+        dist_info=dist_info,
         dtype=dtype,
         reuse="never" if args.recompute else "require" if args.use_cache else "auto",
         save=not args.no_save_features,

@@ -33,13 +33,17 @@ from data.datasets import IndexedImageFolder
 from data.loaders import build_loader
 from data.transforms import WeakAug
 from models.errors import UserError
-from tools import distributed
-from tools.cli import run_cli
-from tools.evaluation import (
+from models.io import write_json
+from tools.engine import cli, distributed
+from tools.engine.cli import crop_scale, momentum_float, nonneg_float, nonneg_int, positive_float, positive_int, run_cli
+from tools.engine.logs import ScalarWriter, append_json_line, setup_logging
+from tools.engine.schedules import set_lr
+from tools.engine.step import amp_dtype
+from tools.eval.common import (
     add_common_args,
-    amp_dtype,
     build_model_from_args,
     centre_crop_features,
+    check_common_args,
     classes_from_args,
     eval_datasets,
     exp_dir_of,
@@ -47,8 +51,8 @@ from tools.evaluation import (
     fingerprints,
     output_dir,
 )
-from tools.features import FeatureStore, broadcast_tensor
-from tools.linear_probe import (
+from tools.eval.features import FeatureStore, broadcast_tensor
+from tools.eval.linear_probe import (
     LinearProbe,
     assert_unchanged,
     evaluate_probe,
@@ -62,8 +66,6 @@ from tools.linear_probe import (
     train_epoch_cached,
     train_epoch_images,
 )
-from tools.metric_logger import ScalarWriter, append_json_line, setup_logging, write_json
-from tools.schedules import set_lr
 
 log = logging.getLogger("simreg.eval_linear")
 
@@ -72,13 +74,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("SimReg linear evaluation", add_help=add_help)
     add_common_args(p)
     g = p.add_argument_group("linear probe")
-    g.add_argument("--epochs", type=int, default=40)
-    g.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=0.01)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4)
+    g.add_argument("--epochs", type=positive_int, default=40)
+    g.add_argument("--start-epoch", dest="start_epoch", type=nonneg_int, default=None, help="original flag; no effect")
+    g.add_argument("--lr", "--learning-rate", dest="lr", type=positive_float, default=0.01)
+    g.add_argument("--momentum", type=momentum_float, default=0.9)
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonneg_float, default=1e-4)
     g.add_argument("--lr_schedule", default="15,30,40", help="epochs after which the lr drops x0.1 (original)")
-    g.add_argument("--eval-freq", dest="eval_freq", type=int, default=1, help="evaluate every N epochs (and the last)")
-    g.add_argument("--min_crop_scale", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
+    g.add_argument("--eval-freq", dest="eval_freq", type=positive_int, default=1, help="evaluate every N epochs")
+    g.add_argument("--min_crop_scale", type=crop_scale, default=0.08, help="RandomResizedCrop's smallest area fraction")
     g.add_argument("--no_flip", action="store_true", help="no horizontal flip in the training augmentation")
     g.add_argument("--use_cache", action="store_true", help="train on cached centre-crop features (fast)")
     g.add_argument(
@@ -86,7 +89,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     g.add_argument("--resume", default="", help="linear probe checkpoint to continue (default: <save>/checkpoint.pth)")
     g.add_argument("--no_resume", action="store_true", help="start over even if a probe checkpoint exists")
-    g.add_argument("-p", "--print-freq", dest="print_freq", type=int, default=1, help="log every N epochs")
+    g.add_argument("-p", "--print-freq", dest="print_freq", type=positive_int, default=1, help="log every N epochs")
+    g.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the saved probe on val (original)")
     return p
 
 
@@ -116,7 +120,7 @@ def probe_settings(args: argparse.Namespace, milestones: tuple[int, ...]) -> dic
 def probe_inputs(args, model, datasets, key, features_dir, out_dir, dist_info):
     """(mean, var) on every rank; val (and, with --use_cache, train) features on rank 0."""
     stats = load_statistics(out_dir, key) if dist_info.is_main else None
-    missing = broadcast_tensor(torch.tensor([float(stats is None)]), (1,), dist_info.device)  # rank 0 decides
+    missing = broadcast_tensor(torch.tensor([float(stats is None)]), (1,), dist_info)  # rank 0 decides
     need_train = args.use_cache or bool(missing.item())
     splits = {s: ds for s, ds in datasets.items() if s == "val" or need_train}
     dtype = amp_dtype(args.amp, dist_info.device)
@@ -127,7 +131,7 @@ def probe_inputs(args, model, datasets, key, features_dir, out_dir, dist_info):
         key,
         batch_size=max(1, args.batch_size // dist_info.world_size),
         workers=args.workers,
-        device=dist_info.device,
+        dist_info=dist_info,
         dtype=dtype,
         save=not args.no_save_features,
     )
@@ -135,8 +139,8 @@ def probe_inputs(args, model, datasets, key, features_dir, out_dir, dist_info):
         stats = feature_statistics(feats["train"][0])
         save_statistics(out_dir, key, stats[0], stats[1], feats["train"][0].shape[0])
     dim = model.feat_dim
-    mean = broadcast_tensor(stats[0] if stats else None, (dim,), dist_info.device)
-    var = broadcast_tensor(stats[1] if stats else None, (dim,), dist_info.device)
+    mean = broadcast_tensor(stats[0] if stats else None, (dim,), dist_info)
+    var = broadcast_tensor(stats[1] if stats else None, (dim,), dist_info)
     return mean, var, feats
 
 
@@ -273,9 +277,9 @@ def end_epoch(run: ProbeRun, stats: dict, epoch: int, args, writer: ScalarWriter
 
 
 def main(args: argparse.Namespace) -> dict | None:
-    if args.epochs < 1:
-        raise UserError(f"--epochs {args.epochs}: the probe needs at least one epoch")
     dist_info = distributed.init_distributed(args.device)
+    check_common_args(args, dist_info.world_size)
+    cli.check_paths(files={"--resume": args.resume})
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
     # Cached-feature probes are another protocol: their own folder, so neither run resumes the other.
     out_dir = output_dir(args.save, exp_dir, "linear_cached" if args.use_cache else "linear", args.use_pred)
@@ -284,6 +288,8 @@ def main(args: argparse.Namespace) -> dict | None:
         None, exp_dir or os.path.dirname(os.path.abspath(args.save)), "features", args.use_pred
     )
     setup_logging(os.path.join(out_dir, "linear.log"), dist_info.is_main, args.debug)
+    if args.start_epoch is not None:
+        cli.note_ignored("--start-epoch", "the probe continues from its own checkpoint (<save>/checkpoint.pth)")
     device, start = dist_info.device, time.perf_counter()
     milestones = parse_milestones(args.lr_schedule, args.epochs)
 
@@ -296,6 +302,8 @@ def main(args: argparse.Namespace) -> dict | None:
 
     # ============ the probe, trained ============
     run, first_epoch = build_probe(args, model, datasets, feats, (mean, var), key, out_dir, dist_info)
+    if args.evaluate:
+        return evaluate_saved(run, first_epoch, dist_info)
     writer = ScalarWriter(out_dir if dist_info.is_main else None)
     for epoch in range(first_epoch, args.epochs + 1):
         set_lr(run.optimizer, step_lr(args.lr, epoch, milestones))
@@ -309,6 +317,17 @@ def main(args: argparse.Namespace) -> dict | None:
     assert_unchanged(model, snapshot)  # the protocol's promise: the backbone was never touched
     seconds = time.perf_counter() - start
     results = summarise(run.history, model, run.settings, out_dir, seconds) if dist_info.is_main else None
+    distributed.cleanup()
+    return results
+
+
+def evaluate_saved(run: ProbeRun, first_epoch: int, dist_info) -> dict | None:
+    """``--evaluate``: the saved probe's val accuracy, no training."""
+    if first_epoch == 1:
+        raise UserError(f"--evaluate: no linear probe checkpoint in {run.out_dir}; train one first, or give --resume")
+    results = evaluate_probe(run.probe, *run.val) if dist_info.is_main else None
+    if results:
+        print(f"saved probe (epoch {first_epoch - 1}): top-1 {results['top1']:.2f}% top-5 {results['top5']:.2f}%")
     distributed.cleanup()
     return results
 

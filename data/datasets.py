@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -20,6 +21,31 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 class DataError(UserError):
     """A dataset problem, with a message naming the path and the fix."""
+
+
+def split_folder(root: str, split: str) -> str:
+    """``root/split``, or a DataError naming what is missing (the dataset root, or its split folder)."""
+    if not os.path.isdir(root):
+        raise DataError(f"data folder '{root}' does not exist; give the dataset root as the first argument")
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"data folder '{root}' has no {split}/ sub-folder; expected {root}/{split}/<class>/<image>")
+    return folder
+
+
+def dataset_fingerprint(dataset: IndexedImageFolder) -> dict:
+    """What identifies a dataset's content: image count, class names, SHA-256 of the relative paths.
+
+    The one fingerprint of the project: resume identity, teacher cache manifests and feature stores
+    all record it. Paths use ``/`` separators, so it does not depend on the operating system; labels
+    follow from the paths and the class list.
+    """
+    rel = "\n".join(path.replace(os.sep, "/") for path, _ in dataset.samples)
+    return {
+        "n_images": len(dataset.samples),
+        "classes": list(dataset.classes),
+        "paths_sha256": hashlib.sha256(rel.encode()).hexdigest(),
+    }
 
 
 def imagenet100_classes(all_classes: Sequence[str]) -> list[str]:
@@ -50,6 +76,8 @@ def select_classes(data_root: str, class_list: str | None = None, dataset: str =
         return read_class_list(class_list)
     if dataset == "imagenet100":
         return imagenet100_classes(list_class_folders(os.path.join(data_root, "train")))
+    if dataset == "imagenet-lt":  # the original accepted the name and used the folders as given
+        log.info("--dataset imagenet-lt: every class folder of the data root, as given")
     return None
 
 
@@ -88,7 +116,6 @@ def load_rgb(path: str) -> Image.Image:
     """Open any image as 3-channel RGB (grayscale, CMYK, RGBA and palette images are converted)."""
     try:
         with Image.open(path) as img:
-            img.draft("RGB", img.size)  # no-op for non-JPEG; keeps full size for JPEG
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -10,11 +10,12 @@ with a little noise, so raw pixels and random features do not solve it. Written 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
 from PIL import Image
+
+from models.io import read_json, write_json
 
 CANVAS = 32
 VERSION = 1
@@ -35,10 +36,8 @@ def render_digit(pixels: np.ndarray, rng: np.random.RandomState) -> Image.Image:
 def make_demo_dataset(root: str, seed: int = 0) -> str:
     """Write the demo ImageFolder under ``root`` (skipped when a complete copy is there); returns root."""
     stamp = os.path.join(root, "demo.json")
-    if os.path.isfile(stamp):
-        with open(stamp) as f:
-            if json.load(f).get("version") == VERSION:
-                return root
+    if (read_json(stamp) or {}).get("version") == VERSION:
+        return root
     from sklearn.datasets import load_digits  # imported here: only the demo needs scikit-learn
 
     digits = load_digits()
@@ -54,9 +53,7 @@ def make_demo_dataset(root: str, seed: int = 0) -> str:
             for i in part:
                 render_digit(digits.images[i], rng).save(os.path.join(folder, f"{i:04d}.png"))
             counts[split] += len(part)
-    with open(stamp + ".tmp", "w") as f:
-        json.dump({"version": VERSION, "seed": seed, "canvas": CANVAS, **counts}, f)
-    os.replace(stamp + ".tmp", stamp)
+    write_json(stamp, {"version": VERSION, "seed": seed, "canvas": CANVAS, **counts})
     return root
 
 

@@ -6,12 +6,13 @@ JPEG decoder's entropy stage costs) is close to an average ImageNet training ima
 
 from __future__ import annotations
 
-import json
 import os
 from multiprocessing import get_context
 
 import numpy as np
 from PIL import Image
+
+from models.io import read_json, write_json
 
 VERSION = 1
 
@@ -50,11 +51,9 @@ def make_jpeg_folder(
     stamp = os.path.join(root, "jpegs.json")
     spec = {"version": VERSION, "n_images": n_images, "n_classes": n_classes, "size": list(size), "quality": quality}
     spec["seed"] = seed
-    if os.path.isfile(stamp):
-        with open(stamp) as f:
-            found = json.load(f)
-        if all(found.get(k) == v for k, v in spec.items()):
-            return found
+    found = read_json(stamp) or {}
+    if found and all(found.get(k) == v for k, v in spec.items()):
+        return found
     jobs = []
     for i in range(n_images):
         folder = os.path.join(root, "train", f"class_{i % n_classes:03d}")
@@ -67,7 +66,5 @@ def make_jpeg_folder(
     else:
         sizes = [_write_one(j) for j in jobs]
     manifest = {**spec, "mean_kb": round(float(np.mean(sizes)) / 1000, 1)}
-    with open(stamp + ".tmp", "w") as f:
-        json.dump(manifest, f)
-    os.replace(stamp + ".tmp", stamp)
+    write_json(stamp, manifest)
     return manifest

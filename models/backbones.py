@@ -42,16 +42,6 @@ def canonical_arch(name: str) -> str:
     return name
 
 
-def feature_dim(arch: str) -> int:
-    """Pooled feature dimension of a registry backbone."""
-    return BACKBONES[canonical_arch(arch)][1]
-
-
-def classifier_name(arch: str) -> str:
-    """Attribute name of the classifier that torchvision's model has and our backbone drops."""
-    return BACKBONES[canonical_arch(arch)][2]
-
-
 def build_backbone(arch: str) -> nn.Module:
     """A torchvision network with its classifier replaced by the identity.
 

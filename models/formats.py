@@ -1,74 +1,24 @@
-"""Checkpoint formats: safe reading, and a registry of layouts -> torchvision-named backbone weights.
+"""Checkpoint formats: a registry of published layouts -> torchvision-named backbone weights.
 
-Every file goes through :func:`safe_load` (``torch.load(weights_only=True)`` with an explicit
-allow-list), so a checkpoint that needs arbitrary code to unpickle is refused, never run.
-Each format turns the raw object into a :class:`Converted`: the backbone state dict, the keys it
+Files are read by :func:`models.io.safe_load` (never running code); each format turns the raw
+object into a :class:`Converted`: the backbone state dict, the keys it
 recognised and deliberately dropped (projection heads, momentum encoders, queues, classifiers), and
 the keys it did not recognise (an error for the caller to report).
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import logging
-import os
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from models.errors import UserError
+from models.io import CheckpointError
 from models.resnet_wide import tf_to_torchvision
+from models.schema import is_simreg_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used, with a message that names the file and the fix."""
-
-
-# Old formats pickled an argparse.Namespace of their options: allowed by name, nothing else is.
-SAFE_GLOBALS = [argparse.Namespace]
-
-
-def file_sha256(path: str, block: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def safe_load(path: str, what: str = "checkpoint") -> object:
-    """Read a PyTorch file with ``weights_only=True`` onto the CPU, or raise a clear CheckpointError."""
-    if not path:
-        raise CheckpointError(f"no {what} file was given")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{what} file '{path}' does not exist; check the path")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{what} path '{path}' is a folder; give the checkpoint file itself")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "global" not in str(exc).lower():  # a broken pickle stream, not a forbidden class
-            raise CheckpointError(
-                f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or corrupt?)"
-            ) from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"refused to load {what} '{path}': it needs arbitrary code to unpickle, which could run "
-            f"commands on this machine ({first[:200]}); only weights files (tensors, dicts, numbers) "
-            "are accepted - re-save it as a plain state dict from a trusted environment"
-        ) from exc
-    except Exception as exc:  # whatever the parser trips on, the file is not a readable checkpoint
-        raise CheckpointError(
-            f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): "
-            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
-        ) from exc
 
 
 @dataclass
@@ -291,18 +241,14 @@ def _convert_simclr(raw: object) -> Converted:
 
 
 # ---------------------------------------------------------------- this project's checkpoints
-def _is_simreg(raw: object) -> bool:
-    return isinstance(raw, dict) and "version" in raw and isinstance(raw.get("student"), dict)
-
-
 def _convert_simreg(raw: dict) -> Converted:
-    args = raw.get("args") or {}
+    settings = raw.get("args") or {}  # the run's arguments, saved as a dict
     head = _tensors(raw.get("head")) or None
     return Converted(
         _tensors(raw["student"]),
         head=head,
-        arch=args.get("arch_student"),
-        meta={"n_mlp_layers": args.get("n_mlp_layers"), "epoch": raw.get("epoch")},
+        arch=settings.get("arch_student"),
+        meta={"n_mlp_layers": settings.get("n_mlp_layers"), "epoch": raw.get("epoch")},
         projection=head,
         projection_name="the SimReg prediction head",
     )
@@ -332,6 +278,21 @@ def _convert_simreg_original(raw: object) -> Converted:
     )
 
 
+# ---------------------------------------------------------------- the predecessor (CompRess) students
+def _is_compress(raw: object) -> bool:
+    """CompRess saved ``{'opt', 'model', 'optimizer', 'epoch'}``, ``model`` a DataParallel state dict."""
+    if not (isinstance(raw, dict) and "opt" in raw and isinstance(raw.get("model"), dict)):
+        return False
+    return any(isinstance(k, str) and k.startswith("module.") for k in raw["model"])
+
+
+def _convert_compress(raw: dict) -> Converted:
+    conv = _plain(raw)  # torchvision names under module., fc dropped
+    conv.arch = getattr(raw.get("opt"), "student_arch", None)
+    conv.meta["epoch"] = raw.get("epoch")
+    return conv
+
+
 @dataclass(frozen=True)
 class Format:
     detect: Callable[[object], bool]
@@ -345,13 +306,19 @@ _never = lambda raw: False  # plain-name layouts that keys cannot tell apart: ch
 # Order matters for auto-detection: the most specific layouts first, plain names last.
 FORMATS: dict[str, Format] = {
     "simreg": Format(
-        _is_simreg, _convert_simreg, "this project's training checkpoints", ("student", "head", "version")
+        is_simreg_checkpoint, _convert_simreg, "this project's training checkpoints", ("student", "head", "version")
     ),
     "simreg_original": Format(
         _is_simreg_original,
         _convert_simreg_original,
         "the authors' released SimReg students (encoder_q.module.*)",
         ("encoder_q.module", "predict_q"),
+    ),
+    "compress": Format(
+        _is_compress,
+        _convert_compress,
+        "the predecessor CompRess's students ({opt, model: module.<torchvision names>})",
+        ("model", "module.layer1"),
     ),
     "dino": Format(
         lambda raw: _dino_teacher(raw) is not None,
@@ -482,41 +449,6 @@ def convert(raw: object, fmt: str = "auto", path: str = "", arch: str | None = N
             f"'{path}' read as format '{fmt}' holds no backbone weights{hint}; is it the right file or format?"
         )
     return fmt, converted
-
-
-def _show(keys: list[str], n: int = 8) -> str:
-    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def load_strict(
-    module: torch.nn.Module, sd: dict[str, torch.Tensor], path: str, what: str, assign: bool = False
-) -> None:
-    """Load ``sd`` into ``module`` with every key accounted for, or raise a CheckpointError naming them.
-
-    Only BatchNorm's ``num_batches_tracked`` counters may be absent (converters from TensorFlow/JAX do
-    not write them; eval-mode BatchNorm never reads them): they are filled with 0. ``assign=True``
-    adopts the file's tensors (as float32) instead of copying, for networks built on the meta device.
-    """
-    own = module.state_dict()
-    sd = dict(sd)
-    for k, v in own.items():
-        if k.endswith("num_batches_tracked") and k not in sd:
-            sd[k] = torch.zeros((), dtype=v.dtype)
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing:
-        raise CheckpointError(f"{what} weights in '{path}' are missing {len(missing)} key(s): {_show(missing)}")
-    if unexpected:
-        raise CheckpointError(
-            f"{what} weights in '{path}' have {len(unexpected)} unexpected key(s): {_show(unexpected)}"
-        )
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
-    if bad:
-        raise CheckpointError(f"{what} weights in '{path}' do not fit the network (file vs network): {_show(bad, 4)}")
-    if assign:
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    module.load_state_dict(sd, strict=True, assign=assign)
 
 
 def infer_arch(sd: dict[str, torch.Tensor]) -> str | None:

@@ -18,61 +18,30 @@ import torch
 from torch import nn
 
 from models.backbones import ALIASES, BACKBONES, Encoder, build_encoder, canonical_arch
-from models.formats import (
-    CLASSIFIER_PREFIXES,
-    CheckpointError,
-    Converted,
-    convert,
-    file_sha256,
-    infer_arch,
-    load_strict,
-    safe_load,
-)
+from models.formats import CLASSIFIER_PREFIXES, Converted, convert, infer_arch
+from models.frozen import FrozenExtractor
 from models.heads import build_head
+from models.io import CheckpointError, file_sha256, load_strict, safe_load
 from models.teachers import TEACHER_ALIASES, load_teacher
 
 log = logging.getLogger(__name__)
 
 # Formats whose backbone is a registry student network (anything else is loaded as a teacher).
 STUDENT_FORMATS = ("simreg", "simreg_original", "compress", "torchvision")
-# Extra layout name understood here on top of models.formats.FORMATS.
-EXTRA_FORMATS = ("compress",)
 
 
-class EvalModel(nn.Module):
+class EvalModel(FrozenExtractor):
     """A frozen network under evaluation: images in [0, 1] (B, 3, H, W) -> features (B, D) float32.
 
     ``encoder`` maps images to the backbone's pooled feature; with a ``head`` (``--use_pred``) the
-    output is the prediction head's instead. The module stays in eval mode (BatchNorm on running
-    statistics) whatever ``.train()`` is called with and has no trainable parameter.
+    output is the prediction head's instead. ``identity`` keys every cached feature and statistic.
     """
 
     def __init__(self, encoder: nn.Module, head: nn.Module | None, arch: str, identity: dict) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
+        super().__init__(encoder, head)
         self.arch = arch
         self.identity = identity
         self.fmt = identity.get("format", "")
-        self.feat_dim = _out_dim(head) if head is not None else encoder.feat_dim
-        self.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> EvalModel:
-        # Evaluation protocols freeze the network, BatchNorm statistics included (MoCo's lincls does
-        # the same): a parent module switching to train mode must not change the features.
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(x)
-        if self.head is not None:
-            feats = self.head(feats)
-        return feats.float()
-
-
-def _out_dim(head: nn.Module) -> int:
-    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
 # ---------------------------------------------------------------- prediction head from its weights
@@ -81,7 +50,7 @@ HEAD_LAYOUTS = {
     4: ((0, "linear"), (1, "bn"), (3, "linear"), (4, "linear"), (5, "bn"), (7, "linear")),
     2: ((0, "linear"), (1, "bn"), (3, "linear")),
     0: ((0, "bn"), (1, "linear")),
-    # The original's "2-layer" option: two stacked linears without non-linearity (reference.md 2).
+    # The original's "2-layer" option: two stacked linears without non-linearity (a bug; see models/heads.py).
     -2: ((0, "linear"), (1, "linear")),
 }
 
@@ -111,24 +80,6 @@ def build_head_from_weights(head_sd: dict[str, torch.Tensor], in_dim: int, path:
         head = build_head(in_dim, out_dim, layers)
     load_strict(head, head_sd, path, "prediction head")
     return head
-
-
-# ---------------------------------------------------------------- the predecessor (CompRess) students
-def _is_compress(raw: object) -> bool:
-    """CompRess saved ``{'opt', 'model', 'optimizer', 'epoch'}``, ``model`` a DataParallel state dict."""
-    if not (isinstance(raw, dict) and "opt" in raw and isinstance(raw.get("model"), dict)):
-        return False
-    return any(isinstance(k, str) and k.startswith("module.") for k in raw["model"])
-
-
-def read_student_file(raw: object, fmt: str, path: str) -> tuple[str, Converted]:
-    """(format, converted) for a student file; knows CompRess on top of :data:`models.formats.FORMATS`."""
-    if fmt == "compress" or (fmt == "auto" and _is_compress(raw)):
-        _, conv = convert(raw, "torchvision", path)  # torchvision names under module., fc dropped
-        conv.arch = getattr(raw.get("opt"), "student_arch", None) if isinstance(raw, dict) else None
-        conv.meta["epoch"] = raw.get("epoch") if isinstance(raw, dict) else None
-        return "compress", conv
-    return convert(raw, fmt, path)
 
 
 def resolve_arch(given: str | None, recorded: str | None, found: str | None, path: str) -> str:
@@ -166,7 +117,7 @@ def load_eval_model(
     """
     if as_teacher or not is_student_arch(arch) or fmt not in (*STUDENT_FORMATS, "auto"):
         return _teacher_model(weights, arch, fmt, use_pred)
-    fmt, conv = read_student_file(safe_load(weights, "--weights"), fmt, weights)
+    fmt, conv = convert(safe_load(weights, "--weights"), fmt, weights)
     if fmt not in STUDENT_FORMATS:  # auto-detected a teacher layout (MoCo, SwAV, ...)
         return _teacher_model(weights, arch, fmt, use_pred)
     return _student_model(weights, fmt, conv, arch, use_pred)

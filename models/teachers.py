@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from models.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Encoder, build_backbone, canonical_arch
-from models.formats import CheckpointError, Converted, convert, infer_arch, load_strict, safe_load
+from models.formats import Converted, convert, infer_arch
+from models.frozen import FrozenExtractor, out_dim
+from models.io import CheckpointError, load_strict, safe_load
 from models.resnet_same import byol_resnet50
 from models.resnet_wide import wide_resnet50
 
@@ -52,32 +54,17 @@ def _layout(arch: str) -> str:
     return TEACHER_NETWORKS[arch][1] if arch in TEACHER_NETWORKS else arch
 
 
-class Teacher(nn.Module):
-    """A frozen feature extractor. forward: (B, 3, H, W) in [0, 1] -> (B, feat_dim) float32.
+class Teacher(FrozenExtractor):
+    """A frozen teacher. forward: (B, 3, H, W) in [0, 1] -> (B, feat_dim) float32.
 
     With a ``head`` (``--teacher_fc``) the output is the checkpoint's projection of the pooled feature.
     """
 
     def __init__(self, encoder: Encoder, arch: str, fmt: str, head: nn.Module | None = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-        self.feat_dim = _out_dim(head) if head is not None else encoder.feat_dim
+        super().__init__(encoder, head)
         self.arch = arch
         self.fmt = fmt
         self.input_norm = "imagenet" if encoder.normalize.enabled else "none"
-        self.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> Teacher:
-        # The teacher is never trained: BatchNorm must keep using its running statistics even
-        # when a parent module is switched to train mode.
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.encoder(x)
-        return (self.head(f) if self.head is not None else f).float()
 
     def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Regression targets (B, D) for a batch; a cached teacher answers the same call from indices."""
@@ -133,11 +120,6 @@ def summarise(keys: list[str]) -> str:
     return ", ".join(shown)
 
 
-def _out_dim(head: nn.Module) -> int:
-    dims = [m.out_features for m in head.modules() if isinstance(m, nn.Linear)]
-    return dims[-1]
-
-
 def build_projection(sd: dict[str, torch.Tensor], path: str) -> nn.Module:
     """Rebuild a checkpoint's projection from its tensors: one Linear, or an indexed nn.Sequential.
 
@@ -175,7 +157,7 @@ def _projection_head(conv: Converted, fmt: str, path: str) -> nn.Module:
             "drop --teacher_fc to regress its pooled features"
         )
     head = build_projection(conv.projection, path)
-    log.info("teacher_fc: regressing %s (%d-d) instead of the pooled feature", conv.projection_name, _out_dim(head))
+    log.info("teacher_fc: regressing %s (%d-d) instead of the pooled feature", conv.projection_name, out_dim(head))
     return head
 
 

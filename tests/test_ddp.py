@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 
 import train_student
 from data.loaders import EpochSampler, build_loader
+from tools.engine.distributed import DistInfo
+from tools.engine.step import StepConfig, build_optimizer
 
 
 class ToyImages:
@@ -46,9 +48,9 @@ def train_toy(rank: int, world_size: int, out: str) -> None:
     student = toy_student()
     model = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
     hp = argparse.Namespace(learning_rate=0.1, sgd_momentum=0.9, weight_decay=1e-4)
-    opt = train_student.build_optimizer(student.parameters(), hp, torch.device("cpu"))
+    opt = build_optimizer(student.parameters(), hp.learning_rate, hp.sgd_momentum, hp.weight_decay, torch.device("cpu"))
     loader = build_loader(ToyImages(), 8 // world_size, num_workers=0, rank=rank, world_size=world_size, seed=3)
-    cfg = train_student.StepConfig(torch.device("cpu"), None, False, print_freq=1000, is_main=rank == 0)
+    cfg = StepConfig(DistInfo(rank, world_size), None, False, print_freq=1000)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for epoch in (1, 2):
         loader.sampler.set_epoch(epoch)

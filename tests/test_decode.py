@@ -22,6 +22,7 @@ from data import decode as D
 from data.datasets import DataError, IndexedImageFolder, load_rgb
 from data.synthetic import textured_image
 from data.transforms import TrainViews, WeakAug, rrc_box
+from tools.bench import device_decode as DD
 
 SIZE = 32  # output crop; 203x149 images then allow DCT reductions of 2 and 4
 
@@ -168,8 +169,8 @@ def test_batched_decode_gives_the_cpu_pipeline_crops(jpegs, tmp_path):
         os.link(path, tmp_path / "c" / f"{i}.jpg")
     folder = IndexedImageFolder(str(tmp_path), seed=5)
     views = IndexedImageFolder(str(tmp_path), TrainViews(SIZE, True, True, False, decode="tv"), seed=5)
-    batch = D.collate_encoded([D.EncodedCrops(folder)[(i, 7)] for i in range(4)])
-    out = D.decode_crop_resize_batch(batch[0], batch[1], batch[2], SIZE, torch.device("cpu"))
+    batch = DD.collate_encoded([DD.EncodedCrops(folder)[(i, 7)] for i in range(4)])
+    out = DD.decode_crop_resize_batch(batch[0], batch[1], batch[2], SIZE, torch.device("cpu"))
     assert out.shape == (4, 3, SIZE, SIZE) and out.dtype == torch.uint8
     assert torch.equal(batch[4], torch.arange(4))
     for i in range(4):
@@ -187,9 +188,9 @@ def test_cuda_batched_decode_matches_cpu(jpegs, tmp_path):
     for i, path in enumerate(jpegs):
         os.makedirs(tmp_path / "c", exist_ok=True)
         os.link(path, tmp_path / "c" / f"{i}.jpg")
-    crops = D.EncodedCrops(IndexedImageFolder(str(tmp_path), seed=5))
-    batch = D.collate_encoded([crops[(i, 7)] for i in range(4)])
-    cpu = D.decode_crop_resize_batch(batch[0], batch[1], batch[2], SIZE, torch.device("cpu"))
-    gpu = D.decode_crop_resize_batch(batch[0], batch[1], batch[2], SIZE, torch.device("cuda")).cpu()
+    crops = DD.EncodedCrops(IndexedImageFolder(str(tmp_path), seed=5))
+    batch = DD.collate_encoded([crops[(i, 7)] for i in range(4)])
+    cpu = DD.decode_crop_resize_batch(batch[0], batch[1], batch[2], SIZE, torch.device("cpu"))
+    gpu = DD.decode_crop_resize_batch(batch[0], batch[1], batch[2], SIZE, torch.device("cuda")).cpu()
     diff = (cpu.float() - gpu.float()).abs()
     assert diff.mean() <= 1.0 and diff.max() <= 16  # nvJPEG's IDCT and upsampling differ slightly from libjpeg

@@ -10,8 +10,8 @@ import pytest
 import eval_knn
 import eval_linear
 from models.errors import UserError
+from tools.eval.common import exp_dir_of, output_dir, resolve_weights
 from tools.eval_summary import format_table, read_results
-from tools.evaluation import exp_dir_of, output_dir, resolve_weights
 
 
 def test_the_papers_commands_parse_verbatim():

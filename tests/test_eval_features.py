@@ -10,8 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from data.datasets import dataset_fingerprint
 from tests.eval_helpers import make_image_folder
-from tools.features import FeatureStore, build_eval_dataset, dataset_fingerprint, extract_features
+from tools.engine.distributed import DistInfo
+from tools.eval.features import FeatureStore, build_eval_dataset, extract_features
 
 
 class TinyNet(nn.Module):
@@ -31,7 +33,7 @@ def _extract_on_rank(rank: int, world_size: int, init_file: str, root: str, out:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         dataset = build_eval_dataset(root, "train", 8, 8)
-        got = extract_features(TinyNet(), dataset, batch_size=2, num_workers=0, device=torch.device("cpu"))
+        got = extract_features(TinyNet(), dataset, batch_size=2, num_workers=0, dist_info=DistInfo(rank, world_size))
         assert (got is None) == (rank != 0)
         if rank == 0:
             torch.save(got, out)
@@ -43,7 +45,7 @@ def _extract_on_rank(rank: int, world_size: int, init_file: str, root: str, out:
 def test_two_rank_extraction_equals_one_rank_row_for_row(tmp_path):
     root = make_image_folder(str(tmp_path / "data"), {"train": 3}, classes=3, size=8)  # 9 images: 2 ranks pad
     dataset = build_eval_dataset(root, "train", 8, 8)
-    single, labels = extract_features(TinyNet(), dataset, batch_size=4, num_workers=0, device=torch.device("cpu"))
+    single, labels = extract_features(TinyNet(), dataset, batch_size=4, num_workers=0, dist_info=DistInfo())
     out = str(tmp_path / "two.pt")
     mp.spawn(_extract_on_rank, args=(2, str(tmp_path / "init"), root, out), nprocs=2, join=True)
     two, two_labels = torch.load(out, weights_only=True)
@@ -86,6 +88,6 @@ def test_fingerprint_changes_with_the_image_list(tmp_path):
     before = dataset_fingerprint(build_eval_dataset(root, "train", 8, 8))
     os.remove(os.path.join(root, "train", "c1", "001.png"))
     after = dataset_fingerprint(build_eval_dataset(root, "train", 8, 8))
-    assert before["n"] == 4 and after["n"] == 3
-    assert before["listing_sha256"] != after["listing_sha256"]
-    assert before["classes_sha256"] == after["classes_sha256"]
+    assert before["n_images"] == 4 and after["n_images"] == 3
+    assert before["paths_sha256"] != after["paths_sha256"]
+    assert before["classes"] == after["classes"] == ["c0", "c1"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.errors import UserError
-from tools.linear_probe import (
+from tools.eval.linear_probe import (
     LinearProbe,
     assert_unchanged,
     evaluate_probe,

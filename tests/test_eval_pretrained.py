@@ -10,8 +10,8 @@ import torchvision
 from torch import nn
 
 from models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from models.formats import CheckpointError
 from models.heads import build_head
+from models.io import CheckpointError
 from models.pretrained import head_layout, load_eval_model, random_init_model
 
 X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -14,9 +14,9 @@ import eval_linear
 from models.backbones import build_backbone
 from models.errors import UserError
 from models.heads import build_head
-from models.pretrained import file_sha256
+from models.io import file_sha256
 from tests.eval_helpers import make_image_folder
-from tools.knn import knn_classify
+from tools.eval.knn import knn_classify
 
 COMMON = ["--resize_size", "16", "--crop_size", "16", "-j", "0", "-b", "8"]
 

@@ -16,9 +16,10 @@ from models.fold import compile_frozen, count_batchnorms, fold_batchnorm
 from models.loss import regression_loss
 from models.student import Student
 from models.teachers import Teacher
+from tools.bench.baseline import OriginalStep, build_original_pair
 from tools.benchmark import normalised_pair
-from tools.original_recipe import OriginalStep, build_original_pair
-from train_student import StepConfig, build_optimizer, distill_step
+from tools.engine.distributed import DistInfo
+from tools.engine.step import StepConfig, build_optimizer, distill_step
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,7 +61,9 @@ def pair_of_models(seed: int = 0) -> tuple[Teacher, Student]:
 def step_grads(teacher, student, batch, cfg: StepConfig, train: bool = True) -> tuple[float, torch.Tensor]:
     """Loss and the flattened student gradient of one distill_step (lr 0 keeps the weights)."""
     student.train(train)
-    opt = build_optimizer(student.parameters(), HP0, torch.device("cpu"))
+    opt = build_optimizer(
+        student.parameters(), HP0.learning_rate, HP0.sgd_momentum, HP0.weight_decay, torch.device("cpu")
+    )
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss = distill_step(student, teacher, batch, torch.arange(batch.shape[0]), opt, scaler, cfg)
     return loss.item(), torch.cat([p.grad.flatten() for p in student.parameters()])
@@ -70,10 +73,12 @@ def fp32_and_fast(batch: torch.Tensor, train: bool, seed: int = 0) -> tuple[floa
     """(loss, grad) of the fp32 NCHW step and of the fast step (bf16 autocast, channels_last) on one batch."""
     teacher, student = pair_of_models(seed)
     cpu = torch.device("cpu")
-    loss32, grad32 = step_grads(teacher, copy.deepcopy(student), batch, StepConfig(cpu, None, False, 100), train)
+    loss32, grad32 = step_grads(
+        teacher, copy.deepcopy(student), batch, StepConfig(DistInfo(device=cpu), None, False, 100), train
+    )
     t_cl = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
     s_cl = copy.deepcopy(student).to(memory_format=torch.channels_last)
-    loss16, grad16 = step_grads(t_cl, s_cl, batch, StepConfig(cpu, torch.bfloat16, True, 100), train)
+    loss16, grad16 = step_grads(t_cl, s_cl, batch, StepConfig(DistInfo(device=cpu), torch.bfloat16, True, 100), train)
     return loss32, grad32, loss16, grad16
 
 
@@ -101,7 +106,9 @@ def test_fast_step_in_train_mode_is_within_the_fp32_noise():
     g = torch.Generator().manual_seed(9)
     nudged = (batch.int() + torch.randint(-1, 2, batch.shape, generator=g)).clamp(0, 255).to(torch.uint8)
     teacher, student = pair_of_models(0)
-    _, grad_nudged = step_grads(teacher, student, nudged, StepConfig(torch.device("cpu"), None, False, 100))
+    _, grad_nudged = step_grads(
+        teacher, student, nudged, StepConfig(DistInfo(device=torch.device("cpu")), None, False, 100)
+    )
     assert abs(loss16 - loss32) / loss32 < 1e-2
     assert cosine(grad16, grad32) > cosine(grad_nudged, grad32)
 
@@ -111,7 +118,7 @@ def test_inference_mode_teacher_keeps_the_maths_and_backward_works():
     batch = smooth_batch(8, 32, seed=1)
     x = batch.float() / 255
     want = regression_loss(copy.deepcopy(student).train()(x), teacher(x)).item()
-    loss, grad = step_grads(teacher, student, batch, StepConfig(torch.device("cpu"), None, False, 100))
+    loss, grad = step_grads(teacher, student, batch, StepConfig(DistInfo(device=torch.device("cpu")), None, False, 100))
     assert loss == pytest.approx(want, rel=1e-6)
     assert grad.abs().sum() > 0
 
@@ -127,7 +134,7 @@ def test_original_recipe_baseline_computes_the_same_loss():
     student.encoder.backbone.load_state_dict(o_student.encoder.backbone.state_dict())
     student.head.load_state_dict(o_student.head.state_dict())
     batch = smooth_batch(8, 32, seed=2)
-    ours, _ = step_grads(teacher, student, batch, StepConfig(torch.device("cpu"), None, False, 100))
+    ours, _ = step_grads(teacher, student, batch, StepConfig(DistInfo(device=torch.device("cpu")), None, False, 100))
     original = OriginalStep(o_teacher, o_student, torch.device("cpu"))(*normalised_pair(batch))
     assert original == pytest.approx(ours, rel=1e-5)
 
@@ -135,10 +142,18 @@ def test_original_recipe_baseline_computes_the_same_loss():
 def test_pair_views_step():
     teacher, student = pair_of_models(3)
     views = (smooth_batch(4, 32, seed=3), smooth_batch(4, 32, seed=4))
-    opt = build_optimizer(student.parameters(), HP0, torch.device("cpu"))
+    opt = build_optimizer(
+        student.parameters(), HP0.learning_rate, HP0.sgd_momentum, HP0.weight_decay, torch.device("cpu")
+    )
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss = distill_step(
-        student, teacher, views, torch.arange(4), opt, scaler, StepConfig(torch.device("cpu"), None, False, 1)
+        student,
+        teacher,
+        views,
+        torch.arange(4),
+        opt,
+        scaler,
+        StepConfig(DistInfo(device=torch.device("cpu")), None, False, 1),
     )
     x_s, x_t = views[0].float() / 255, views[1].float() / 255
     assert loss.item() == pytest.approx(regression_loss(copy.deepcopy(student)(x_s), teacher(x_t)).item(), rel=1e-6)
@@ -178,7 +193,7 @@ def test_fused_sgd_on_cpu_equals_the_plain_update():
     a = torch.nn.Linear(8, 4)
     b = copy.deepcopy(a)
     hp = SimpleNamespace(learning_rate=0.1, sgd_momentum=0.9, weight_decay=1e-4)
-    fused = build_optimizer(a.parameters(), hp, torch.device("cpu"))
+    fused = build_optimizer(a.parameters(), hp.learning_rate, hp.sgd_momentum, hp.weight_decay, torch.device("cpu"))
     plain = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)
     assert fused.param_groups[0]["fused"] is True
     x = torch.randn(16, 8)
@@ -220,15 +235,15 @@ def test_fast_step_on_cuda_matches_fp32():
     batch = smooth_batch(16, 64, seed=5).to(dev)
 
     def run(t, s, cfg):
-        opt = build_optimizer(s.parameters(), HP0, dev)
+        opt = build_optimizer(s.parameters(), HP0.learning_rate, HP0.sgd_momentum, HP0.weight_decay, dev)
         loss = distill_step(s, t, batch, torch.arange(16), opt, torch.amp.GradScaler("cuda", enabled=False), cfg)
         return loss.item(), torch.cat([p.grad.flatten() for p in s.parameters()])
 
     torch.backends.cudnn.allow_tf32 = False
-    loss32, grad32 = run(teacher, copy.deepcopy(student), StepConfig(dev, None, False, 100))
+    loss32, grad32 = run(teacher, copy.deepcopy(student), StepConfig(DistInfo(device=dev), None, False, 100))
     fast_t = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
     fast_t.encoder = compile_frozen(fast_t.encoder)
     fast_s = torch.compile(copy.deepcopy(student).to(memory_format=torch.channels_last))
-    loss16, grad16 = run(fast_t, fast_s, StepConfig(dev, torch.bfloat16, True, 100))
+    loss16, grad16 = run(fast_t, fast_s, StepConfig(DistInfo(device=dev), torch.bfloat16, True, 100))
     assert abs(loss16 - loss32) / loss32 < 1e-2
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 import train_student
+from models.io import atomic_save
 from tests.conftest import ROOT, Payload, write_image_folder
-from tools.checkpoint import atomic_save, checkpoint_paths
-from tools.cli import run_cli
+from tools.engine.checkpoint import checkpoint_paths
+from tools.engine.cli import run_cli
 
 TRAIN = [sys.executable, "train_student.py"]
 
@@ -99,7 +100,7 @@ def test_same_seed_same_result_and_other_seed_differs(data8, resnet18_teacher_fi
 def test_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path):
     path = str(tmp_path / "ckpt.pth")
     atomic_save({"v": torch.zeros(3)}, path)
-    code = (f"import torch, sys; sys.path.insert(0, {ROOT!r}); from tools.checkpoint import atomic_save\n"
+    code = (f"import torch, sys; sys.path.insert(0, {ROOT!r}); from models.io import atomic_save\n"
             f"while True: atomic_save({{'v': torch.ones(64, 1024, 1024)}}, {path!r})")  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 60
@@ -250,7 +251,7 @@ def test_epochs_below_resumed_epoch_and_other_run_are_refused(data8, resnet18_te
 
 
 def test_evaluation_checkpoint_and_cache_payloads_run_nothing(tmp_path):
-    from models.formats import CheckpointError
+    from models.io import CheckpointError
     from models.pretrained import load_eval_model
 
     marker = tmp_path / "marker"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tools import knn
+from tools.eval import knn
 
 
 def _data(n_train=300, n_test=57, dim=16, classes=5, seed=0):

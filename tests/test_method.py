@@ -10,7 +10,7 @@ from torch import nn
 from models.errors import UserError
 from models.heads import build_head
 from models.loss import regression_loss
-from tools.schedules import cosine_lr
+from tools.engine.schedules import cosine_lr
 
 
 def test_loss_equals_two_minus_two_cos_and_squared_distance():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from models.formats import CheckpointError, safe_load
+from models.io import CheckpointError, safe_load
 from models.teachers import load_teacher
 from tests.conftest import Payload
 

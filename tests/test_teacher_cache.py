@@ -15,13 +15,15 @@ import torch
 import torchvision
 from PIL import Image
 
-from data.datasets import IndexedImageFolder
+from data.datasets import IndexedImageFolder, dataset_fingerprint
 from data.transforms import CenterCrop
+from models.cached_teacher import CachedTeacher, manifest_path, open_cached_teacher
 from models.errors import UserError
-from models.formats import safe_load
+from models.io import safe_load
 from models.teachers import load_teacher
-from tools import teacher_cache
-from tools.teacher_cache import CachedTeacher, build_cache, manifest_path, open_cached_teacher, plan_rank
+from tools.engine import teacher_cache
+from tools.engine.distributed import DistInfo
+from tools.engine.teacher_cache import build_cache, plan_rank
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES = 11  # odd: two ranks with batches of 2 need padding
@@ -131,7 +133,7 @@ def test_two_rank_build_equals_live_teacher_in_dataset_order(data, weights, tmp_
     live = live_features(weights, dataset)
     np.testing.assert_allclose(cached.astype(np.float32), live, rtol=2e-3, atol=2e-3 * np.abs(live).max())
     manifest = json.loads(open(manifest_path(str(out))).read())
-    assert manifest["count"] == N_IMAGES and manifest["classes"] == ["ant", "bee", "cat"]
+    assert manifest["n_images"] == N_IMAGES and manifest["classes"] == ["ant", "bee", "cat"]
     assert manifest["shape"] == [N_IMAGES, 512] and manifest["world_size"] == 2
     assert manifest["teacher"]["arch"] == "resnet18" and manifest["teacher"]["format"] == "torchvision"
     assert manifest["teacher"]["weights_sha256"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
@@ -143,7 +145,7 @@ def test_interrupted_build_resumes_with_only_the_missing_rows(data, weights, tmp
     monkeypatch.setattr(teacher_cache, "FLUSH_SECONDS", -1.0)  # flush after every batch
     dataset, teacher = crops(data), load_teacher(weights)
     out = str(tmp_path / "feats.npy")
-    kwargs = {"batch_size": 2, "num_workers": 0, "device": torch.device("cpu")}
+    kwargs = {"batch_size": 2, "num_workers": 0, "dist_info": DistInfo()}
     with pytest.raises(KeyboardInterrupt):
         build_cache(Counting(teacher, fail_after=3), dataset, out, MANIFEST, **kwargs)
     assert not os.path.exists(out) and np.load(out + ".done.npy").sum() == 6
@@ -178,7 +180,7 @@ def cache(data, tmp_path_factory):
         img = dataset[i][0].float() / 255
         lookup[tuple(img.flatten()[:8].tolist())] = torch.tensor([i, i + 0.5, -i, 2.0 * i])
     out = str(tmp_path_factory.mktemp("cache") / "rows.npy")
-    build_cache(Rows(), dataset, out, MANIFEST, batch_size=3, num_workers=0, device=torch.device("cpu"))
+    build_cache(Rows(), dataset, out, MANIFEST, batch_size=3, num_workers=0, dist_info=DistInfo())
     return out
 
 
@@ -186,7 +188,7 @@ def test_cached_teacher_gathers_rows_by_index(cache, data):
     expected = np.array([[i, i + 0.5, -i, 2.0 * i] for i in range(N_IMAGES)], dtype=np.float32)
     index = torch.tensor([7, 0, 7, 10, 3])
     for on_device in (False, True):
-        teacher = CachedTeacher(cache, crops(data), "cpu", on_device=on_device)
+        teacher = CachedTeacher(cache, dataset_fingerprint(crops(data)), "cpu", on_device=on_device)
         out = teacher.targets(torch.zeros(5, 3, 32, 32), index)
         assert out.dtype == torch.float32 and teacher.feat_dim == 4 and (teacher.table is not None) == on_device
         np.testing.assert_array_equal(out.numpy(), expected[index.numpy()])
@@ -197,18 +199,18 @@ def test_cache_for_another_image_set_is_refused(cache, data, tmp_path):
     shutil.copytree(data, other)
     os.remove(other / "train" / "ant" / "img00.png")
     with pytest.raises(UserError, match="another image set: it holds 11 images, the training set has 10"):
-        CachedTeacher(cache, crops(other))
+        CachedTeacher(cache, dataset_fingerprint(crops(other)))
     os.rename(other / "train" / "ant" / "img03.png", other / "train" / "ant" / "img00.png")
     shutil.copy(other / "train" / "bee" / "img01.png", other / "train" / "bee" / "img99.png")
     with pytest.raises(UserError, match="its image files differ"):
-        CachedTeacher(cache, crops(other))
+        CachedTeacher(cache, dataset_fingerprint(crops(other)))
     os.rename(other / "train" / "cat", other / "train" / "cow")
     with pytest.raises(UserError, match=r"its class list differs \(e.g. \['cat', 'cow'\]\)"):
-        CachedTeacher(cache, crops(other))
+        CachedTeacher(cache, dataset_fingerprint(crops(other)))
 
 
 def test_cache_must_agree_with_the_teacher_flags(cache, data, weights, caplog):
-    dataset, cpu = crops(data), torch.device("cpu")
+    dataset, cpu = dataset_fingerprint(crops(data)), torch.device("cpu")
     with pytest.raises(UserError, match="built with teacher resnet18, but --arch_teacher is resnet50"):
         open_cached_teacher(cache, dataset, cpu, teacher={"arch": "sup_resnet50"})
     with pytest.raises(UserError, match="holds pooled features; match --teacher_fc"):

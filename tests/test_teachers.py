@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from models.formats import CheckpointError, convert, infer_arch, safe_load
+from models.formats import convert, infer_arch
+from models.io import CheckpointError, safe_load
 from models.resnet_same import byol_resnet50, same_padding
 from models.resnet_wide import tf_to_torchvision, wide_resnet50
 from models.teachers import load_teacher, resolve_teacher_arch
@@ -239,7 +240,7 @@ def test_torchvision_supervised_and_its_classifier(r50, x, save):
 
 # ============ SimCLR v1 converted from TensorFlow ============
 def tf_simclr_state(width: int, seed: int = 0, materialise: bool = True) -> dict:
-    """Random weights under the TF names of reference.md 4: stem, then per stage the shortcut first."""
+    """Random weights under SimCLR's TensorFlow names: stem, then per stage the shortcut first."""
     g = torch.Generator().manual_seed(seed)
     new = (lambda *s: torch.randn(*s, generator=g) * math.sqrt(2 / math.prod(s[1:]))) if materialise else None
     sd, n, cin = {}, 0, 3
@@ -369,7 +370,7 @@ def same_reference(sd: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_same_padding_is_tensorflows():
-    assert same_padding(224, 7, 2) == (2, 3)  # reference.md 4: 2 top/left, 3 bottom/right
+    assert same_padding(224, 7, 2) == (2, 3)  # TensorFlow pads 2 top/left, 3 bottom/right
     assert same_padding(112, 3, 2) == (0, 1) and same_padding(7, 3, 2) == (1, 1) and same_padding(8, 1, 2) == (0, 0)
 
 

@@ -14,12 +14,14 @@ from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.student import Student
 from models.teachers import load_teacher
+from tools.engine.distributed import DistInfo
+from tools.engine.step import StepConfig, build_optimizer
 
 
 def test_optimizer_holds_exactly_student_and_head_parameters():
     student = Student("resnet18", 2048, 4)
     hp = argparse.Namespace(learning_rate=0.05, sgd_momentum=0.9, weight_decay=1e-4)
-    opt = train_student.build_optimizer(student.parameters(), hp, torch.device("cpu"))
+    opt = build_optimizer(student.parameters(), hp.learning_rate, hp.sgd_momentum, hp.weight_decay, torch.device("cpu"))
     in_opt = [p for g in opt.param_groups for p in g["params"]]
     assert len(in_opt) == len(set(map(id, in_opt)))
     assert {id(p) for p in in_opt} == {id(p) for p in student.encoder.parameters()} | {
@@ -53,7 +55,7 @@ def test_single_view_feeds_one_tensor_to_both_networks(tiny_data, single):
     loader = build_loader(ds, 4, num_workers=0)
     student, teacher = Spy(), Spy()
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    cfg = train_student.StepConfig(torch.device("cpu"), None, False, print_freq=100)
+    cfg = StepConfig(DistInfo(), None, False, print_freq=100)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     train_student.train_one_epoch(student, teacher, loader, opt, scaler, 1, cfg)
     assert len(student.seen) == len(teacher.seen) == 4

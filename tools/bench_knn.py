@@ -20,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tools.knn import faiss_module, knn_classify, knn_search
-from tools.linear_probe import LinearProbe, feature_statistics, step_lr, train_epoch_cached
+from tools.eval.knn import faiss_module, knn_classify, knn_search
+from tools.eval.linear_probe import LinearProbe, feature_statistics, step_lr, train_epoch_cached
 
 
 def clustered_features(n: int, dim: int, classes: int, seed: int, centres: torch.Tensor | None = None):

@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -38,26 +37,35 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from data.datasets import IndexedImageFolder
-from data.decode import DECODERS, EncodedCrops, collate_encoded, dali_available, dali_iterator, decode_crop_resize_batch
+from data.decode import DECODERS
 from data.loaders import EpochSampler, build_loader
 from data.synthetic import make_jpeg_folder
 from data.transforms import TrainViews
 from models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_encoder
 from models.errors import UserError
 from models.fold import compile_frozen
+from models.io import write_json
 from models.student import Student
 from models.teachers import Teacher
-from tools.cli import add_debug_flag, run_cli
-from tools.knn import default_chunk, knn_search
-from tools.metric_logger import setup_logging, write_json
-from tools.original_recipe import (
+from tools.bench.baseline import (
     OriginalCachedProbe,
     OriginalFolder,
     OriginalStep,
     build_original_pair,
     original_loader,
 )
-from train_student import StepConfig, build_optimizer, distill_step
+from tools.bench.device_decode import (
+    EncodedCrops,
+    collate_encoded,
+    dali_available,
+    dali_iterator,
+    decode_crop_resize_batch,
+)
+from tools.engine.cli import add_debug_flag, run_cli
+from tools.engine.distributed import DistInfo
+from tools.engine.logs import setup_logging
+from tools.engine.step import StepConfig, build_optimizer, distill_step
+from tools.eval.knn import default_chunk, knn_search
 
 log = logging.getLogger("simreg.benchmark")
 
@@ -313,10 +321,9 @@ class OursStep:
             teacher.encoder = compile_frozen(teacher.encoder, backend=compile_backend)
             self.model = torch.compile(student, backend=compile_backend)
         self.teacher = teacher
-        hp = SimpleNamespace(learning_rate=0.05, sgd_momentum=0.9, weight_decay=1e-4)
-        self.optimizer = build_optimizer(student.parameters(), hp, device)
+        self.optimizer = build_optimizer(student.parameters(), 0.05, 0.9, 1e-4, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
-        self.cfg = StepConfig(device, amp, channels_last=True, print_freq=1 << 30)
+        self.cfg = StepConfig(DistInfo(device=device), amp, channels_last=True, print_freq=1 << 30)
 
     def __call__(self, views, index: torch.Tensor) -> torch.Tensor:
         return distill_step(self.model, self.teacher, views, index, self.optimizer, self.scaler, self.cfg)
@@ -571,8 +578,7 @@ class DeviceProbe:
     def __init__(self, feats: torch.Tensor, labels: torch.Tensor, n_classes: int, batch: int = 256) -> None:
         self.feats, self.labels, self.batch = feats, labels, batch
         self.linear = nn.Linear(feats.shape[1], n_classes).to(feats.device)
-        hp = SimpleNamespace(learning_rate=0.01, sgd_momentum=0.9, weight_decay=1e-4)
-        self.optimizer = build_optimizer(self.linear.parameters(), hp, feats.device)
+        self.optimizer = build_optimizer(self.linear.parameters(), 0.01, 0.9, 1e-4, feats.device)
         self.order, self.pos = torch.randperm(feats.shape[0], device=feats.device), 0
 
     def run(self, steps: int) -> int:

@@ -21,55 +21,59 @@ import os
 
 import torch
 
-from data.datasets import IndexedImageFolder, select_classes
+from data.datasets import IndexedImageFolder, select_classes, split_folder
 from data.transforms import CenterCrop
 from models.errors import UserError
-from models.formats import FORMATS, file_sha256
+from models.io import file_sha256
 from models.teachers import load_teacher, teacher_arch_names
-from tools import distributed
-from tools.cli import add_debug_flag, run_cli
-from tools.metric_logger import setup_logging
-from tools.teacher_cache import build_cache
+from tools.engine import cli, distributed
+from tools.engine.logs import setup_logging
+from tools.engine.teacher_cache import build_cache
 
 log = logging.getLogger("simreg.cache")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("teacher feature cache", add_help=add_help)
-    p.add_argument("data", help="dataset root holding train/ (ImageFolder layout), as for train_student.py")
-    p.add_argument("--dataset", default="imagenet", choices=["imagenet", "imagenet100"])
-    p.add_argument("--class_list", default=None, help="file of class folder names, one per line")
-    p.add_argument(
-        "--arch_teacher", default=None, help=f"one of {', '.join(teacher_arch_names())}; default: from the file"
-    )
-    p.add_argument("--teacher_weights", required=True, help="teacher checkpoint file (any supported format)")
-    p.add_argument("--teacher_format", default="auto", help=f"teacher checkpoint layout: auto, {', '.join(FORMATS)}")
-    p.add_argument("--teacher_fc", action="store_true", help="cache the checkpoint's projection output instead")
-    p.add_argument("--out", required=True, help="output FILE.npy (FILE.json manifest is written beside it)")
-    p.add_argument("--resize_size", type=int, default=256, help="shorter side before the centre crop")
-    p.add_argument("--crop_size", type=int, default=224, help="centre crop size (the cached view)")
-    p.add_argument("--batch_size", type=int, default=256, help="images per batch and process")
-    p.add_argument("--num_workers", type=int, default=8, help="data loading processes per process")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished cache built with other settings")
-    add_debug_flag(p)
+    g = p.add_argument_group("data")
+    g.add_argument("data", help="dataset root holding train/ (ImageFolder layout), as for train_student.py")
+    cli.add_dataset_args(g, "cache")
+    g.add_argument("--resize_size", type=cli.image_size_int, default=256, help="shorter side before the centre crop")
+    g.add_argument("--crop_size", type=cli.image_size_int, default=224, help="centre crop size (the cached view)")
+    g.add_argument("--batch_size", type=cli.positive_int, default=256, help="images per batch and process")
+    g.add_argument("--num_workers", type=cli.nonneg_int, default=8, help="data loading processes per process")
+    g = p.add_argument_group("teacher")
+    cli.add_teacher_args(g, teacher_arch_names(), weights_required=True)
+    g = p.add_argument_group("output and runtime")
+    g.add_argument("--out", required=True, help="output FILE.npy (FILE.json manifest is written beside it)")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished cache built with other settings")
+    cli.add_runtime_args(g, seed=False)
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Paths and sizes, before any work starts."""
+    if not args.out.endswith(".npy"):
+        raise UserError(f"--out '{args.out}' must end in .npy (a NumPy array file)")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out '{args.out}' is a folder; give the FILE.npy to write")
+    if args.crop_size > args.resize_size:
+        raise UserError(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}")
+    split_folder(args.data, "train")
+    cli.check_paths(files={"--teacher_weights": args.teacher_weights, "--class_list": args.class_list})
+    cli.check_batch_fits(args.batch_size, args.crop_size)
 
 
 def build_dataset(args) -> IndexedImageFolder:
     """The training images in train_student.py's order and class subset, as uint8 centre crops."""
-    train_dir = os.path.join(args.data, "train")
-    if not os.path.isdir(train_dir):
-        raise UserError(f"data folder '{args.data}' has no train/ sub-folder; expected <data>/train/<class>/<image>")
     classes = select_classes(args.data, args.class_list, args.dataset)
-    return IndexedImageFolder(train_dir, CenterCrop(args.resize_size, args.crop_size), classes)
+    return IndexedImageFolder(split_folder(args.data, "train"), CenterCrop(args.resize_size, args.crop_size), classes)
 
 
 def main(args: argparse.Namespace) -> None:
     dist_info = distributed.init_distributed(args.device)
     setup_logging(None, dist_info.is_main, args.debug)
-    if not args.out.endswith(".npy"):
-        raise UserError(f"--out '{args.out}' must end in .npy (a NumPy array file)")
+    check_args(args)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -105,9 +109,7 @@ def main(args: argparse.Namespace) -> None:
         manifest,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        device=dist_info.device,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
+        dist_info=dist_info,
         overwrite=args.overwrite,
     )
     distributed.barrier()
@@ -115,4 +117,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    cli.run_cli(main, get_args_parser().parse_args())

@@ -24,10 +24,10 @@ from data.datasets import IndexedImageFolder
 from data.loaders import build_loader
 from data.transforms import WeakAug
 from models.backbones import IMAGENET_MEAN, IMAGENET_STD, Normalize, canonical_arch
-from tools.checkpoint import atomic_save
-from tools.cli import add_debug_flag, run_cli
-from tools.metric_logger import setup_logging
-from tools.schedules import cosine_lr, set_lr
+from models.io import atomic_save
+from tools.engine.cli import add_debug_flag, run_cli
+from tools.engine.logs import setup_logging
+from tools.engine.schedules import cosine_lr, set_lr
 
 log = logging.getLogger("simreg.pretrain_teacher")
 

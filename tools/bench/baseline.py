@@ -1,6 +1,6 @@
 """The original release's recipe, re-created as the baseline of ``tools/benchmark.py`` (never used to train).
 
-Same maths as ours, with the costs the original paid (reference.md section 3):
+Same maths as ours, with the costs the original paid:
 - data: PIL decode, torchvision ``RandomResizedCrop`` + flip on the PIL image, ``ToTensor`` +
   ``Normalize`` in the workers (float32), and in the single-view mode the same tensor returned twice,
   so two identical float32 batches are collated, pinned and copied to the device;

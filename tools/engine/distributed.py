@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from models.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,10 +47,15 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> this rank's GPU when CUDA is available, else CPU; ``cuda`` gets the local rank."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        return torch.device("cuda", local_rank)
+            raise UserError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu")
+        index = int(name[5:]) if name[5:].isdigit() else local_rank
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        return torch.device("cuda", index)
+    if name != "cpu":
+        raise UserError(f"--device {name} is not a device name; use auto, cpu, cuda or cuda:N")
     return torch.device(name)
 
 

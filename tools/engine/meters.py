@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from models.errors import UserError
-from tools import distributed
-from tools.signals import StopRequest
+from tools.engine import distributed
+from tools.engine.distributed import DistInfo
+from tools.engine.signals import StopRequest
 
 
 @dataclass
@@ -21,15 +22,15 @@ class EpochProgress:
     images: int = 0
 
 
-def stop_agreed(stop: StopRequest | None, device: torch.device, is_distributed: bool, at_sync_point: bool) -> bool:
+def stop_agreed(stop: StopRequest | None, dist_info: DistInfo, at_sync_point: bool) -> bool:
     """Whether to stop now. Ranks agree at sync points only, so no step waits on the others."""
     if stop is None:
         return False
-    if not is_distributed:
+    if not dist_info.distributed:
         return stop.requested
     if not at_sync_point:
         return False
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=device)
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=dist_info.device)
     return distributed.all_reduce_sum(flag).item() > 0
 
 

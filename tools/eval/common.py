@@ -1,7 +1,7 @@
 """What ``eval_knn.py`` and ``eval_linear.py`` share: flags, the network to evaluate, the data and
 the centre-crop features (computed once per checkpoint, reused only while they are provably current).
 
-This module sits at the command-line boundary (like ``tools/cli.py``): the ``*_from_args`` helpers
+This module sits at the command-line boundary (like ``tools/engine/cli.py``): the ``*_from_args`` helpers
 read the parsed flags; everything they call takes plain values.
 """
 
@@ -14,13 +14,14 @@ import time
 
 import torch
 
-from data.datasets import select_classes
+from data.datasets import dataset_fingerprint, select_classes, split_folder
 from models.errors import UserError
 from models.formats import FORMATS
-from models.pretrained import EXTRA_FORMATS, EvalModel, load_eval_model, random_init_model
-from tools.checkpoint import LATEST, epoch_checkpoint_path
-from tools.cli import add_debug_flag
-from tools.features import FeatureStore, build_eval_dataset, dataset_fingerprint, extract_features
+from models.pretrained import EvalModel, load_eval_model, random_init_model
+from tools.engine import cli
+from tools.engine.checkpoint import LATEST, epoch_checkpoint_path
+from tools.engine.distributed import DistInfo
+from tools.eval.features import FeatureStore, build_eval_dataset, extract_features
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +30,16 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     """Flags of both evaluation scripts (the original's names first, ours after)."""
     g = p.add_argument_group("data")
     g.add_argument("data", metavar="DIR", help="dataset root holding train/ and val/ in ImageFolder layout")
-    g.add_argument("--dataset", default="imagenet", choices=["imagenet", "imagenet100"], help="class subset")
-    g.add_argument("--class_list", default=None, help="file of class folder names to evaluate on, one per line")
-    g.add_argument("--resize_size", type=int, default=256, help="shorter side before the centre crop")
-    g.add_argument("--crop_size", type=int, default=224, help="centre (and linear training) crop size")
-    g.add_argument("-j", "--workers", dest="workers", type=int, default=8, help="data loading processes per rank")
-    g.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=256, help="GLOBAL batch size")
+    cli.add_dataset_args(g, "evaluate on")
+    g.add_argument("--resize_size", type=cli.image_size_int, default=256, help="shorter side before the centre crop")
+    g.add_argument("--crop_size", type=cli.image_size_int, default=224, help="centre (and linear training) crop size")
+    g.add_argument("-j", "--workers", dest="workers", type=cli.nonneg_int, default=8, help="loader processes per rank")
+    g.add_argument("-b", "--batch-size", dest="batch_size", type=cli.positive_int, default=256, help="GLOBAL batch")
 
     g = p.add_argument_group("network")
     g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")
     g.add_argument("--weights", default=None, help="checkpoint to evaluate (any student or teacher format)")
-    formats = ", ".join(["auto", *FORMATS, *EXTRA_FORMATS])
-    g.add_argument("--format", default="auto", help=f"checkpoint layout: {formats}")
+    g.add_argument("--format", default="auto", help=f"checkpoint layout: {', '.join(['auto', *FORMATS])}")
     g.add_argument("--teacher", action="store_true", help="load --weights as a teacher (load_teacher, any format)")
     g.add_argument("--random_init", action="store_true", help="evaluate --arch at random initialisation")
     g.add_argument("--use_pred", action="store_true", help="evaluate the prediction head's output")
@@ -49,12 +48,26 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output and runtime")
     g.add_argument("--exp_dir", default=None, help="experiment folder (checkpoints/, features/, linear/)")
     g.add_argument("--save", default=None, help="output folder (original flag); default under --exp_dir")
-    g.add_argument("--epoch", type=int, default=None, help="checkpoint epoch: picks ckpt_epoch_<N>.pth, names files")
+    g.add_argument("--epoch", type=cli.nonneg_int, default=None, help="checkpoint epoch: picks ckpt_epoch_<N>.pth")
     g.add_argument("--no_save_features", action="store_true", help="do not keep the float16 features")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"], help="auto = bf16 on CUDA")
-    g.add_argument("--seed", type=int, default=0)
-    add_debug_flag(p)
+    cli.add_runtime_args(g)
+
+
+def check_common_args(args: argparse.Namespace, world_size: int) -> None:
+    """Paths and sizes of the shared flags, before any work starts."""
+    if args.crop_size > args.resize_size:
+        raise UserError(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}")
+    if args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} does not divide across {world_size} processes")
+    split_folder(args.data, "train")
+    split_folder(args.data, "val")
+    if args.exp_dir and os.path.isfile(args.exp_dir):
+        raise UserError(f"--exp_dir '{args.exp_dir}' is a file; give the experiment folder")
+    if args.save and os.path.isfile(args.save):
+        raise UserError(f"--save '{args.save}' is a file; give an output folder")
+    cli.check_paths(files={"--weights": args.weights, "--class_list": args.class_list})
+    cli.check_batch_fits(args.batch_size // world_size, args.crop_size, "--batch-size")
 
 
 # ---------------------------------------------------------------- paths
@@ -106,13 +119,6 @@ def classes_from_args(args: argparse.Namespace) -> list[str] | None:
     return select_classes(args.data, args.class_list, args.dataset)
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA under ``auto``; fp32 elsewhere."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if amp == "bf16" else None
-
-
 def feature_key(model: EvalModel, resize: int, crop: int, dtype: torch.dtype | None, fingerprints: dict) -> dict:
     """What the centre-crop features depend on; a saved copy is valid only if this matches exactly."""
     ident = model.identity
@@ -131,7 +137,7 @@ def centre_crop_features(
     *,
     batch_size: int,
     workers: int,
-    device: torch.device,
+    dist_info: DistInfo,
     dtype: torch.dtype | None,
     reuse: str = "auto",
     save: bool = True,
@@ -151,13 +157,13 @@ def centre_crop_features(
         )
     if status == "match" and reuse != "never":
         log.info("reusing features in %s (%s)", store.folder, reason)
-        return _load_on_rank0(store, splits)
+        return _load_on_rank0(store, splits, dist_info.is_main)
     if status == "stale":
         log.warning("saved features in %s are stale (%s); recomputing", store.folder, reason)
     out, start = {}, time.perf_counter()
     for split, dataset in datasets.items():
         got = extract_features(
-            model, dataset, batch_size=batch_size, num_workers=workers, device=device, amp_dtype=dtype, desc=split
+            model, dataset, batch_size=batch_size, num_workers=workers, dist_info=dist_info, amp_dtype=dtype, desc=split
         )
         if got is not None:
             out[split] = (got[0].to(torch.float16).float(), got[1])
@@ -169,8 +175,8 @@ def centre_crop_features(
     return out
 
 
-def _load_on_rank0(store: FeatureStore, splits: tuple[str, ...]):
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+def _load_on_rank0(store: FeatureStore, splits: tuple[str, ...], is_main: bool):
+    if not is_main:
         return None
     return {s: (f.float(), y) for s, (f, y) in ((s, store.load(s)) for s in splits)}
 
@@ -185,4 +191,5 @@ def eval_datasets(root: str, resize: int, crop: int, classes: list[str] | None, 
 
 
 def fingerprints(datasets: dict) -> dict:
+    """{split: data.datasets.dataset_fingerprint} of evaluation datasets."""
     return {split: dataset_fingerprint(ds) for split, ds in datasets.items()}

@@ -10,7 +10,6 @@ features are reused only when all of them match.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,17 +19,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data.datasets import DataError, IndexedImageFolder
+from data.datasets import IndexedImageFolder, split_folder
 from data.loaders import build_loader
 from data.transforms import CenterCrop
 from models.errors import UserError
-from tools.checkpoint import atomic_write
-from tools.metric_logger import write_json
+from models.io import atomic_npy, differences, write_json
+from tools.engine.distributed import DistInfo
+from tools.engine.step import autocast
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "features_manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the data fingerprint records the relative paths
 
 
 # ---------------------------------------------------------------- data
@@ -38,33 +38,13 @@ def build_eval_dataset(
     root: str, split: str, resize_size: int, crop_size: int, classes: list[str] | None = None
 ) -> IndexedImageFolder:
     """``root/split`` as an ImageFolder with the centre-crop preset (uint8 (3, crop, crop) samples)."""
-    folder = os.path.join(root, split)
-    if not os.path.isdir(root):
-        raise DataError(f"data folder '{root}' does not exist; give the dataset root as the first argument")
-    if not os.path.isdir(folder):
-        raise DataError(f"data folder '{root}' has no {split}/ sub-folder; expected {root}/{split}/<class>/<image>")
+    folder = split_folder(root, split)
     if crop_size > resize_size:
         raise UserError(f"--crop_size {crop_size} is larger than --resize_size {resize_size}; use crop <= resize")
     return IndexedImageFolder(folder, CenterCrop(resize_size, crop_size), classes)
 
 
-def dataset_fingerprint(dataset: IndexedImageFolder) -> dict:
-    """What identifies a split's content: sample count, class names and the (path, label) listing."""
-    listing = "\n".join(f"{rel}\t{label}" for rel, label in dataset.samples)
-    return {
-        "n": len(dataset),
-        "classes_sha256": hashlib.sha256("\n".join(dataset.classes).encode()).hexdigest(),
-        "listing_sha256": hashlib.sha256(listing.encode()).hexdigest(),
-    }
-
-
 # ---------------------------------------------------------------- extraction
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def extract_features(
     model: torch.nn.Module,
@@ -72,18 +52,17 @@ def extract_features(
     *,
     batch_size: int,
     num_workers: int,
-    device: torch.device,
+    dist_info: DistInfo,
     amp_dtype: torch.dtype | None = None,
     desc: str = "features",
-    all_ranks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Features (N, D) float32 and labels (N,) int64 on the CPU, rows in dataset order.
 
     ``model`` maps float images in [0, 1] (B, 3, H, W) to (B, D); it is put in eval mode. Under
     torchrun each rank processes its share (``batch_size`` per rank) and the rows are gathered by
-    sample index. Rank 0 receives the result; other ranks get None unless ``all_ranks``.
+    sample index. Rank 0 receives the result; other ranks get None.
     """
-    rank, world_size = _world()
+    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     was_training = model.training
     model.eval()
     loader = build_loader(
@@ -96,31 +75,32 @@ def extract_features(
         drop_last=False,
         pin_memory=device.type == "cuda",
     )
-    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    cast = autocast(device, amp_dtype)
     feats, indices = [], []
     bar = tqdm(loader, desc=desc, disable=None if rank == 0 else True, leave=False)  # None: off when not a TTY
     for images, _, index in bar:
         x = images.to(device, non_blocking=True).float().div_(255.0)
-        with autocast:
+        with cast:
             out = model(x)
         feats.append(out.float())
         indices.append(index.to(device, non_blocking=True))
     model.train(was_training)
     local = torch.cat(feats) if feats else torch.empty(0, 0, device=device)
     local_idx = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long, device=device)
-    out = _gather_in_order(local, local_idx, len(dataset), keep=rank == 0 or all_ranks)
+    out = _gather_in_order(local, local_idx, len(dataset), world_size, keep=rank == 0)
     if out is None:
         return None
     return out, torch.as_tensor(dataset.targets, dtype=torch.long)
 
 
-def _gather_in_order(local: torch.Tensor, local_idx: torch.Tensor, n: int, keep: bool, chunk_rows: int = 65536):
+def _gather_in_order(
+    local: torch.Tensor, local_idx: torch.Tensor, n: int, world_size: int, keep: bool, chunk_rows: int = 65536
+):
     """Place every rank's rows at their sample index in one (n, D) CPU tensor.
 
     Every rank holds the same number of rows (the sampler pads), so ``all_gather`` works on equal
     shapes; it runs in chunks of ``chunk_rows`` to bound device memory on large datasets.
     """
-    _, world_size = _world()
     dim = local.shape[1]
     out = torch.empty(n, dim) if keep else None
     seen = torch.zeros(n, dtype=torch.bool) if keep else None
@@ -141,10 +121,10 @@ def _gather_in_order(local: torch.Tensor, local_idx: torch.Tensor, n: int, keep:
     return out
 
 
-def broadcast_tensor(t: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def broadcast_tensor(t: torch.Tensor | None, shape: tuple[int, ...], dist_info: DistInfo) -> torch.Tensor:
     """Rank 0's tensor on every rank (float32, ``shape``); the identity in a single process."""
-    _, world_size = _world()
-    if world_size == 1:
+    device = dist_info.device
+    if not dist_info.distributed:
         return t.to(device)
     buf = t.to(device, torch.float32).contiguous() if t is not None else torch.empty(shape, device=device)
     dist.broadcast(buf, src=0)
@@ -152,21 +132,6 @@ def broadcast_tensor(t: torch.Tensor | None, shape: tuple[int, ...], device: tor
 
 
 # ---------------------------------------------------------------- the store
-def _atomic_npy(path: str, array: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, array))
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {str(a)[:20]} -> {str(b)[:20]}")
-    return diffs
-
-
 class FeatureStore:
     """float16 ``<split>_feats.npy`` + int64 ``<split>_labels.npy`` in a folder, with a manifest.
 
@@ -198,7 +163,7 @@ class FeatureStore:
             return "absent", f"no {MANIFEST} in {self.folder}"
         if manifest.get("version") != MANIFEST_VERSION:
             return "stale", f"manifest version {manifest.get('version')}"
-        diffs = _differences(manifest.get("key", {}), key)
+        diffs = differences(manifest.get("key", {}), key)
         if diffs:
             return "stale", "; ".join(diffs[:4])
         missing = [s for s in splits if s not in manifest.get("splits", {}) or not os.path.isfile(self.paths(s)[0])]
@@ -225,7 +190,7 @@ class FeatureStore:
             os.remove(self.manifest_path)
         for split, (feats, labels) in arrays.items():
             feats_path, labels_path = self.paths(split)
-            _atomic_npy(feats_path, feats.to(torch.float16).numpy())
-            _atomic_npy(labels_path, labels.to(torch.int64).numpy())
+            atomic_npy(feats_path, feats.to(torch.float16).numpy())
+            atomic_npy(labels_path, labels.to(torch.int64).numpy())
             splits[split] = {"shape": list(feats.shape), "dtype": "float16"}
         write_json(self.manifest_path, {"version": MANIFEST_VERSION, "key": key, "splits": splits, "info": info})

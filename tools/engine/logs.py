@@ -28,16 +28,6 @@ def setup_logging(log_file: str | None = None, is_main: bool = True, debug: bool
         root.addHandler(handler)
 
 
-def write_json(path: str, obj: object) -> None:
-    """Write ``obj`` as indented JSON atomically (temp file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def append_json_line(path: str, obj: dict) -> None:
     """Append one JSON object as a line (one line per epoch)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -16,9 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from models.errors import UserError
-from models.formats import safe_load
-from tools import distributed
-from tools.checkpoint import atomic_save
+from models.io import atomic_save, safe_load
+from tools.engine import distributed
 
 log = logging.getLogger(__name__)
 

@@ -1,59 +1,24 @@
-"""Atomic checkpoint writing, the experiment's checkpoint files, RNG state capture and resume."""
+"""An experiment's checkpoint files: where they live, RNG state capture, and reading the latest good one.
+
+The schema (keys, version) is :mod:`models.schema`; every file is written by :func:`models.io.atomic_save`.
+"""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
 
-from models.errors import UserError
-from models.formats import CheckpointError, safe_load
+from models.io import CheckpointError, safe_load
+from models.schema import check_training_checkpoint
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
 LATEST = "checkpoint_latest.pth"
 PREVIOUS = "checkpoint_previous.pth"
-
-
-def atomic_write(path: str, write, keep_previous: str | None = None) -> None:
-    """``write(file)`` into a temporary file in the same folder, fsync, then rename it over ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never a half-written file. With
-    ``keep_previous``, the file being replaced is first renamed there (the fallback if ``path`` is
-    later found corrupt). A full disk raises a UserError and leaves the existing files untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous and os.path.exists(path):
-            os.replace(path, keep_previous)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(
-                f"no space left on the device while writing '{path}'; the previous file is intact - "
-                "free some space and rerun the same command to resume"
-            ) from exc
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_save(obj: object, path: str, keep_previous: str | None = None) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(obj, f), keep_previous)
 
 
 def rng_state() -> dict:
@@ -80,8 +45,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def checkpoint_paths(exp_dir: str) -> dict[str, str]:
+    """The latest checkpoint (automatic resume) and the previous one (its fallback)."""
     ckpt = os.path.join(exp_dir, "checkpoints")
-    return {"dir": ckpt, "latest": os.path.join(ckpt, LATEST), "previous": os.path.join(ckpt, PREVIOUS)}
+    return {"latest": os.path.join(ckpt, LATEST), "previous": os.path.join(ckpt, PREVIOUS)}
 
 
 def epoch_checkpoint_path(exp_dir: str, epoch: int) -> str:
@@ -91,13 +57,7 @@ def epoch_checkpoint_path(exp_dir: str, epoch: int) -> str:
 
 def load_training_checkpoint(path: str) -> dict:
     """Read one of our training checkpoints safely and check it is one."""
-    ckpt = safe_load(path, "checkpoint")
-    if not (isinstance(ckpt, dict) and "version" in ckpt and "student" in ckpt and "optimizer" in ckpt):
-        raise CheckpointError(
-            f"'{path}' is not a training checkpoint of this project (no version/student/optimizer); "
-            "to start from other weights use --weights"
-        )
-    return ckpt
+    return check_training_checkpoint(safe_load(path, "checkpoint"), path)
 
 
 def load_latest_checkpoint(exp_dir: str) -> tuple[str, dict] | None:

@@ -1,0 +1,185 @@
+"""The cached teacher: a teacher feature cache read back with the live teacher's call.
+
+A cache is ``FILE.npy``, one contiguous float16 array (N, D) whose row i is the teacher's feature of
+training image i (the dataset's sorted order), and ``FILE.json`` beside it saying what the rows are:
+the image list (its fingerprint: count, classes, SHA-256 of the relative paths), the teacher (arch,
+format, SHA-256 of the weights file, projection or pooled feature) and the preprocessing. It is
+written by ``tools/engine/teacher_cache.py`` (``python -m tools.cache_teacher_features``).
+
+Training memory-maps the array, so ranks on one machine share its pages and no process holds a
+private copy, and gathers a batch's rows by index in one vectorised read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from models.errors import UserError
+from models.io import file_sha256, read_json
+from models.teachers import TEACHER_ALIASES
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 2  # 2: the dataset fingerprint's names (n_images for count)
+
+
+def manifest_path(npy_path: str) -> str:
+    """``FILE.npy`` -> ``FILE.json``."""
+    root, ext = os.path.splitext(npy_path)
+    return (root if ext == ".npy" else npy_path) + ".json"
+
+
+def read_manifest(npy_path: str) -> dict:
+    """The manifest of a finished cache, or a UserError saying why there is none."""
+    path = manifest_path(npy_path)
+    if not os.path.exists(npy_path):
+        hint = (
+            " (its build was interrupted: rerun the same build command to finish it)"
+            if os.path.exists(npy_path + ".partial")
+            else ""
+        )
+        raise UserError(
+            f"teacher cache '{npy_path}' does not exist{hint}; build it with python -m tools.cache_teacher_features"
+        )
+    if not os.path.exists(path):
+        raise UserError(
+            f"teacher cache '{npy_path}' has no manifest '{path}': it is unfinished or was not built by "
+            "tools.cache_teacher_features; rebuild it"
+        )
+    manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise UserError(f"teacher cache manifest '{path}' is unreadable; rebuild the cache")
+    if manifest.get("version") == 1:  # the same fingerprint, its image count under its first name
+        manifest = dict(manifest, version=MANIFEST_VERSION)
+        manifest["n_images"] = manifest.pop("count", None)
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise UserError(f"teacher cache manifest '{path}' has version {manifest.get('version')}; rebuild the cache")
+    return manifest
+
+
+def check_manifest(manifest: dict, fingerprint: dict, npy_path: str) -> None:
+    """Refuse a cache built for another image set (``fingerprint``: data.datasets.dataset_fingerprint)."""
+    if manifest["n_images"] != fingerprint["n_images"]:
+        problem = f"it holds {manifest['n_images']} images, the training set has {fingerprint['n_images']}"
+    elif manifest["classes"] != fingerprint["classes"]:
+        extra = sorted(set(manifest["classes"]) ^ set(fingerprint["classes"]))[:3]
+        problem = f"its class list differs (e.g. {extra})" if extra else "its classes are in another order"
+    elif manifest["paths_sha256"] != fingerprint["paths_sha256"]:
+        problem = "its image files differ (same count, other paths)"
+    else:
+        return
+    raise UserError(
+        f"teacher cache '{npy_path}' was built for another image set: {problem}; rebuild it for this data "
+        "(python -m tools.cache_teacher_features with the same data folder, --dataset and --class_list)"
+    )
+
+
+class CachedTeacher:
+    """Answers the live teacher's call ``targets(images, indices) -> (B, D) float32`` from the cache.
+
+    The array is memory-mapped (``np.load(mmap_mode="r")``); with ``on_device`` it is copied once into
+    ``device`` memory as float16 and gathered there with ``index_select`` (no host round trip).
+    """
+
+    def __init__(
+        self,
+        npy_path: str,
+        fingerprint: dict | None = None,
+        device: torch.device | str = "cpu",
+        on_device: bool = False,
+    ) -> None:
+        self.manifest = read_manifest(npy_path)
+        if fingerprint is not None:
+            check_manifest(self.manifest, fingerprint, npy_path)
+        try:
+            self.feats = np.load(npy_path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"teacher cache '{npy_path}' is unreadable ({exc}); rebuild it") from exc
+        if list(self.feats.shape) != self.manifest["shape"] or self.feats.dtype != np.float16:
+            raise UserError(
+                f"teacher cache '{npy_path}' holds {self.feats.dtype} {tuple(self.feats.shape)} but its manifest "
+                f"says float16 {tuple(self.manifest['shape'])}; rebuild it"
+            )
+        teacher = self.manifest["teacher"]
+        self.feat_dim, self.arch, self.fmt = int(self.feats.shape[1]), teacher["arch"], teacher["format"]
+        self.table = self._to_device(torch.device(device)) if on_device else None
+
+    def _to_device(self, device: torch.device) -> torch.Tensor | None:
+        size = self.feats.nbytes
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if size > 0.5 * free:  # leave room for the training itself
+                log.warning(
+                    "teacher cache (%.1f GiB) does not fit in half the free memory of %s (%.1f GiB); "
+                    "reading it memory-mapped instead",
+                    size / 2**30,
+                    device,
+                    free / 2**30,
+                )
+                return None
+        log.info("teacher cache: %.2f GiB copied to %s", size / 2**30, device)
+        return torch.from_numpy(np.array(self.feats)).to(device)  # one read of the whole file
+
+    def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` (B,) of the cache as float32 (B, D) on the images' device; ``images`` unused."""
+        if self.table is not None:
+            return self.table.index_select(0, indices.to(self.table.device)).float()
+        rows = self.feats[indices.cpu().numpy()]  # one vectorised gather from the mapped file
+        return torch.from_numpy(rows).to(images.device).float()
+
+
+def _check_teacher(built: dict, teacher: dict, npy_path: str) -> None:
+    """Refuse a cache that contradicts what the user says the teacher is (arch, weights, --teacher_fc)."""
+    arch = TEACHER_ALIASES.get(teacher.get("arch"), teacher.get("arch"))
+    if arch not in (None, built["arch"]):
+        raise UserError(
+            f"teacher cache '{npy_path}' was built with teacher {built['arch']}, but --arch_teacher is "
+            f"{arch}; pass --arch_teacher {built['arch']} or leave it unset"
+        )
+    if bool(teacher.get("use_fc")) != bool(built.get("use_fc")):
+        what = "projection outputs (--teacher_fc)" if built.get("use_fc") else "pooled features"
+        raise UserError(f"teacher cache '{npy_path}' holds {what}; match --teacher_fc to it or rebuild the cache")
+    if teacher.get("weights") and file_sha256(teacher["weights"]) != built["weights_sha256"]:
+        raise UserError(
+            f"teacher cache '{npy_path}' was built from other weights than --teacher_weights "
+            f"'{teacher['weights']}' (SHA-256 differs); rebuild the cache or drop --teacher_weights"
+        )
+
+
+def open_cached_teacher(
+    npy_path: str,
+    fingerprint: dict | None,
+    device: torch.device,
+    on_device: bool = False,
+    image_size: int | None = None,
+    teacher: dict | None = None,
+) -> CachedTeacher:
+    """A :class:`CachedTeacher` checked against the dataset and against what the user says the teacher is.
+
+    ``teacher`` may hold ``arch``, ``weights`` (a file, compared by SHA-256) and ``use_fc``; a cache that
+    contradicts any given one is refused. A training crop size other than the cache's is only warned about.
+    """
+    cached = CachedTeacher(npy_path, fingerprint, device, on_device)
+    built = cached.manifest["teacher"]
+    _check_teacher(built, dict(teacher or {}), npy_path)
+    crop = cached.manifest["preprocessing"]["crop_size"]
+    if image_size is not None and image_size != crop:
+        log.warning(
+            "--image_size %d differs from the cache's %d px centre crops: the student regresses features of "
+            "another crop size (allowed, but not the paper's setting)",
+            image_size,
+            crop,
+        )
+    log.info(
+        "teacher: cached %s (%s) features %s from %s%s",
+        built["arch"],
+        built["format"],
+        tuple(cached.feats.shape),
+        npy_path,
+        ", on device" if cached.table is not None else ", memory-mapped",
+    )
+    return cached

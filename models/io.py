@@ -1,0 +1,199 @@
+"""Reading and writing files safely: the one checkpoint reader and the one atomic writer.
+
+Reading: every checkpoint goes through :func:`safe_load` (``torch.load(weights_only=True)`` with an
+explicit allow-list), so a file that needs arbitrary code to unpickle is refused, never run;
+:func:`load_strict` loads a state dict with every key accounted for.
+Writing: every file the project writes (checkpoints, caches, features, manifests, JSON results, stamp
+files) goes through :func:`atomic_write`: a temporary file in the same folder, fsync, then a rename,
+so a crash leaves the old file or the new one, never half of one.
+
+Ground floor: used by ``models/``, ``data/`` and ``tools/`` alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from typing import IO
+
+import numpy as np
+import torch
+
+from models.errors import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used, with a message that names the file and the fix."""
+
+
+# Old formats pickled an argparse.Namespace of their options: allowed by name, nothing else is.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+# ---------------------------------------------------------------- reading
+def file_sha256(path: str, block: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def check_file(path: str | None, what: str) -> None:
+    """A CheckpointError unless ``path`` names an existing file."""
+    if not path:
+        raise CheckpointError(f"no {what} file was given")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} file '{path}' does not exist; check the path")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what} path '{path}' is a folder; give the checkpoint file itself")
+
+
+def safe_load(path: str, what: str = "checkpoint") -> object:
+    """Read a PyTorch (or safetensors) file onto the CPU without running code, or raise a CheckpointError."""
+    check_file(path, what)
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path, what)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # a broken pickle stream, not a forbidden class
+            raise CheckpointError(
+                f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or corrupt?)"
+            ) from exc
+        raise CheckpointError(
+            f"refused to load {what} '{path}': it needs arbitrary code to unpickle, which could run "
+            f"commands on this machine ({_first_line(exc)}); only weights files (tensors, dicts, numbers) "
+            "are accepted - re-save it as a plain state dict from a trusted environment"
+        ) from exc
+    except Exception as exc:  # whatever the parser trips on, the file is not a readable checkpoint
+        raise CheckpointError(
+            f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}"
+        ) from exc
+
+
+def _load_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise CheckpointError(f"{what} '{path}' is a safetensors file: pip install safetensors") from exc
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"{what} '{path}' is not a readable safetensors file: {_first_line(exc)}") from exc
+
+
+def _show(keys: list[str], n: int = 8) -> str:
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_strict(
+    module: torch.nn.Module, sd: dict[str, torch.Tensor], path: str, what: str, assign: bool = False
+) -> None:
+    """Load ``sd`` into ``module`` with every key accounted for, or raise a CheckpointError naming them.
+
+    Only BatchNorm's ``num_batches_tracked`` counters may be absent (converters from TensorFlow/JAX do
+    not write them; eval-mode BatchNorm never reads them): they are filled with 0. ``assign=True``
+    adopts the file's tensors (as float32) instead of copying, for networks built on the meta device.
+    """
+    own = module.state_dict()
+    sd = dict(sd)
+    for k, v in own.items():
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = torch.zeros((), dtype=v.dtype)
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing:
+        raise CheckpointError(f"{what} weights in '{path}' are missing {len(missing)} key(s): {_show(missing)}")
+    if unexpected:
+        raise CheckpointError(
+            f"{what} weights in '{path}' have {len(unexpected)} unexpected key(s): {_show(unexpected)}"
+        )
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"{what} weights in '{path}' do not fit the network (file vs network): {_show(bad, 4)}")
+    if assign:
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    module.load_state_dict(sd, strict=True, assign=assign)
+
+
+# ---------------------------------------------------------------- writing
+def atomic_write(path: str, write: Callable[[IO[bytes]], object], keep_previous: str | None = None) -> None:
+    """``write(file)`` into a temporary file in the same folder, fsync, then rename it over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written file. With
+    ``keep_previous``, the file being replaced is first renamed there (the fallback if ``path`` is
+    later found corrupt). A full disk raises a UserError and leaves the existing files untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(
+                f"no space left on the device while writing '{path}'; the previous file is intact - "
+                "free some space and rerun the same command to resume"
+            ) from exc
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj: object, path: str, keep_previous: str | None = None) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f), keep_previous)
+
+
+def atomic_npy(path: str, array: np.ndarray) -> None:
+    """``np.save(array)`` to ``path`` atomically."""
+    atomic_write(path, lambda f: np.save(f, array))
+
+
+def write_json(path: str, obj: object) -> None:
+    """``obj`` as indented, key-sorted JSON, written atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path: str) -> object | None:
+    """The JSON in ``path``, or None when it is absent or unreadable (a stamp or manifest to redo)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every (nested) entry that differs between two recorded dicts."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {str(a)[:20]} -> {str(b)[:20]}")
+    return diffs

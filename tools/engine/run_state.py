@@ -1,0 +1,156 @@
+"""What a training run saves and restores: its identity, resume, checkpoints and the exported backbone.
+
+A run is identified by its data (the dataset fingerprint), its teacher and its student; resuming a
+checkpoint of another run is refused with a sentence naming the difference (raising ``--epochs`` is
+fine). Checkpoints follow :mod:`models.schema` and are written atomically by rank 0; the one they
+replace is kept as the fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from models.errors import UserError
+from models.formats import convert
+from models.io import atomic_save, differences, file_sha256, load_strict, safe_load
+from models.schema import training_state
+from models.student import Student
+from tools.engine.checkpoint import (
+    checkpoint_paths,
+    epoch_checkpoint_path,
+    load_latest_checkpoint,
+    load_training_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from tools.engine.meters import EpochProgress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What a training checkpoint saves and restores, and the run's plain settings."""
+
+    exp_dir: str
+    student: Student
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    identity: dict
+    settings: dict  # the run's arguments, saved as ``args``
+    epochs: int
+    save_freq: int
+    is_main: bool = True
+
+
+def run_identity(fingerprint: dict, teacher: str, student: dict) -> dict:
+    """What defines a run: the data fingerprint, the teacher's fingerprint and the student's settings."""
+    return {"data": fingerprint, "teacher": teacher, **student}
+
+
+def teacher_fingerprint(teacher, weights: str | None, use_fc: bool) -> str:
+    """Architecture, format, head choice and the weights' SHA-256 (a cache records the teacher it came from)."""
+    manifest = getattr(teacher, "manifest", None)
+    if manifest is not None:
+        t = manifest["teacher"]
+        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}/{t['weights_sha256']}"
+    return f"{teacher.arch}/{teacher.fmt}/fc={use_fc}/{file_sha256(weights)}"
+
+
+def _as_recorded(identity: dict, version: int) -> dict:
+    """``identity`` in the form a checkpoint of ``version`` recorded it (version 1: no paths)."""
+    if version >= 2:
+        return identity
+    data = identity["data"]
+    legacy = {k: v for k, v in identity.items() if k != "data"}
+    classes = hashlib.sha1("\n".join(data["classes"]).encode()).hexdigest()
+    return {"n_images": data["n_images"], "classes": classes, **legacy}
+
+
+def check_same_run(path: str, ckpt: dict, identity: dict) -> None:
+    """Refuse to resume ``ckpt`` when it belongs to another run, naming what differs."""
+    diff = differences(ckpt.get("identity", {}), _as_recorded(identity, ckpt["version"]))
+    if diff:
+        raise UserError(
+            f"'{path}' belongs to a different run ({'; '.join(diff[:4])}); use another --exp_dir, or --no_resume "
+            "to overwrite it"
+        )
+
+
+def init_student_weights(student: Student, path: str) -> None:
+    """``--weights``: load a student backbone (and its head, when the layout matches) from any student file."""
+    fmt, conv = convert(safe_load(path, "--weights"), "auto", path)
+    load_strict(student.encoder.backbone, conv.backbone, path, "student backbone")
+    shapes = {k: v.shape for k, v in student.head.state_dict().items()}
+    if conv.head is not None and {k: v.shape for k, v in conv.head.items()} == shapes:
+        student.head.load_state_dict(conv.head)
+        log.info("student backbone and head initialised from %s (%s)", path, fmt)
+    else:
+        log.info("student backbone initialised from %s (%s); head starts fresh", path, fmt)
+
+
+def resume(run: Run, resume_from: str = "", no_resume: bool = False, weights: str | None = None):
+    """Continue from ``resume_from`` or the experiment's latest checkpoint; else start (from ``weights``).
+
+    Returns the first epoch to run and how much of it is already done (mid-epoch checkpoints).
+    """
+    if resume_from and weights:
+        raise UserError("--weights and --resume were both given; --resume continues a run, --weights starts a new one")
+    if resume_from:
+        found = (resume_from, load_training_checkpoint(resume_from))
+    else:
+        found = None if no_resume else load_latest_checkpoint(run.exp_dir)
+    if found is None:
+        if weights:
+            init_student_weights(run.student, weights)
+        return 1, EpochProgress()
+    path, ckpt = found
+    check_same_run(path, ckpt, run.identity)
+    if run.epochs < ckpt["epoch"]:
+        raise UserError(f"--epochs {run.epochs} is below the {ckpt['epoch']} epochs already done in '{path}'")
+    load_strict(run.student.encoder.backbone, ckpt["student"], path, "student backbone")
+    load_strict(run.student.head, ckpt["head"], path, "student head")
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    progress = EpochProgress(**ckpt["progress"]) if ckpt.get("progress") else EpochProgress()
+    log.info("resumed from %s: %d epochs done, %d steps into the next", path, ckpt["epoch"], progress.step)
+    return ckpt["epoch"] + 1, progress
+
+
+def save_checkpoint(run: Run, epoch: int, progress: EpochProgress | None = None) -> None:
+    """Rank 0 writes the latest checkpoint (the one it replaces is kept as the fallback).
+
+    With ``progress`` the checkpoint is mid-epoch: ``epoch`` - 1 epochs are done plus ``progress.step``
+    steps of ``epoch``. At epoch ends, every ``save_freq`` epochs, it is also kept as ckpt_epoch_<N>.pth.
+    """
+    if not run.is_main:
+        return
+    state = training_state(
+        epoch=epoch - 1 if progress else epoch,
+        progress=asdict(progress) if progress else None,
+        identity=run.identity,
+        args=run.settings,
+        student=run.student.backbone_state_dict(),
+        head=run.student.head.state_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scaler=run.scaler.state_dict(),
+        rng=rng_state(),
+    )
+    paths = checkpoint_paths(run.exp_dir)
+    atomic_save(state, paths["latest"], keep_previous=paths["previous"])
+    if not progress and (epoch % run.save_freq == 0 or epoch == run.epochs):
+        atomic_save(state, epoch_checkpoint_path(run.exp_dir, epoch))
+
+
+def export_backbone(run: Run) -> str:
+    """Rank 0 writes the final backbone as a bare state dict (loads into torchvision, no fc); returns its path."""
+    path = os.path.join(run.exp_dir, "checkpoints", "student_backbone.pth")
+    if run.is_main:
+        atomic_save(run.student.backbone_state_dict(), path)
+    return path

@@ -1,0 +1,86 @@
+"""The distillation step: what one optimisation step computes, apart from how the loop runs it.
+
+``distill_step`` is the function ``train_student.py`` calls and the benchmark times: images to the
+device as float in [0, 1], the teacher's targets under inference mode, the student under autocast,
+the regression loss in fp32, one optimizer step, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from models.loss import regression_loss
+from tools.engine.distributed import DistInfo
+from tools.engine.signals import StopRequest
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--amp``: ``auto`` is bf16 on CUDA and fp32 (None) elsewhere."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` at ``dtype``, or a disabled one for fp32."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@dataclass
+class StepConfig:
+    """How training steps run (not what they compute)."""
+
+    dist_info: DistInfo
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    print_freq: int
+    ckpt_every_steps: int = 0  # 0: checkpoints at epoch ends only
+    stop: StopRequest | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist_info.device
+
+
+def to_device_images(batch: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [0, 1] on the device; the networks normalise inside."""
+    x = batch.to(cfg.device, non_blocking=True)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.float().div_(255.0)
+
+
+def distill_step(model, teacher, views, index: torch.Tensor, optimizer, scaler, cfg: StepConfig) -> torch.Tensor:
+    """One optimisation step on a loader batch; returns the detached loss on the device (no host sync).
+
+    ``views`` is one uint8 batch (B, 3, H, W) fed to both networks (single view) or a pair
+    (student view, teacher view). The teacher runs under inference mode: no autograd bookkeeping.
+    """
+    x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
+    x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
+    cast = autocast(cfg.device, cfg.amp_dtype)
+    with torch.inference_mode(), cast:
+        target = teacher.targets(x_t, index)  # host indices: a cache gathers there
+    target = target.clone()  # an inference-mode tensor cannot be saved for the loss's backward
+    with cast:
+        pred = model(x_s)
+    loss = regression_loss(pred, target)  # fp32, outside autocast
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """The paper's SGD (weight decay on every parameter); the fused kernel where the device has one."""
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=device.type in ("cuda", "cpu")
+    )

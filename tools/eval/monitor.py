@@ -1,0 +1,53 @@
+"""The k-NN monitor of ``train_student.py --knn_every N``: the same k-NN as ``eval_knn.py``, during training."""
+
+from __future__ import annotations
+
+import torch
+
+from tools.engine.distributed import DistInfo
+from tools.eval.common import eval_datasets
+from tools.eval.features import extract_features
+from tools.eval.knn import knn_classify
+
+
+def monitor_datasets(data: str, image_size: int, resize_size: int, classes: list[str]) -> dict:
+    """Centre-crop train/ and val/ (resize 256 for 224 px crops, the same ratio otherwise)."""
+    resize = resize_size or round(image_size * 256 / 224)
+    return eval_datasets(data, resize, image_size, classes)
+
+
+def knn_monitor(
+    encoder: torch.nn.Module,
+    datasets: dict,
+    *,
+    batch_size: int,
+    workers: int,
+    dist_info: DistInfo,
+    amp_dtype: torch.dtype | None = None,
+    ks: tuple[int, ...] = (1, 20),
+) -> dict[str, float]:
+    """k-NN top-1 (%) of ``encoder`` on ``datasets["val"]`` against ``datasets["train"]`` (centre crops).
+
+    The training loop's monitor: every rank extracts its share of the features (call it on all
+    ranks), rank 0 searches and gets ``{"knn_top1_k<k>": ..., "knn_weighted_top1_k<k>": ...}``;
+    the other ranks get ``{}``. The encoder's train/eval mode is restored afterwards.
+    """
+    kw = dict(batch_size=batch_size, num_workers=workers, dist_info=dist_info, amp_dtype=amp_dtype)
+    with torch.random.fork_rng(devices=[]):  # the loaders draw seeds: keep training's RNG stream untouched
+        train = extract_features(encoder, datasets["train"], desc="k-NN train", **kw)
+        val = extract_features(encoder, datasets["val"], desc="k-NN val", **kw)
+    if train is None:
+        return {}
+    ks = tuple(k for k in ks if k <= train[0].shape[0]) or (1,)
+    num_classes = len(datasets["train"].classes)
+    (train_x, train_y), (val_x, val_y) = train, val
+    # float16-rounded like eval_knn.py's saved features, so both report the same number.
+    train_x, val_x = train_x.half().float(), val_x.half().float()
+    res = knn_classify(
+        train_x, train_y, val_x, val_y, ks, device=dist_info.device, num_classes=num_classes, backend="torch"
+    )
+    out = {}
+    for k, r in res["k"].items():
+        out[f"knn_top1_k{k}"] = r["majority"]["top1"]
+        out[f"knn_weighted_top1_k{k}"] = r["weighted"]["top1"]
+    return out
