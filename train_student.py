@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classes, split_folder
-from data.decode import DECODERS
 from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.backbones import BACKBONES, canonical_arch
@@ -35,7 +34,7 @@ from models.io import write_json
 from models.student import Student
 from models.teachers import load_teacher, teacher_arch_names
 from tools.engine import cli, distributed
-from tools.engine.cli import image_size_int, nonneg_float, nonneg_int, positive_int
+from tools.engine.cli import nonneg_float, nonneg_int, positive_int
 from tools.engine.logs import ScalarWriter, append_json_line, setup_logging
 from tools.engine.meters import EpochProgress, Meters, stop_agreed
 from tools.engine.run_state import Run, export_backbone, resume, run_identity, save_checkpoint, teacher_fingerprint
@@ -65,13 +64,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def add_data_args(g) -> None:
     g.add_argument("data", help="dataset root holding train/ (and val/) in ImageFolder layout")
     cli.add_dataset_args(g)
-    g.add_argument("--image_size", type=image_size_int, default=224, help="training crop size in pixels")
-    g.add_argument("--single_aug", action="store_true", help="one view fed to both networks (the paper's best)")
-    g.add_argument("--weak_weak", action="store_true", help="weak augmentation for teacher and student")
-    g.add_argument("--weak_strong", action="store_true", help="weak view for the teacher, strong for the student")
+    cli.add_view_args(g)
     g.add_argument("--num_workers", type=nonneg_int, default=8, help="data loading processes per rank")
     g.add_argument("--skip_bad_images", action="store_true", help="replace unreadable images by the next readable one")
-    g.add_argument("--decode", default="auto", choices=list(DECODERS), help="JPEG decoding of the single view")
 
 
 def add_model_args(g) -> None:
@@ -186,10 +181,11 @@ def build_teacher(args, device: torch.device, dataset: IndexedImageFolder):
     """The live frozen teacher, or with --use_cache the cached one (same ``targets(images, indices)`` call)."""
     if args.use_cache:
         teacher = {"arch": args.arch_teacher, "weights": args.teacher_weights, "use_fc": args.teacher_fc}
-        fingerprint = dataset_fingerprint(dataset)
-        return open_cached_teacher(
-            args.teacher_feats, fingerprint, device, args.cache_on_device, args.image_size, teacher=teacher
-        )
+        fingerprint, views = dataset_fingerprint(dataset), dataset.transform.record(args.seed)
+        cached = open_cached_teacher(args.teacher_feats, fingerprint, device, args.cache_on_device, args.image_size,
+                                     teacher=teacher, views=views, epochs=args.epochs)  # fmt: skip
+        dataset.epoch_period = cached.view_period  # the loader's crops repeat with the cache's K views
+        return cached
     teacher = load_teacher(args.teacher_weights, args.arch_teacher, args.teacher_format, use_fc=args.teacher_fc)
     teacher = teacher.to(device)
     if args.channels_last:
@@ -275,6 +271,7 @@ def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: 
             lr = cosine_lr(args.learning_rate, epoch, args.epochs)
             set_lr(run.optimizer, lr)
             loader.sampler.set_epoch(epoch, start=progress.step * per_rank_batch)
+            teacher.set_epoch(epoch)  # a K-view cache serves this epoch's view; a live teacher ignores it
             on_ckpt = partial(save_checkpoint, run)
             stats = train_one_epoch(model, teacher, loader, run.optimizer, run.scaler, epoch, cfg, progress, on_ckpt)
             stats = {"epoch": epoch, "lr": lr, **stats, "bad_images_skipped": loader.dataset.bad_images_seen()}

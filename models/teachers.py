@@ -70,6 +70,9 @@ class Teacher(FrozenExtractor):
         """Regression targets (B, D) for a batch; a cached teacher answers the same call from indices."""
         return self(images)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The training loop's epoch: a live teacher computes every target afresh (a K-view cache picks a view)."""
+
 
 def resolve_teacher_arch(arch: str | None, found: str | None, path: str, fmt: str = "torchvision") -> str:
     """Reconcile --arch_teacher, the architecture the file holds and the network its format needs."""

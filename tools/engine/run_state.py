@@ -57,8 +57,10 @@ def teacher_fingerprint(teacher, weights: str | None, use_fc: bool) -> str:
     """Architecture, format, head choice and the weights' SHA-256 (a cache records the teacher it came from)."""
     manifest = getattr(teacher, "manifest", None)
     if manifest is not None:
-        t = manifest["teacher"]
-        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}/{t['weights_sha256']}"
+        t, views = manifest["teacher"], manifest.get("views", {})
+        # A K-view cache's targets follow its views: resuming on another K would change them.
+        per_view = f"/{views['n_views']} views" if views.get("mode", "centre crop") != "centre crop" else ""
+        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}/{t['weights_sha256']}{per_view}"
     return f"{teacher.arch}/{teacher.fmt}/fc={use_fc}/{file_sha256(weights)}"
 
 
