@@ -244,8 +244,8 @@ def open_cached_teacher(
         f"{k} views of {cached.views['mode']}" if k else "centre crops",
         ", on device" if cached.table is not None else ", memory-mapped",
     )
-    if k and epochs and epochs > k:
-        log.warning(
+    if k and epochs and epochs > k:  # a choice, not a fault: said once, by rank 0
+        log.info(
             "teacher cache '%s' holds %d views for %d epochs: epoch e reads view ((e - 1) mod %d) + 1 and the "
             "loader repeats that view's crops, so every view serves about %.1f epochs",
             npy_path,

@@ -197,9 +197,12 @@ def test_frozen_student_sees_the_live_losses_from_a_two_view_cache(data, weights
     np.testing.assert_allclose(cached, live_losses, rtol=1e-3)
     # The centre crop's targets are another image's: 6% and 1% off here (the 2-view cache: 2e-5).
     assert min(abs(c - v) / v for c, v in zip(centred, live_losses, strict=True)) > 5e-3
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         train(data, tmp_path / "three", "--use_cache", "--teacher_feats", views, *frozen, "--epochs", "3")
     assert caplog.text.count("holds 2 views for 3 epochs") == 1
+    other = build(data, weights, tmp_path / "three.npy", 3)  # other targets: the run cannot continue on them
+    with pytest.raises(UserError, match="belongs to a different run"):
+        train(data, tmp_path / "cached", "--use_cache", "--teacher_feats", other, *frozen, "--epochs", "3")
 
 
 def test_interrupted_build_resumes_with_only_the_missing_rows(data, weights, tmp_path, monkeypatch):
@@ -278,5 +281,6 @@ def test_cache_benchmark_runs_and_measures_what_it_says(tmp_path):
     result = bench_cache.main(bench_cache.get_args_parser().parse_args([*argv, "--json", str(tmp_path / "r.json")]))
     header = os.path.getsize(tmp_path / "cache_8192d.npy") - 2 * 8 * 8192 * 2  # the .npy header, once per file
     assert result["build"]["bytes_per_row"] == {512: 1024 + header / 16, 8192: 16384 + header / 16}
-    assert [r["config"] for r in result["step"]] == ["live teacher", "cached, memory-mapped", "cached, on the device"]
+    configs = ["live teacher", "cached, memory-mapped", "cached, on the device", "live teacher (repeat)"]
+    assert [r["config"] for r in result["step"]] == configs
     assert result["step"][0]["ratio_vs_live"] == 1.0 and json.load(open(tmp_path / "r.json"))["build"]["rows_per_s"] > 0
