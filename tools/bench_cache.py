@@ -120,15 +120,20 @@ class _PooledLinear(torch.nn.Module):
         return self.linear(x.mean((2, 3)))
 
 
-def time_steps(student, teacher, batches, optimizer, scaler, cfg: StepConfig) -> float:
-    """Images/s of ``len(batches)`` distill steps (one host sync at the end, as in training)."""
+def time_steps(student, teacher, batches, optimizer, scaler, cfg: StepConfig) -> tuple[float, float]:
+    """Images per second of wall time and of this process's CPU time, over ``len(batches)`` distill steps.
+
+    One host sync at the end, as in training. CPU time leaves out the time other jobs held the cores,
+    so on a shared CPU its ratios are the steadier figure (on a GPU only the wall time means anything).
+    """
     sync(cfg.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for images, index in batches:
         loss = distill_step(student, teacher, images, index, optimizer, scaler, cfg)
     loss.item()
     sync(cfg.device)
-    return sum(len(i) for i, _ in batches) / (time.perf_counter() - start)
+    n = sum(len(i) for i, _ in batches)
+    return n / (time.perf_counter() - start), n / max(time.process_time() - cpu_start, 1e-9)
 
 
 def bench_steps(args, teacher, views, cache_path: str, device: torch.device) -> list[dict]:
@@ -163,12 +168,18 @@ def bench_steps(args, teacher, views, cache_path: str, device: torch.device) -> 
     return [_row(name, r, rates["live teacher"]) for name, r in rates.items()]
 
 
-def _row(name: str, rates: list[float], live: list[float]) -> dict:
-    """Median rate, spread, and the median over rounds of the rate / the live rate of the same round."""
-    median = statistics.median(rates)
-    ratio = statistics.median(r / v for r, v in zip(rates, live, strict=True))
-    return {"config": name, "img_s": round(median, 2), "ratio_vs_live": round(ratio, 2),
-            "spread": round((max(rates) - min(rates)) / median, 3), "rates": [round(r, 2) for r in rates]}  # fmt: skip
+def _row(name: str, rates: list[tuple[float, float]], live: list[tuple[float, float]]) -> dict:
+    """Median rates, spread, and the median over rounds of rate / the live rate of the same round."""
+    row = {"config": name}
+    for i, key in enumerate(("img_s", "img_per_cpu_s")):
+        mine, ref = [r[i] for r in rates], [r[i] for r in live]
+        median = statistics.median(mine)
+        prefix = "" if i == 0 else "cpu_"
+        row[key] = round(median, 2)
+        row[prefix + "ratio_vs_live"] = round(statistics.median(a / b for a, b in zip(mine, ref, strict=True)), 2)
+        row[prefix + "spread"] = round((max(mine) - min(mine)) / median, 3)
+    row["rates"] = [round(r[0], 2) for r in rates]
+    return row
 
 
 def main(args: argparse.Namespace) -> dict:
