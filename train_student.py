@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classes, split_folder
-from data.decode import DECODERS
+from data.device_decode import DECODE_CHOICES, describe, resolve_decode
 from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.backbones import BACKBONES, canonical_arch
@@ -71,7 +71,9 @@ def add_data_args(g) -> None:
     g.add_argument("--weak_strong", action="store_true", help="weak view for the teacher, strong for the student")
     g.add_argument("--num_workers", type=nonneg_int, default=8, help="data loading processes per rank")
     g.add_argument("--skip_bad_images", action="store_true", help="replace unreadable images by the next readable one")
-    g.add_argument("--decode", default="auto", choices=list(DECODERS), help="JPEG decoding of the single view")
+    g.add_argument("--decode", default="auto", choices=DECODE_CHOICES,
+                   help="JPEG decoding of the single weak view: gpu (batched, on the device), cpu (in the workers), "
+                   "pil, draft, tv; auto = gpu on CUDA for JPEG files, else cpu")  # fmt: skip
 
 
 def add_model_args(g) -> None:
@@ -170,13 +172,16 @@ def train_one_epoch(
 
 
 # ============ building blocks of main ============
-def build_dataset(args) -> IndexedImageFolder:
+def build_dataset(args, device: torch.device) -> IndexedImageFolder:
     classes = select_classes(args.data, args.class_list, args.dataset)
-    views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode)
     train_dir = split_folder(args.data, "train")
-    dataset = IndexedImageFolder(train_dir, views, classes, seed=args.seed, skip_bad=args.skip_bad_images)
-    log.info("data: %d images in %d classes from %s; %s, %d px", len(dataset), len(dataset.classes), train_dir,
-             views.name, args.image_size)  # fmt: skip
+    dataset = IndexedImageFolder(train_dir, None, classes, seed=args.seed, skip_bad=args.skip_bad_images)
+    single_weak = args.single_aug and args.weak_weak and not args.weak_strong
+    decode = resolve_decode(args.decode, device, [path for path, _ in dataset.samples], single_weak)
+    views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, decode)
+    dataset.transform = views
+    log.info("data: %d images in %d classes from %s; %s, %d px; %s", len(dataset), len(dataset.classes), train_dir,
+             views.name, args.image_size, describe(decode, device))  # fmt: skip
     if len(dataset) < args.batch_size:
         raise UserError(f"the training set has {len(dataset)} images, fewer than --batch_size {args.batch_size}")
     return dataset
@@ -239,7 +244,7 @@ def main(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True
 
     # ============ preparing data ============
-    dataset = build_dataset(args)
+    dataset = build_dataset(args, dist_info.device)
     loader = build_loader(dataset, args.batch_size // dist_info.world_size, num_workers=args.num_workers,
                           rank=dist_info.rank, world_size=dist_info.world_size, seed=args.seed,
                           pin_memory=dist_info.device.type == "cuda")  # fmt: skip
@@ -278,6 +283,7 @@ def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: 
             on_ckpt = partial(save_checkpoint, run)
             stats = train_one_epoch(model, teacher, loader, run.optimizer, run.scaler, epoch, cfg, progress, on_ckpt)
             stats = {"epoch": epoch, "lr": lr, **stats, "bad_images_skipped": loader.dataset.bad_images_seen()}
+            stats.update(loader.dataset.transform.decode_stats())
             progress = EpochProgress()
             if knn_sets and (epoch % args.knn_every == 0 or epoch == args.epochs):
                 stats.update(knn_monitor(run.student.encoder, knn_sets, batch_size=per_rank_batch,
@@ -306,6 +312,9 @@ def log_epoch(run: Run, writer: ScalarWriter, stats: dict) -> None:
     writer.add({f"knn/{k[4:]}": v for k, v in stats.items() if k.startswith("knn_")}, stats["epoch"])
     if stats["bad_images_skipped"]:
         log.warning("%d unreadable image(s) skipped so far (--skip_bad_images)", stats["bad_images_skipped"])
+    if stats.get("cpu_decoded_images"):
+        log.info("--decode gpu: %d image(s) so far were not plain JPEGs (PNG, CMYK, ...) and were decoded on the CPU",
+                 stats["cpu_decoded_images"])  # fmt: skip
 
 
 def finish(run: Run) -> None:

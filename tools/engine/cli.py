@@ -77,6 +77,17 @@ image_size_int = _number(int, 8, 4096, "an image size in pixels between 8 and 40
 crop_scale = _number(float, 1e-6, 1.0, "an area fraction in (0, 1]")
 
 
+def width_x_height(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` in pixels, each between 8 and 8192 (e.g. ``500x375``)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels (e.g. 500x375), got {text!r}") from None
+    if not (8 <= width <= 8192 and 8 <= height <= 8192):
+        raise argparse.ArgumentTypeError(f"expected a width and height between 8 and 8192 pixels, got {text}")
+    return width, height
+
+
 def device_name(text: str) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether it exists is checked when it is picked)."""
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
@@ -85,6 +96,25 @@ def device_name(text: str) -> str:
 
 
 # ============ checking paths before work starts ============
+def check_output_file(flag: str, path: str | None) -> None:
+    """A UserError when a file to be written is a folder or lies under an existing file."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a folder; give the file to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} '{path}' lies under '{parent}', which is a file; give another path")
+
+
+def check_output_folder(flag: str, path: str | None) -> None:
+    """A UserError when a folder to be written into (created if missing) is an existing file."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a file; give a folder")
+
+
 def check_paths(*, files: dict[str, str | None] = (), folders: dict[str, str | None] = ()) -> None:
     """A UserError naming the first flag whose path is not an existing file (``files``) or folder."""
     for flag, path in dict(files).items():
@@ -100,11 +130,16 @@ def check_paths(*, files: dict[str, str | None] = (), folders: dict[str, str | N
 def check_batch_fits(batch: int, size: int, flag: str = "--batch_size") -> None:
     """Refuse a batch whose uint8 images alone would not fit in this machine's memory."""
     need = batch * 3 * size * size * 4  # the float32 copy of one batch, before any activation
+    check_fits(need, f"{flag} {batch} at {size} px", "one float batch", "choose a smaller batch or image size")
+
+
+def check_fits(need: int, what: str, holds: str, fix: str) -> None:
+    """Refuse ``what`` when the ``need`` bytes it takes (``holds``) exceed this machine's memory."""
     total = _memory_bytes()
     if total and need > total:
         raise UserError(
-            f"{flag} {batch} at {size} px needs {need / 2**30:.0f} GiB for one float batch, more than this "
-            f"machine's {total / 2**30:.0f} GiB of memory; choose a smaller batch or image size"
+            f"{what} needs {need / 2**30:.0f} GiB for {holds}, more than this machine's "
+            f"{total / 2**30:.0f} GiB of memory; {fix}"
         )
 
 
