@@ -75,6 +75,7 @@ positive_float = _number(float, 1e-300, float("inf"), "a number > 0")
 momentum_float = _number(float, 0.0, 0.999999, "a number in [0, 1)")
 image_size_int = _number(int, 8, 4096, "an image size in pixels between 8 and 4096")
 crop_scale = _number(float, 1e-6, 1.0, "an area fraction in (0, 1]")
+fraction_float = _number(float, 1e-6, 1.0, "a fraction in (0, 1]")
 
 
 def width_x_height(text: str) -> tuple[int, int]:
