@@ -1,7 +1,7 @@
 """The main job, for real, on one GPU: training with GPU and CPU decoding, a mid-run stop and exact
 resume, k-NN on the result, the cached teacher (``tools/gpu_check.sh`` runs it).
 
-    python -m tools.main_job_check --out /tmp/main_job              # one H100/H200: about 3 minutes
+    python -m tools.main_job_check --out /tmp/main_job              # one H100/H200: about 2.5 minutes
     python -m tools.main_job_check --out /tmp/main_job --dry_run    # every part on the CPU at toy sizes
 
 Writes ``OUT/main_job.json`` (one row per part: exit status, seconds, images/s, checks) and
