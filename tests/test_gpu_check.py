@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 
 import pytest
+import torch
 
+from models.io import write_json
 from tests.conftest import ROOT
+from tools import bench_hours as H
+from tools import main_job_check as M
 from tools.bench import projection as P
+from tools.engine.cli import run_cli
 
 
 @pytest.mark.slow
@@ -61,3 +67,57 @@ def test_projection_takes_the_smaller_rate_and_names_the_bound():
 def test_anchor_is_the_papers_26_minutes_per_epoch():
     assert P.anchor_hours() == pytest.approx(56.33, abs=0.01)  # 130 x 26 min
     assert P.hours(P.EPOCH_IMAGES / (26 * 60)) == pytest.approx(P.anchor_hours())
+
+
+# ============ flags of the two commands ============
+def exit_with(module, argv: list[str], capsys, caplog) -> tuple[int, str]:
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        run_cli(module.main, module.get_args_parser().parse_args(argv))
+    return stop.value.code, capsys.readouterr().err + caplog.text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{missing}"], "rows '{missing}' does not exist"),
+        (["{rows}", "--cores_per_gpu", "0"], "--cores_per_gpu: expected a positive integer"),
+        (["{rows}", "--ddp_efficiency", "1.5"], "--ddp_efficiency: expected a fraction in (0, 1]"),
+        (["{rows}", "--main_job", "{dir}"], "--main_job '{dir}' is a folder"),
+        (["{rows}", "--out", "{dir}"], "--out '{dir}' is a folder; give the file to write"),
+        (["{not_rows}"], "is not a JSON list of rows"),
+        (["{no_steps}"], "has no step or data rows to project from"),
+    ],
+)
+def test_bench_hours_flag_mistakes(argv, message, tmp_path, capsys, caplog):
+    paths = {"missing": str(tmp_path / "none.json"), "rows": str(tmp_path / "rows.json"), "dir": str(tmp_path),
+             "not_rows": str(tmp_path / "obj.json"), "no_steps": str(tmp_path / "knn.json")}  # fmt: skip
+    write_json(paths["rows"], rows_of(step_bf16=100.0))
+    write_json(paths["not_rows"], {"stage": "step"})
+    write_json(paths["no_steps"], rows_of(knn_ours=100.0))
+    code, text = exit_with(H, [a.format(**paths) for a in argv], capsys, caplog)
+    assert code == 2 and message.format(**paths) in text and "Traceback" not in text
+
+
+def test_bench_hours_writes_the_table(tmp_path, capsys):
+    write_json(str(tmp_path / "rows.json"), rows_of(step_bf16=6000.0, data_cpu=4800.0))
+    text = H.main(H.get_args_parser().parse_args([str(tmp_path / "rows.json"), "--out", str(tmp_path / "p.md")]))
+    assert (tmp_path / "p.md").read_text() == text and "| R50 -> R18, live teacher | 1 | cpu | 6000 | 4800 |" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--parts", "train_gpu,fly"], "unknown part(s) fly in --parts"),
+        (["--out", "{file}"], "--out '{file}' is a file; give a folder"),
+        (["--work_dir", "{file}", "--dry_run"], "--work_dir '{file}' is a file; give a folder"),
+        *([] if torch.cuda.is_available() else [([], "needs a CUDA GPU; add --dry_run")]),
+    ],
+)
+def test_main_job_check_flag_mistakes(argv, message, tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(M, "run_job", lambda *a: pytest.fail("work started before the flags were checked"))
+    (tmp_path / "f").write_text("x")
+    paths = {"file": str(tmp_path / "f")}
+    argv = [a.format(**paths) for a in argv]
+    argv = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "out")]
+    code, text = exit_with(M, argv, capsys, caplog)
+    assert code == 2 and message.format(**paths) in text and "Traceback" not in text
