@@ -23,7 +23,7 @@ def test_dry_run_rehearses_every_part(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "DRY": "1", "OUT": str(out), "WORK": str(work)}
     done = subprocess.run(["bash", "tools/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+                          timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["bench_gpu.json", "bench_gpu.log", "env.txt", "gpu_tests.log", "main_job.json",
                                        "main_job.log", "projection.md"]  # fmt: skip
