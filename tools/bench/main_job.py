@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -219,8 +220,7 @@ def epoch_rates(exp_dir: str) -> dict:
 
 
 def train_part(job: Job, name: str, decode: str, epochs: int, *extra: str) -> dict:
-    if os.path.isdir(job.exp(name)):  # a fresh run each time (an old one would be resumed)
-        subprocess.run(["rm", "-rf", job.exp(name)], check=True)
+    shutil.rmtree(job.exp(name), ignore_errors=True)  # a fresh run each time (an old one would be resumed)
     code, seconds = run_logged(train_cmd(job, name, decode, epochs, *extra), job, job.sizes.limits[name])
     return {"ok": code == 0, "rc": code, "seconds": seconds, "decode": decode, **epoch_rates(job.exp(name))}
 
@@ -244,8 +244,7 @@ def compare_runs(a: str, b: str) -> dict:
 def resume_part(job: Job) -> dict:
     """Stop train_gpu's run by SIGTERM after ``stop_after_lines`` step logs, rerun it, compare with train_gpu."""
     s, name = job.sizes, "resume"
-    if os.path.isdir(job.exp(name)):
-        subprocess.run(["rm", "-rf", job.exp(name)], check=True)
+    shutil.rmtree(job.exp(name), ignore_errors=True)
     cmd = train_cmd(job, name, "gpu", s.epochs, "--ckpt_every_steps", str(s.ckpt_every))
     seen = {"lines": 0, "signalled": False}
 
