@@ -35,6 +35,7 @@ class Converted:
     dropped: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     head: dict[str, torch.Tensor] | None = None  # SimReg prediction head, paper indices
+    heads: list[dict[str, torch.Tensor]] | None = None  # every head of a several-teacher SimReg student
     arch: str | None = None  # architecture recorded in the file, if any
     meta: dict = field(default_factory=dict)
     projection: dict[str, torch.Tensor] | None = None
@@ -244,9 +245,11 @@ def _convert_simclr(raw: object) -> Converted:
 def _convert_simreg(raw: dict) -> Converted:
     settings = raw.get("args") or {}  # the run's arguments, saved as a dict
     head = _tensors(raw.get("head")) or None
+    heads = [_tensors(h) for h in raw["heads"]] if isinstance(raw.get("heads"), list) else None
     return Converted(
         _tensors(raw["student"]),
         head=head,
+        heads=heads,
         arch=settings.get("arch_student"),
         meta={"n_mlp_layers": settings.get("n_mlp_layers"), "epoch": raw.get("epoch")},
         projection=head,

@@ -106,14 +106,19 @@ def is_student_arch(arch: str | None) -> bool:
 
 # ---------------------------------------------------------------- entry points
 def load_eval_model(
-    weights: str, arch: str | None = None, fmt: str = "auto", use_pred: bool = False, as_teacher: bool = False
+    weights: str,
+    arch: str | None = None,
+    fmt: str = "auto",
+    use_pred: bool | int = False,
+    as_teacher: bool = False,
 ) -> EvalModel:
     """A frozen :class:`EvalModel` from any student or teacher checkpoint.
 
     Student layouts (:data:`STUDENT_FORMATS`) are loaded here, strictly; any other layout, an
     architecture only teachers have, or ``as_teacher=True`` goes through ``load_teacher`` so a teacher
     is evaluated with its own network and preprocessing. ``use_pred`` evaluates the prediction head's
-    output with the head layout the file was trained with.
+    output with the head layout the file was trained with: ``True`` the (first) head, an int K >= 2
+    the head of teacher K of a several-teacher student.
     """
     if as_teacher or not is_student_arch(arch) or fmt not in (*STUDENT_FORMATS, "auto"):
         return _teacher_model(weights, arch, fmt, use_pred)
@@ -123,7 +128,7 @@ def load_eval_model(
     return _student_model(weights, fmt, conv, arch, use_pred)
 
 
-def _teacher_model(weights: str, arch: str | None, fmt: str, use_pred: bool) -> EvalModel:
+def _teacher_model(weights: str, arch: str | None, fmt: str, use_pred: bool | int) -> EvalModel:
     if use_pred:
         raise CheckpointError(f"--use_pred needs a student checkpoint with its prediction head; '{weights}' is not one")
     teacher = load_teacher(weights, arch, fmt)
@@ -131,7 +136,7 @@ def _teacher_model(weights: str, arch: str | None, fmt: str, use_pred: bool) -> 
     return EvalModel(teacher, None, teacher.arch, identity)
 
 
-def _student_model(weights: str, fmt: str, conv: Converted, arch: str | None, use_pred: bool) -> EvalModel:
+def _student_model(weights: str, fmt: str, conv: Converted, arch: str | None, use_pred: bool | int) -> EvalModel:
     if conv.unknown:
         raise CheckpointError(
             f"'{weights}' (format {fmt}) has {len(conv.unknown)} unrecognised key(s): {', '.join(conv.unknown[:8])}"
@@ -141,24 +146,33 @@ def _student_model(weights: str, fmt: str, conv: Converted, arch: str | None, us
     arch = resolve_arch(arch, conv.arch, infer_arch(backbone), weights)
     encoder = build_encoder(arch)
     load_strict(encoder.backbone, backbone, weights, f"student {arch} backbone")
-    head = None
-    if use_pred:
-        if not conv.head:
-            raise CheckpointError(
-                f"--use_pred: '{weights}' holds no prediction head (an exported backbone?); "
-                "give a training checkpoint (ckpt_epoch_<N>.pth or checkpoint_latest.pth)"
-            )
-        head = build_head_from_weights(conv.head, encoder.feat_dim, weights)
-        recorded = conv.meta.get("n_mlp_layers")
-        if recorded is not None and recorded != head_layout(conv.head):
-            raise CheckpointError(f"'{weights}' says n_mlp_layers={recorded} but its head has another layout")
-    log.info("evaluating %s (%s, format %s%s)", weights, arch, fmt, ", prediction head" if use_pred else "")
+    head = _prediction_head(conv, use_pred, encoder.feat_dim, weights) if use_pred else None
+    shown = "" if not use_pred else ", prediction head" + (f" {use_pred}" if use_pred is not True else "")
+    log.info("evaluating %s (%s, format %s%s)", weights, arch, fmt, shown)
     identity = _identity(weights, fmt, arch, "student", use_pred)
     identity["epoch"] = conv.meta.get("epoch")
     return EvalModel(encoder, head, arch, identity)
 
 
-def _identity(weights: str, fmt: str, arch: str, kind: str, use_pred: bool) -> dict:
+def _prediction_head(conv: Converted, use_pred: bool | int, in_dim: int, weights: str) -> nn.Module:
+    """Head 1 (``True``) or head K of the file, rebuilt in the layout it was trained with."""
+    heads = conv.heads or ([conv.head] if conv.head else [])
+    if not heads:
+        raise CheckpointError(
+            f"--use_pred: '{weights}' holds no prediction head (an exported backbone?); "
+            "give a training checkpoint (ckpt_epoch_<N>.pth or checkpoint_latest.pth)"
+        )
+    k = 1 if use_pred is True else int(use_pred)
+    if k > len(heads):
+        raise CheckpointError(f"--head {k}: '{weights}' holds {len(heads)} prediction head(s), one per teacher")
+    head = build_head_from_weights(heads[k - 1], in_dim, weights)
+    recorded = conv.meta.get("n_mlp_layers")
+    if recorded is not None and recorded != head_layout(heads[k - 1]):
+        raise CheckpointError(f"'{weights}' says n_mlp_layers={recorded} but its head has another layout")
+    return head
+
+
+def _identity(weights: str, fmt: str, arch: str, kind: str, use_pred: bool | int) -> dict:
     return {
         "kind": kind,
         "weights": os.path.abspath(weights),

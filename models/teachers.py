@@ -193,3 +193,26 @@ def load_teacher(weights: str, arch: str | None = None, fmt: str = "auto", use_f
         weights,
     )
     return teacher
+
+
+class TeacherSet:
+    """Several frozen teachers behind one call: ``targets(images, indices)`` -> [(B, D_k)], teacher by teacher.
+
+    Each teacher (live or cached) keeps its own network, feature size and input preprocessing; in the
+    single-view mode all of them see the same pixels. ``weights`` are the loss weights, normalised to
+    sum to 1 (equal by default: the paper's plain average of the per-teacher losses).
+    """
+
+    def __init__(self, teachers: list, weights: list[float] | None = None) -> None:
+        if len(teachers) < 2:
+            raise ValueError("a TeacherSet holds two teachers or more; use the teacher itself for one")
+        raw = list(weights) if weights is not None else [1.0] * len(teachers)
+        if len(raw) != len(teachers) or min(raw) < 0 or sum(raw) <= 0:
+            raise ValueError(f"loss weights {raw} do not fit {len(teachers)} teachers (non-negative, sum > 0)")
+        self.teachers = teachers
+        self.weights = [w / sum(raw) for w in raw]
+        self.feat_dims = [t.feat_dim for t in teachers]
+
+    def targets(self, images: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Every teacher's regression targets for the batch, in the order the teachers were given."""
+        return [t.targets(images, indices) for t in self.teachers]
