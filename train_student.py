@@ -26,7 +26,7 @@ from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classe
 from data.decode import DECODERS
 from data.loaders import build_loader
 from data.transforms import TrainViews
-from models.backbones import BACKBONES, canonical_arch
+from models.backbones import canonical_arch
 from models.cached_teacher import open_cached_teacher
 from models.errors import UserError
 from models.fold import compile_frozen
@@ -76,7 +76,7 @@ def add_data_args(g) -> None:
 
 def add_model_args(g) -> None:
     cli.add_teacher_args(g, teacher_arch_names())
-    g.add_argument("--arch_student", default="resnet18", help=f"one of {', '.join(BACKBONES)}, or mobilenet")
+    g.add_argument("--arch_student", default="resnet18", help="a torchvision classification model or timm/<name>")
     g.add_argument("--n_mlp_layers", type=int, default=4, choices=HEAD_LAYERS, help="prediction head depth")
     g.add_argument("--linear_pred", action="store_true", help="alias of --n_mlp_layers 0 (linear predictor)")
     g.add_argument("--use_cache", action="store_true", help="regress cached teacher features (no teacher network)")
@@ -99,7 +99,7 @@ def add_runtime_args(g) -> None:
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--channels_last", action="store_true", help="NHWC memory layout for both networks")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
-    g.add_argument("--compile_teacher", action="store_true", help="fold the teacher's BatchNorm, torch.compile it")
+    g.add_argument("--compile_teacher", action="store_true", help="torch.compile the teacher (BatchNorm folded first)")
     g.add_argument("--knn_every", type=nonneg_int, default=0, help="every N epochs (and the last) log k-NN on val/")
     g.add_argument("--knn_resize_size", type=nonneg_int, default=0, help="k-NN resize (0: image_size * 256/224)")
     cli.add_runtime_args(g)
@@ -185,16 +185,18 @@ def build_dataset(args) -> IndexedImageFolder:
 def build_teacher(args, device: torch.device, dataset: IndexedImageFolder):
     """The live frozen teacher, or with --use_cache the cached one (same ``targets(images, indices)`` call)."""
     if args.use_cache:
-        teacher = {"arch": args.arch_teacher, "weights": args.teacher_weights, "use_fc": args.teacher_fc}
+        teacher = {"arch": args.arch_teacher, "weights": args.teacher_weights, "use_fc": args.teacher_fc,
+                   "pool": args.teacher_pool}  # fmt: skip
         fingerprint = dataset_fingerprint(dataset)
         return open_cached_teacher(
             args.teacher_feats, fingerprint, device, args.cache_on_device, args.image_size, teacher=teacher
         )
-    teacher = load_teacher(args.teacher_weights, args.arch_teacher, args.teacher_format, use_fc=args.teacher_fc)
+    teacher = load_teacher(args.teacher_weights, args.arch_teacher, args.teacher_format, use_fc=args.teacher_fc,
+                           pool=args.teacher_pool, input_size=args.image_size)  # fmt: skip
     teacher = teacher.to(device)
     if args.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
-    if args.compile_teacher:  # inference only: BatchNorm on running statistics folds into the convs
+    if args.compile_teacher:  # inference only: BatchNorm on running statistics folds into the convs (not ViTs)
         teacher.encoder = compile_frozen(teacher.encoder)
     return teacher
 

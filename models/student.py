@@ -14,6 +14,7 @@ class Student(nn.Module):
 
     def __init__(self, arch: str, teacher_dim: int, n_mlp_layers: int = 4) -> None:
         super().__init__()
+        self.arch = arch
         self.encoder = build_encoder(arch)
         self.head = build_head(self.encoder.feat_dim, teacher_dim, n_mlp_layers)
 
@@ -21,5 +22,5 @@ class Student(nn.Module):
         return self.head(self.encoder(x))
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """torchvision-named backbone weights, without the classifier."""
+        """Backbone weights in its ecosystem's names (torchvision's or timm's), without the classifier."""
         return self.encoder.backbone.state_dict()

@@ -147,6 +147,21 @@ def add_teacher_args(g: argparse._ArgumentGroup, arch_names: list[str], weights_
         action="store_true",
         help="regress the checkpoint's projection output (MoCo fc, SwAV projection_head, ...), not its pooled feature",
     )
+    add_pool_arg(g)
+
+
+TEACHER_POOLS = ("auto", "cls", "avg", "cls+avg")
+
+
+def add_pool_arg(g: argparse._ArgumentGroup) -> None:
+    """``--teacher_pool``: a ViT teacher's feature (training, caching and evaluation share it)."""
+    g.add_argument(
+        "--teacher_pool",
+        default="auto",
+        choices=TEACHER_POOLS,
+        help="ViT teachers: final-norm class token (cls; auto = the publisher's), mean of the patch tokens (avg), "
+        "or both concatenated (cls+avg, as DINOv2's linear evaluation)",
+    )
 
 
 def add_runtime_args(g: argparse._ArgumentGroup, seed: bool = True) -> None:
