@@ -194,7 +194,7 @@ def _cnn_network(conv: Converted, arch: str | None, path: str, fmt: str) -> tupl
 def _vit_network(conv: Converted, arch: str | None, path: str, fmt: str, pool: str) -> tuple[nn.Module, str]:
     """The publisher's ViT for the file's shapes, its weights adopted, at the pooling asked for."""
     spec = conv.meta["vit"]
-    if arch is not None and arch != spec.name:
+    if arch and arch != spec.name:
         raise CheckpointError(
             f"teacher '{path}' holds a {PUBLISHER[spec.family]} {spec.name} (format {fmt}), but --arch_teacher is "
             f"{arch}; leave --arch_teacher unset (the file says what it holds)"
@@ -259,12 +259,12 @@ def _normalisation(net: nn.Module, conv: Converted, fmt: str) -> tuple:
 INPUT_NAMES = {"imagenet": "ImageNet mean/std", "none": "[0, 1] without mean/std"}
 
 
-def check_input_size(teacher: nn.Module, size: int, flag: str = "--image_size") -> None:
+def check_input_size(teacher: nn.Module, size: int, what: str = "the crop size (--image_size / --crop_size)") -> None:
     """A UserError when a patch-based teacher cannot see ``size`` x ``size`` images whole."""
     backbone = teacher.encoder.backbone if hasattr(teacher, "encoder") else teacher
     patch = getattr(backbone, "patch", None) or getattr(backbone, "patch_size", None)
     if isinstance(patch, int):
-        check_patch_multiple(size, size, patch, flag)
+        check_patch_multiple(size, size, patch, what)
 
 
 def load_teacher(
@@ -285,6 +285,7 @@ def load_teacher(
     """
     if pool not in ("auto", *POOLS):
         raise UserError(f"--teacher_pool {pool!r}: choose auto, {', '.join(POOLS)}")
+    arch = arch or None  # an empty --arch_teacher (run.sh's default) means: read it from the file
     net, arch, fmt, conv = _network(safe_load(weights, "teacher"), arch, fmt, weights, pool)
     vit_pool = getattr(net, "pool_mode", None)
     if use_fc and vit_pool not in (None, "cls"):

@@ -108,12 +108,12 @@ def resize_pos_embed(pos: torch.Tensor, h: int, w: int, mode: str) -> torch.Tens
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
 
-def check_patch_multiple(height: int, width: int, patch: int, flag: str = "the input size") -> None:
+def check_patch_multiple(height: int, width: int, patch: int, what: str = "an input") -> None:
     """A UserError unless ``patch`` divides both sides (no silent crop of the image's border)."""
     if height % patch or width % patch:
         near = max(patch, round(height / patch) * patch)
         raise UserError(
-            f"{flag} {height}x{width} px is not a multiple of the ViT teacher's patch size {patch}: the "
+            f"{what} of {height}x{width} px is not a multiple of the ViT teacher's patch size {patch}: the "
             f"patch embedding would drop the border; choose a multiple of {patch} (e.g. {near})"
         )
 
