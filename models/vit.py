@@ -223,12 +223,16 @@ class RopeViT(Eva):
 
 
 def build_vit(spec: ViTSpec, pool: str = "cls") -> nn.Module:
-    """The network for ``spec`` on the meta device (no random init; load the file with ``assign=True``,
-    then :func:`materialise`)."""
+    """The network for ``spec``, on the meta device where timm allows it (no random init; load the file with
+    ``assign=True``, then :func:`materialise`)."""
     if pool not in POOLS:
         raise UserError(f"--teacher_pool {pool!r}: choose one of {', '.join(POOLS)}")
-    with torch.device("meta"):
-        return RopeViT(spec, pool) if spec.pos == "rope" else AbsPosViT(spec, pool)
+    cls = RopeViT if spec.pos == "rope" else AbsPosViT
+    try:
+        with torch.device("meta"):
+            return cls(spec, pool)
+    except (RuntimeError, NotImplementedError):  # older timm reads values while building (1.0.20: .item())
+        return cls(spec, pool)
 
 
 @torch.no_grad()
