@@ -27,22 +27,8 @@ import numpy as np
 from models.errors import UserError
 from models.io import write_json
 from tools.engine import distributed
-from tools.engine.cli import note_ignored, positive_int, run_cli
-from tools.engine.logs import setup_logging
-from tools.engine.step import amp_dtype
-from tools.eval.common import (
-    add_common_args,
-    build_model_from_args,
-    centre_crop_features,
-    check_common_args,
-    classes_from_args,
-    eval_datasets,
-    exp_dir_of,
-    feature_key,
-    fingerprints,
-    output_dir,
-)
-from tools.eval.features import FeatureStore
+from tools.engine.cli import note_ignored, positive_float, positive_int, run_cli
+from tools.eval.common import add_common_args, features_from_args, prepare_evaluation
 from tools.eval.knn import BACKENDS, TIES, knn_classify
 
 log = logging.getLogger("simreg.eval_knn")
@@ -54,9 +40,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("k-NN")
     g.add_argument("-k", default="1,20", help="comma-separated k values (default 1,20)")
     g.add_argument("--backend", default="auto", choices=BACKENDS, help="exact search: torch (chunked) or faiss")
-    g.add_argument("--chunk", type=int, default=None, help="query rows per similarity block (torch backend)")
+    g.add_argument("--chunk", type=positive_int, default=None, help="query rows per similarity block (torch)")
     g.add_argument("--ties", default="random", choices=TIES, help="majority-vote ties: seeded random or nearest")
-    g.add_argument("--temperature", type=float, default=0.07, help="weighted vote: exp(cos / T)")
+    g.add_argument("--temperature", type=positive_float, default=0.07, help="weighted vote: exp(cos / T)")
     g.add_argument(
         "--use_cache",
         "--load_cache",
@@ -82,38 +68,21 @@ def parse_ks(text: str) -> tuple[int, ...]:
 
 def main(args: argparse.Namespace) -> dict | None:
     ks = parse_ks(args.k)
-    dist_info = distributed.init_distributed(args.device)
-    check_common_args(args, dist_info.world_size)
-    exp_dir = exp_dir_of(args.exp_dir, args.weights)
-    out_dir = output_dir(args.save, exp_dir, "features", args.use_pred)
-    setup_logging(os.path.join(out_dir, "knn.log"), dist_info.is_main, args.debug)
+    start = time.perf_counter()
+    ev = prepare_evaluation(args, "features", "knn.log")
     if args.print_freq is not None:
         note_ignored("-p/--print-freq", "progress is shown by a bar (and the results by a summary)")
-    start = time.perf_counter()
-
-    # ============ network and data ============
-    model = build_model_from_args(args).to(dist_info.device)
-    datasets = eval_datasets(args.data, args.resize_size, args.crop_size, classes_from_args(args))
-    dtype = amp_dtype(args.amp, dist_info.device)
-    key = feature_key(model, args.resize_size, args.crop_size, dtype, fingerprints(datasets))
+    n_train = len(ev.datasets["train"])
+    if max(ks) > n_train:
+        raise UserError(f"-k {max(ks)} exceeds the {n_train} training images; choose a smaller k")
 
     # ============ centre-crop features, in dataset order ============
-    feats = centre_crop_features(
-        model,
-        datasets,
-        FeatureStore(out_dir),
-        key,
-        batch_size=max(1, args.batch_size // dist_info.world_size),
-        workers=args.workers,
-        dist_info=dist_info,
-        dtype=dtype,
-        reuse="never" if args.recompute else "require" if args.use_cache else "auto",
-        save=not args.no_save_features,
-    )
+    reuse = "never" if args.recompute else "require" if args.use_cache else "auto"
+    feats = features_from_args(ev, args, ev.out_dir, ev.datasets, reuse)
 
     # ============ k-NN on rank 0 ============
     results = None
-    if dist_info.is_main:
+    if ev.dist_info.is_main:
         (train_x, train_y), (val_x, val_y) = feats["train"], feats["val"]
         results = knn_classify(
             train_x,
@@ -123,14 +92,14 @@ def main(args: argparse.Namespace) -> dict | None:
             ks,
             backend=args.backend,
             chunk=args.chunk,
-            device=dist_info.device,
-            num_classes=len(datasets["train"].classes),
+            device=ev.dist_info.device,
+            num_classes=len(ev.datasets["train"].classes),
             temperature=args.temperature,
             ties=args.ties,
             seed=args.seed,
         )
-        epoch = args.epoch if args.epoch is not None else model.identity.get("epoch") or 0
-        write_results(out_dir, results, model, epoch, args, time.perf_counter() - start)
+        epoch = args.epoch if args.epoch is not None else ev.model.identity.get("epoch") or 0
+        write_results(ev.out_dir, results, ev.model, epoch, args, time.perf_counter() - start)
     distributed.barrier()
     distributed.cleanup()
     return results

@@ -36,22 +36,11 @@ from models.errors import UserError
 from models.io import write_json
 from tools.engine import cli, distributed
 from tools.engine.cli import crop_scale, momentum_float, nonneg_float, nonneg_int, positive_float, positive_int, run_cli
-from tools.engine.logs import ScalarWriter, append_json_line, setup_logging
+from tools.engine.logs import ScalarWriter, append_json_line
 from tools.engine.schedules import set_lr
 from tools.engine.step import amp_dtype
-from tools.eval.common import (
-    add_common_args,
-    build_model_from_args,
-    centre_crop_features,
-    check_common_args,
-    classes_from_args,
-    eval_datasets,
-    exp_dir_of,
-    feature_key,
-    fingerprints,
-    output_dir,
-)
-from tools.eval.features import FeatureStore, broadcast_tensor
+from tools.eval.common import Evaluation, add_common_args, features_from_args, output_dir, prepare_evaluation
+from tools.eval.features import broadcast_tensor
 from tools.eval.linear_probe import (
     LinearProbe,
     assert_unchanged,
@@ -117,28 +106,18 @@ def probe_settings(args: argparse.Namespace, milestones: tuple[int, ...]) -> dic
 
 
 # ============ building blocks of main ============
-def probe_inputs(args, model, datasets, key, features_dir, out_dir, dist_info):
+def probe_inputs(args, ev: Evaluation, features_dir: str):
     """(mean, var) on every rank; val (and, with --use_cache, train) features on rank 0."""
-    stats = load_statistics(out_dir, key) if dist_info.is_main else None
+    dist_info = ev.dist_info
+    stats = load_statistics(ev.out_dir, ev.key) if dist_info.is_main else None
     missing = broadcast_tensor(torch.tensor([float(stats is None)]), (1,), dist_info)  # rank 0 decides
     need_train = args.use_cache or bool(missing.item())
-    splits = {s: ds for s, ds in datasets.items() if s == "val" or need_train}
-    dtype = amp_dtype(args.amp, dist_info.device)
-    feats = centre_crop_features(
-        model,
-        splits,
-        FeatureStore(features_dir),
-        key,
-        batch_size=max(1, args.batch_size // dist_info.world_size),
-        workers=args.workers,
-        dist_info=dist_info,
-        dtype=dtype,
-        save=not args.no_save_features,
-    )
+    splits = {s: ds for s, ds in ev.datasets.items() if s == "val" or need_train}
+    feats = features_from_args(ev, args, features_dir, splits)
     if dist_info.is_main and stats is None:
         stats = feature_statistics(feats["train"][0])
-        save_statistics(out_dir, key, stats[0], stats[1], feats["train"][0].shape[0])
-    dim = model.feat_dim
+        save_statistics(ev.out_dir, ev.key, stats[0], stats[1], feats["train"][0].shape[0])
+    dim = ev.model.feat_dim
     mean = broadcast_tensor(stats[0] if stats else None, (dim,), dist_info)
     var = broadcast_tensor(stats[1] if stats else None, (dim,), dist_info)
     return mean, var, feats
@@ -277,34 +256,28 @@ def end_epoch(run: ProbeRun, stats: dict, epoch: int, args, writer: ScalarWriter
 
 
 def main(args: argparse.Namespace) -> dict | None:
-    dist_info = distributed.init_distributed(args.device)
-    check_common_args(args, dist_info.world_size)
-    cli.check_paths(files={"--resume": args.resume})
-    exp_dir = exp_dir_of(args.exp_dir, args.weights)
+    start = time.perf_counter()
     # Cached-feature probes are another protocol: their own folder, so neither run resumes the other.
-    out_dir = output_dir(args.save, exp_dir, "linear_cached" if args.use_cache else "linear", args.use_pred)
-    # The feature store shared with eval_knn.py: <exp>/features, or beside --save (the original's layout).
-    features_dir = args.features_dir or output_dir(
-        None, exp_dir or os.path.dirname(os.path.abspath(args.save)), "features", args.use_pred
-    )
-    setup_logging(os.path.join(out_dir, "linear.log"), dist_info.is_main, args.debug)
+    ev = prepare_evaluation(args, "linear_cached" if args.use_cache else "linear", "linear.log")
+    cli.check_paths(files={"--resume": args.resume})
     if args.start_epoch is not None:
         cli.note_ignored("--start-epoch", "the probe continues from its own checkpoint (<save>/checkpoint.pth)")
-    device, start = dist_info.device, time.perf_counter()
+    # The feature store shared with eval_knn.py: <exp>/features, or beside --save (the original's layout).
+    features_dir = args.features_dir or output_dir(
+        None, ev.exp_dir or os.path.dirname(os.path.abspath(args.save)), "features", args.use_pred
+    )
     milestones = parse_milestones(args.lr_schedule, args.epochs)
+    model, dist_info = ev.model, ev.dist_info
 
-    # ============ frozen network, data, statistics ============
-    model = build_model_from_args(args).to(device)
+    # ============ frozen network, statistics ============
     snapshot = state_snapshot(model)
-    datasets = eval_datasets(args.data, args.resize_size, args.crop_size, classes_from_args(args))
-    key = feature_key(model, args.resize_size, args.crop_size, amp_dtype(args.amp, device), fingerprints(datasets))
-    mean, var, feats = probe_inputs(args, model, datasets, key, features_dir, out_dir, dist_info)
+    mean, var, feats = probe_inputs(args, ev, features_dir)
 
     # ============ the probe, trained ============
-    run, first_epoch = build_probe(args, model, datasets, feats, (mean, var), key, out_dir, dist_info)
+    run, first_epoch = build_probe(args, model, ev.datasets, feats, (mean, var), ev.key, ev.out_dir, dist_info)
     if args.evaluate:
         return evaluate_saved(run, first_epoch, dist_info)
-    writer = ScalarWriter(out_dir if dist_info.is_main else None)
+    writer = ScalarWriter(ev.out_dir if dist_info.is_main else None)
     for epoch in range(first_epoch, args.epochs + 1):
         set_lr(run.optimizer, step_lr(args.lr, epoch, milestones))
         stats = train_one_epoch(run, model, args, epoch, dist_info)
@@ -316,7 +289,7 @@ def main(args: argparse.Namespace) -> dict | None:
     # ============ results ============
     assert_unchanged(model, snapshot)  # the protocol's promise: the backbone was never touched
     seconds = time.perf_counter() - start
-    results = summarise(run.history, model, run.settings, out_dir, seconds) if dist_info.is_main else None
+    results = summarise(run.history, model, run.settings, ev.out_dir, seconds) if dist_info.is_main else None
     distributed.cleanup()
     return results
 

@@ -73,6 +73,7 @@ def test_sampler_ranks_partition_the_single_process_order():
     assert [ranks[i % 2][i // 2] for i in range(20)] == single
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_process_gloo_equals_one_process(tmp_path):
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")

@@ -41,6 +41,7 @@ def _extract_on_rank(rank: int, world_size: int, init_file: str, root: str, out:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_rank_extraction_equals_one_rank_row_for_row(tmp_path):
     root = make_image_folder(str(tmp_path / "data"), {"train": 3}, classes=3, size=8)  # 9 images: 2 ranks pad

@@ -105,6 +105,12 @@ def test_eval_linear_results_resume_and_cache(tmp_path, setup):
         _linear(root, str(tmp_path / "b"), "--epochs", "3", "--lr", "0.1")
     cached = _linear(root, str(tmp_path / "a"), "--epochs", "2", "--use_cache", "--no_resume")
     assert cached["headline"]["epoch"] == 2 and cached["settings"]["use_cache"] is True
+    # The original's -e/--evaluate: the saved probe on val, no training, the same numbers as its last epoch.
+    evaluated = _linear(root, str(tmp_path / "b"), "--epochs", "2", "--evaluate")
+    last = resumed["history"][-1]
+    assert (evaluated["top1"], evaluated["top5"]) == (last["top1"], last["top5"])
+    with pytest.raises(UserError, match="--evaluate: no linear probe checkpoint"):
+        _linear(root, str(tmp_path / "c"), "--epochs", "2", "--evaluate")
 
 
 @pytest.mark.slow

@@ -104,10 +104,13 @@ def test_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path):
             f"while True: atomic_save({{'v': torch.ones(64, 1024, 1024)}}, {path!r})")  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 60
-    while not any(n.startswith(".tmp_") for n in os.listdir(tmp_path)) and time.time() < deadline:
-        time.sleep(0.005)
+    caught = False
+    while not caught and time.time() < deadline:
+        caught = any(n.startswith(".tmp_") for n in os.listdir(tmp_path))
+        time.sleep(0 if caught else 0.005)
     proc.kill()
     proc.wait()
+    assert caught, "the writer was never caught mid-write: the test did not exercise the race"
     v = torch.load(path, weights_only=True)["v"]  # the old or a complete new file, never a torn one
     assert v.shape in ((3,), (64, 1024, 1024))
 

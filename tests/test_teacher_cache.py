@@ -121,6 +121,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_rank_build_equals_live_teacher_in_dataset_order(data, weights, tmp_path):
     out = tmp_path / "feats.npy"

@@ -48,14 +48,20 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def entry(text: str) -> tuple[str, str]:
+    """``NAME=DIR`` -> (name, folder); the folder must exist."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR (e.g. student=exp/demo), got {text!r}")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder '{folder}' of {name!r} does not exist")
+    return name, folder
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("entries", nargs="+", metavar="NAME=DIR")
-    entries = parser.parse_args().entries
-    rows = {}
-    for entry in entries:
-        name, _, folder = entry.partition("=")
-        rows[name] = read_results(folder)
+    parser.add_argument("entries", nargs="+", metavar="NAME=DIR", type=entry)
+    rows = {name: read_results(folder) for name, folder in parser.parse_args(argv).entries}
     print("val top-1 % (k-NN: majority vote, weighted: DINO's T=0.07; linear: last epoch, cached: on cached features)")
     print(format_table(rows))
 

@@ -20,12 +20,13 @@ import torch
 import torchvision
 from torch import nn
 
-from data.datasets import IndexedImageFolder
+from data.datasets import IndexedImageFolder, split_folder
 from data.loaders import build_loader
 from data.transforms import WeakAug
 from models.backbones import IMAGENET_MEAN, IMAGENET_STD, Normalize, canonical_arch
+from models.errors import UserError
 from models.io import atomic_save
-from tools.engine.cli import add_debug_flag, run_cli
+from tools.engine import cli
 from tools.engine.logs import setup_logging
 from tools.engine.schedules import cosine_lr, set_lr
 
@@ -36,25 +37,28 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("supervised demo teacher", add_help=add_help)
     p.add_argument("data", help="dataset root with train/<class>/<image>")
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--learning_rate", type=float, default=0.05)
-    p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=cli.positive_int, default=15)
+    p.add_argument("--batch_size", type=cli.positive_int, default=64)
+    p.add_argument("--learning_rate", type=cli.positive_float, default=0.05)
+    p.add_argument("--image_size", type=cli.image_size_int, default=32)
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
+    p.add_argument("--seed", type=cli.nonneg_int, default=0)
     p.add_argument("--out", required=True, help="output .pth (torchvision state dict)")
-    add_debug_flag(p)
+    cli.add_debug_flag(p)
     return p
 
 
 def main(args: argparse.Namespace) -> None:
     setup_logging()
+    if os.path.isdir(args.out):
+        raise UserError(f"--out '{args.out}' is a folder; give the .pth file to write")
+    arch = canonical_arch(args.arch)
     torch.manual_seed(args.seed)
     dataset = IndexedImageFolder(
-        os.path.join(args.data, "train"), WeakAug(args.image_size, (0.6, 1.0), flip=False), seed=args.seed
+        split_folder(args.data, "train"), WeakAug(args.image_size, (0.6, 1.0), flip=False), seed=args.seed
     )
     loader = build_loader(dataset, args.batch_size, num_workers=args.num_workers, seed=args.seed)
-    net = getattr(torchvision.models, canonical_arch(args.arch))(num_classes=len(dataset.classes))
+    net = getattr(torchvision.models, arch)(num_classes=len(dataset.classes))
     model = nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), net)
     opt = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=5e-4)
     start = time.perf_counter()
@@ -76,4 +80,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    cli.run_cli(main, get_args_parser().parse_args())

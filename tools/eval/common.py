@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -18,9 +19,11 @@ from data.datasets import dataset_fingerprint, select_classes, split_folder
 from models.errors import UserError
 from models.formats import FORMATS
 from models.pretrained import EvalModel, load_eval_model, random_init_model
-from tools.engine import cli
+from tools.engine import cli, distributed
 from tools.engine.checkpoint import LATEST, epoch_checkpoint_path
 from tools.engine.distributed import DistInfo
+from tools.engine.logs import setup_logging
+from tools.engine.step import amp_dtype
 from tools.eval.features import FeatureStore, build_eval_dataset, extract_features
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,54 @@ def output_dir(save: str | None, exp_dir: str | None, sub: str, use_pred: bool) 
         raise UserError(f"no output folder: give --save DIR or --exp_dir DIR (results go to <exp_dir>/{sub})")
     out = os.path.abspath(save or os.path.join(exp_dir, sub))
     return os.path.join(out, "pred_head") if use_pred else out
+
+
+# ---------------------------------------------------------------- the shared preamble
+@dataclass
+class Evaluation:
+    """What both evaluation scripts set up first: the process group, the output folder, the frozen
+    network, the centre-crop datasets and the key their features are stored under."""
+
+    dist_info: DistInfo
+    exp_dir: str | None
+    out_dir: str
+    model: EvalModel
+    datasets: dict
+    dtype: torch.dtype | None
+    key: dict
+
+
+def prepare_evaluation(args: argparse.Namespace, sub: str, log_name: str) -> Evaluation:
+    """Flags checked, logging to ``<out_dir>/<log_name>``, the network on its device, the data, the key.
+
+    ``sub`` is the output folder under the experiment (``features``, ``linear``, ``linear_cached``).
+    """
+    dist_info = distributed.init_distributed(args.device)
+    check_common_args(args, dist_info.world_size)
+    exp_dir = exp_dir_of(args.exp_dir, args.weights)
+    out_dir = output_dir(args.save, exp_dir, sub, args.use_pred)
+    setup_logging(os.path.join(out_dir, log_name), dist_info.is_main, args.debug)
+    model = build_model_from_args(args).to(dist_info.device)
+    datasets = eval_datasets(args.data, args.resize_size, args.crop_size, classes_from_args(args))
+    dtype = amp_dtype(args.amp, dist_info.device)
+    key = feature_key(model, args.resize_size, args.crop_size, dtype, fingerprints(datasets))
+    return Evaluation(dist_info, exp_dir, out_dir, model, datasets, dtype, key)
+
+
+def features_from_args(ev: Evaluation, args: argparse.Namespace, folder: str, splits: dict, reuse: str = "auto"):
+    """:func:`centre_crop_features` of ``splits`` with the flags' batch, workers and saving."""
+    return centre_crop_features(
+        ev.model,
+        splits,
+        FeatureStore(folder),
+        ev.key,
+        batch_size=max(1, args.batch_size // ev.dist_info.world_size),
+        workers=args.workers,
+        dist_info=ev.dist_info,
+        dtype=ev.dtype,
+        reuse=reuse,
+        save=not args.no_save_features,
+    )
 
 
 # ---------------------------------------------------------------- network, data, features
