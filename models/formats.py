@@ -309,6 +309,7 @@ class _ViTSource:
     projection: dict[str, torch.Tensor] | None = None
     projection_name: str = ""
     family: str | None = None  # fixed by the layout (MoCo v3's base_encoder), else read from the keys
+    plain: bool = False  # a bare ViT state dict (a timm file looks the same)
 
 
 def _vit_source(raw: object) -> _ViTSource | None:
@@ -337,7 +338,7 @@ def _vit_source(raw: object) -> _ViTSource | None:
     head = _under(sd, "head.")  # a linear classifier (MoCo v3 main_lincls, DeiT-style files)
     backbone = {k: v for k, v in sd.items() if not k.startswith("head.")}
     name = "the linear classifier stored with the ViT (head: its logits)"
-    return _ViTSource(backbone, [f"head.{k}" for k in head], projection=head or None, projection_name=name)
+    return _ViTSource(backbone, [f"head.{k}" for k in head], projection=head or None, projection_name=name, plain=True)
 
 
 def _vit_family(raw: object) -> str | None:
@@ -350,6 +351,13 @@ def _convert_vit(raw: object, family: str) -> Converted:
     if src is None:
         raise CheckpointError(f"it holds no ViT (cls_token, patch_embed, blocks) for a {family} format")
     spec = vit_layouts.vit_spec(src.sd, family)
+    if src.plain and family == "dino":
+        log.info(
+            "a plain ViT state dict (timm-0.4 names): read as DINO's %s (ImageNet mean/std, %d heads); "
+            "a timm model's file needs --arch_teacher timm/<name>",
+            spec.name,
+            spec.heads,
+        )
     backbone, dropped = vit_layouts.to_timm(src.sd, family)
     meta = {"vit": spec}
     if "rope_embed.periods" in src.sd:

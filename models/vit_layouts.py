@@ -93,7 +93,10 @@ def vit_spec(sd: dict, family: str) -> ViTSpec:
     n = sd["pos_embed"].shape[1] - 1
     grid = math.isqrt(n)
     if grid * grid != n:
-        raise CheckpointError(f"its pos_embed holds {n} patch positions, not a square grid")
+        raise CheckpointError(
+            f"its pos_embed holds {n} positions after the class token, not a square grid (a timm file without a "
+            "class-token position, e.g. a timm _reg4 model? then pass --arch_teacher timm/<name>)"
+        )
     regs = sd.get("register_tokens")
     n_reg = regs.shape[1] if regs is not None else 0
     # DINOv2 hub: interpolate_offset 0.1 / no antialias; its _reg models: offset 0 (size-based) with antialias

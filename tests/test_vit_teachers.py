@@ -52,6 +52,15 @@ def dino_full(backbone: dict) -> dict:
             "args": args, "dino_loss": {"center": torch.zeros(1, 8)}}  # fmt: skip
 
 
+def dinov2_teacher_checkpoint(backbone: dict) -> dict:
+    """DINOv2's eval ``teacher_checkpoint.pth``: {'teacher': backbone.* with block_chunks (blocks.<chunk>.<i>),
+    dino_head.*, ibot_head.*} (two blocks in two chunks)."""
+    chunked = {(k.replace("blocks.", f"blocks.{k.split('.')[1]}.", 1) if k.startswith("blocks.") else k): v
+               for k, v in backbone.items()}  # fmt: skip
+    heads = {"dino_head.mlp.0.weight": torch.randn(8, 384), "ibot_head.mlp.0.weight": torch.randn(8, 384)}
+    return {"teacher": {f"backbone.{k}": v for k, v in chunked.items()} | heads}
+
+
 # name: (file, backbone tensors for the reference, format, arch, reference options, patch)
 CASES = {
     "dino": (lambda: vit_weights(patch=8), None, "dino_vit", "vit_s8_depth2", {"heads": 6, "pos": "dino"}, 8),
@@ -64,6 +73,14 @@ CASES = {
         8,
     ),  # fmt: skip
     "dinov2": (dinov2_file, None, "dinov2", "vit_s14_depth2", {"heads": 6, "pos": "dino"}, 14),
+    "dinov2_teacher_checkpoint": (
+        lambda: dinov2_teacher_checkpoint(dinov2_file()),
+        lambda r: dinov2_file(),
+        "dinov2",
+        "vit_s14_depth2",
+        {"heads": 6, "pos": "dino"},
+        14,
+    ),  # fmt: skip
     "dinov2_reg4": (
         lambda: dinov2_file(n_reg=4),
         None,
