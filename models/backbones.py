@@ -37,6 +37,8 @@ def canonical_arch(name: str) -> str:
     if is_timm_arch(name):
         timm_name(name)  # a UserError if timm has no such model
         return name
+    if name.startswith("squeezenet"):
+        raise UserError(f"'{name}' ends in a convolutional classifier, so it has no pooled linear feature to distil")
     if name not in BACKBONES:
         raise UserError(
             f"unknown architecture '{name}'; choose a torchvision classification model ({', '.join(BACKBONES[:6])}, "
