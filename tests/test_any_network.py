@@ -20,7 +20,7 @@ from models.backbones import build_encoder, canonical_arch
 from models.errors import UserError
 from models.fold import compile_frozen, count_batchnorms
 from models.io import CheckpointError
-from models.pretrained import load_eval_model
+from models.pretrained import load_eval_model, read_student_weights
 from models.student import Student
 from models.teachers import load_teacher
 from tests.vit_reference import dinov2_file, reference_vit, vit_weights
@@ -207,3 +207,18 @@ def test_compiled_vit_teacher_is_not_folded_and_equal(tmp_path):
     assert count_batchnorms(teacher.encoder) == 0
     teacher.encoder = compile_frozen(teacher.encoder, backend="eager")
     assert rel(teacher(x), expected) < 1e-5 and rel(expected, reference_vit(raw, x, heads=6)) < 1e-4
+
+
+def test_safetensors_student_weights_and_evaluation(tmp_path):
+    """--weights and evaluation --weights read .safetensors too; a timm file's classifier is dropped."""
+    torch.manual_seed(0)
+    source = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=5).eval()
+    path = str(tmp_path / "model.safetensors")
+    safetensors.torch.save_file(source.state_dict(), path)
+    student = Student("timm/mobilenetv3_small_050", teacher_dim=8)
+    fmt, conv = read_student_weights(path, student.encoder.backbone, student.arch)
+    student.encoder.backbone.load_state_dict(conv.backbone, strict=True)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = source.forward_head(source.forward_features(student.encoder.normalize(x)), pre_logits=True)
+    assert fmt == "timm" and rel(load_eval_model(path, arch="timm/mobilenetv3_small_050")(x), expected) < 1e-5
