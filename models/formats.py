@@ -2,8 +2,8 @@
 
 CNN layouts map to torchvision's names; ViT layouts (DINO, DINOv2, DINOv3, MoCo v3; the mapping lives in
 :mod:`models.vit_layouts`) to timm's, with the network's :class:`models.vit.ViTSpec` in ``meta["vit"]``;
-``timm`` keeps timm's own names. Files are read by :func:`models.io.safe_load` (never running code); each format turns the raw
-object into a :class:`Converted`: the backbone state dict, the keys it
+``timm`` keeps timm's own names. Files are read by :func:`models.io.safe_load` (never running code);
+each format turns the raw object into a :class:`Converted`: the backbone state dict, the keys it
 recognised and deliberately dropped (projection heads, momentum encoders, queues, classifiers), and
 the keys it did not recognise (an error for the caller to report).
 """
