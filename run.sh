@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DATA=${DATA:-}                       # dataset root with train/ (and val/), ImageFolder layout
-TEACHER=${TEACHER:-}                 # teacher checkpoint file (MoCo, torchvision, ...)
+TEACHER=${TEACHER:-}                 # teacher checkpoint file (MoCo, DINOv2, timm, torchvision, ...)
 TEACHERS=${TEACHERS:-}               # several teacher files at once (multi-teacher SimReg); overrides TEACHER
-ARCH_TEACHER=${ARCH_TEACHER:-resnet50}
+ARCH_TEACHER=${ARCH_TEACHER:-}       # empty: read from the file (needed for byol_resnet50, timm/<name>, ...)
 ARCH_STUDENT=${ARCH_STUDENT:-resnet18}
 N_MLP_LAYERS=${N_MLP_LAYERS:-4}      # 4 = the paper's head, 2, 0 = linear predictor
 EPOCHS=${EPOCHS:-130}
@@ -54,6 +54,6 @@ fi
 # The paper's recipe on all visible GPUs (one process per GPU).
 NGPU=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 torchrun --standalone --nproc_per_node "$NGPU" train_student.py "$DATA" \
-  --arch_teacher $ARCH_TEACHER --arch_student "$ARCH_STUDENT" --teacher_weights $TEACHERS \
+  ${ARCH_TEACHER:+--arch_teacher $ARCH_TEACHER} --arch_student "$ARCH_STUDENT" --teacher_weights $TEACHERS \
   --n_mlp_layers "$N_MLP_LAYERS" --learning_rate "$LR" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" \
   --single_aug --weak_weak --save_freq 10 --num_workers "$NUM_WORKERS" --exp_dir "$EXP_DIR" $EXTRA

@@ -26,7 +26,7 @@ from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classe
 from data.decode import DECODERS
 from data.loaders import build_loader
 from data.transforms import TrainViews
-from models.backbones import BACKBONES, canonical_arch
+from models.backbones import canonical_arch
 from models.errors import UserError
 from models.heads import HEAD_LAYERS
 from models.io import write_json
@@ -77,7 +77,7 @@ def add_model_args(g) -> None:
     cli.add_teacher_args(g, teacher_arch_names(), several=True)
     g.add_argument("--teacher_loss_weights", nargs="+", action=cli.OneOrMany, default=None,
                    help="several teachers: the loss weights (normalised to sum 1; default equal)")  # fmt: skip
-    g.add_argument("--arch_student", default="resnet18", help=f"one of {', '.join(BACKBONES)}, or mobilenet")
+    g.add_argument("--arch_student", default="resnet18", help="a torchvision classification model or timm/<name>")
     g.add_argument("--n_mlp_layers", type=int, default=4, choices=HEAD_LAYERS, help="prediction head depth")
     g.add_argument("--linear_pred", action="store_true", help="alias of --n_mlp_layers 0 (linear predictor)")
     g.add_argument("--use_cache", action="store_true", help="regress cached teacher features (no teacher network)")
@@ -101,7 +101,7 @@ def add_runtime_args(g) -> None:
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--channels_last", action="store_true", help="NHWC memory layout for both networks")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
-    g.add_argument("--compile_teacher", action="store_true", help="fold the teacher's BatchNorm, torch.compile it")
+    g.add_argument("--compile_teacher", action="store_true", help="torch.compile the teacher (BatchNorm folded first)")
     g.add_argument("--knn_every", type=nonneg_int, default=0, help="every N epochs (and the last) log k-NN on val/")
     g.add_argument("--knn_resize_size", type=nonneg_int, default=0, help="k-NN resize (0: image_size * 256/224)")
     cli.add_runtime_args(g)
@@ -123,7 +123,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[TeacherSpec]:
         )
     split_folder(args.data, "train")
     specs = teacher_specs(args.teacher_weights, args.arch_teacher, args.teacher_format, args.teacher_fc,
-                          args.teacher_feats, args.use_cache)  # fmt: skip
+                          args.teacher_feats, args.use_cache, args.teacher_pool)  # fmt: skip
     args.teacher_loss_weights = loss_weights(args.teacher_loss_weights, len(specs))
     cli.check_paths(files={"--class_list": args.class_list, "--resume": args.resume, "--weights": args.weights})
     cli.check_batch_fits(args.batch_size // world_size, args.image_size)

@@ -14,15 +14,16 @@ from models.heads import build_head
 class Student(nn.Module):
     """forward: images (B, 3, H, W) in [0, 1] -> head output (B, D_teacher).
 
-    With several teachers (``teacher_dims`` a sequence of K sizes) there is one head per teacher on the
+    With several teachers (``teacher_dim`` a sequence of K sizes) there is one head per teacher on the
     shared backbone, each in the paper's layout, and forward returns the K outputs [(B, D_k)]; the
     backbone runs once per batch. ``head`` is the first teacher's head.
     """
 
-    def __init__(self, arch: str, teacher_dims: int | Sequence[int], n_mlp_layers: int = 4) -> None:
+    def __init__(self, arch: str, teacher_dim: int | Sequence[int], n_mlp_layers: int = 4) -> None:
         super().__init__()
+        self.arch = arch
         self.encoder = build_encoder(arch)
-        dims = [teacher_dims] if isinstance(teacher_dims, int) else list(teacher_dims)
+        dims = [teacher_dim] if isinstance(teacher_dim, int) else list(teacher_dim)
         self.heads = nn.ModuleList(build_head(self.encoder.feat_dim, d, n_mlp_layers) for d in dims)
 
     @property
@@ -36,5 +37,5 @@ class Student(nn.Module):
         return [head(f) for head in self.heads]
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """torchvision-named backbone weights, without the classifier."""
+        """Backbone weights in its ecosystem's names (torchvision's or timm's), without the classifier."""
         return self.encoder.backbone.state_dict()

@@ -222,6 +222,21 @@ def add_teacher_args(
                        help=fc_help + "; bare: every teacher, or yes/no per teacher")  # fmt: skip
     else:
         g.add_argument("--teacher_fc", action="store_true", help=fc_help)
+    add_pool_arg(g, several)
+
+
+TEACHER_POOLS = ("auto", "cls", "avg", "cls+avg")
+
+
+def add_pool_arg(g: argparse._ArgumentGroup, several: bool = False) -> None:
+    """``--teacher_pool``: a ViT teacher's feature (training, caching and evaluation share it)."""
+    what = ("ViT teachers: final-norm class token (cls; auto = the publisher's), mean of the patch tokens (avg), "
+            "or both concatenated (cls+avg, as DINOv2's linear evaluation)")  # fmt: skip
+    if several:  # checked per teacher when the run is assembled
+        g.add_argument("--teacher_pool", default="auto", nargs="+", action=OneOrMany,
+                       help=f"{what}; one for all teachers or one per teacher")  # fmt: skip
+    else:
+        g.add_argument("--teacher_pool", default="auto", choices=TEACHER_POOLS, help=what)
 
 
 def add_runtime_args(g: argparse._ArgumentGroup, seed: bool = True) -> None:

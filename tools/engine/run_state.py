@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from models.errors import UserError
-from models.formats import convert
-from models.io import atomic_save, differences, file_sha256, load_strict, safe_load
+from models.io import atomic_save, differences, file_sha256, load_strict
+from models.pretrained import read_student_weights
 from models.schema import training_state
 from models.student import Student
 from tools.engine.checkpoint import (
@@ -54,12 +54,15 @@ def run_identity(fingerprint: dict, teacher: str, student: dict) -> dict:
 
 
 def teacher_fingerprint(teacher, weights: str | None, use_fc: bool) -> str:
-    """Architecture, format, head choice and the weights' SHA-256 (a cache records the teacher it came from)."""
+    """Architecture, format, head choice, a ViT's pooling and the weights' SHA-256 (a cache records the
+    teacher it came from)."""
     manifest = getattr(teacher, "manifest", None)
     if manifest is not None:
         t = manifest["teacher"]
-        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}/{t['weights_sha256']}"
-    return f"{teacher.arch}/{teacher.fmt}/fc={use_fc}/{file_sha256(weights)}"
+        pool = f"/pool={t['pool']}" if t.get("pool") else ""
+        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}{pool}/{t['weights_sha256']}"
+    pool = f"/pool={teacher.pool}" if getattr(teacher, "pool", None) else ""  # CNN fingerprints unchanged
+    return f"{teacher.arch}/{teacher.fmt}/fc={use_fc}{pool}/{file_sha256(weights)}"
 
 
 def _as_recorded(identity: dict, version: int) -> dict:
@@ -84,7 +87,7 @@ def check_same_run(path: str, ckpt: dict, identity: dict) -> None:
 
 def init_student_weights(student: Student, path: str) -> None:
     """``--weights``: load a student backbone (and its heads, where their layout matches) from any student file."""
-    fmt, conv = convert(safe_load(path, "--weights"), "auto", path)
+    fmt, conv = read_student_weights(path, student.encoder.backbone, student.arch)
     load_strict(student.encoder.backbone, conv.backbone, path, "student backbone")
     stored = conv.heads or ([conv.head] if conv.head is not None else [])
     loaded = 0

@@ -18,7 +18,7 @@ from models.cached_teacher import open_cached_teacher
 from models.errors import UserError
 from models.fold import compile_frozen
 from models.teachers import TeacherSet, load_teacher
-from tools.engine.cli import as_list, check_paths
+from tools.engine.cli import TEACHER_POOLS, as_list, check_paths
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class TeacherSpec:
     fmt: str
     use_fc: bool
     feats: str | None = None
+    pool: str = "auto"  # a ViT teacher's feature: auto (the publisher's), cls, avg, cls+avg
 
 
 def _per_teacher(flag: str, values: list, n: int) -> list:
@@ -56,7 +57,7 @@ def _flag_bool(value: object) -> bool:
     raise UserError(f"--teacher_fc takes yes or no per teacher (or nothing: every teacher), got {value!r}")
 
 
-def teacher_specs(weights, arch, fmt, use_fc, feats, use_cache: bool) -> list[TeacherSpec]:
+def teacher_specs(weights, arch, fmt, use_fc, feats, use_cache: bool, pool="auto") -> list[TeacherSpec]:
     """The run's teachers from the (one or many) values of the teacher flags, in the order given."""
     weights, feats = as_list(weights), as_list(feats)
     if bool(use_cache) != bool(feats):
@@ -72,13 +73,17 @@ def teacher_specs(weights, arch, fmt, use_fc, feats, use_cache: bool) -> list[Te
     fcs = [_flag_bool(v) for v in _per_teacher("--teacher_fc", as_list(use_fc), n)]
     archs = _per_teacher("--arch_teacher", as_list(arch) or [None], n)
     fmts = _per_teacher("--teacher_format", as_list(fmt), n)
+    pools = _per_teacher("--teacher_pool", as_list(pool), n)
+    bad = [p for p in pools if p not in TEACHER_POOLS]
+    if bad:
+        raise UserError(f"--teacher_pool {bad[0]!r} is not one of {', '.join(TEACHER_POOLS)}")
     specs = []
     for k in range(n):
         w, f = (None if weights[k] == NONE else weights[k]), (None if feats[k] == NONE else feats[k])
         if w is None and f is None:
             raise UserError(f"teacher {k + 1} has neither a --teacher_weights file nor a --teacher_feats cache")
         check_paths(files={"--teacher_weights": w, "--teacher_feats": f})
-        specs.append(TeacherSpec(w, archs[k], fmts[k], fcs[k], f))
+        specs.append(TeacherSpec(w, archs[k], fmts[k], fcs[k], f, pools[k]))
     return specs
 
 
@@ -100,14 +105,15 @@ def loss_weights(values, n: int) -> list[float] | None:
 def build_one(spec: TeacherSpec, device: torch.device, fingerprint: dict, options: dict):
     """The live frozen teacher, or the cached one (same ``targets(images, indices)`` call)."""
     if spec.feats:
-        teacher = {"arch": spec.arch, "weights": spec.weights, "use_fc": spec.use_fc}
+        teacher = {"arch": spec.arch, "weights": spec.weights, "use_fc": spec.use_fc, "pool": spec.pool}
         return open_cached_teacher(
             spec.feats, fingerprint, device, options["cache_on_device"], options["image_size"], teacher=teacher
         )
-    teacher = load_teacher(spec.weights, spec.arch, spec.fmt, use_fc=spec.use_fc).to(device)
+    teacher = load_teacher(spec.weights, spec.arch, spec.fmt, use_fc=spec.use_fc, pool=spec.pool,
+                           input_size=options["image_size"]).to(device)  # fmt: skip
     if options["channels_last"]:
         teacher = teacher.to(memory_format=torch.channels_last)
-    if options["compile_teacher"]:  # inference only: BatchNorm on running statistics folds into the convs
+    if options["compile_teacher"]:  # inference only: BatchNorm folds into the convs (a ViT is compiled as is)
         teacher.encoder = compile_frozen(teacher.encoder)
     return teacher
 

@@ -48,6 +48,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use_pred", action="store_true", help="evaluate the prediction head's output")
     g.add_argument("--head", type=cli.positive_int, default=1, help="with --use_pred: the head of teacher K (1-based)")
     g.add_argument("--linear_pred", action="store_true", help="original flag; the head layout is read from the file")
+    cli.add_pool_arg(g)
 
     g = p.add_argument_group("output and runtime")
     g.add_argument("--exp_dir", default=None, help="experiment folder (checkpoints/, features/, linear/)")
@@ -175,7 +176,7 @@ def build_model_from_args(args: argparse.Namespace) -> EvalModel:
         return random_init_model(args.arch, args.seed)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
     weights = resolve_weights(args.weights, exp_dir, args.epoch)
-    return load_eval_model(weights, args.arch, args.format, prediction(args), args.teacher)
+    return load_eval_model(weights, args.arch, args.format, prediction(args), args.teacher, args.teacher_pool)
 
 
 def classes_from_args(args: argparse.Namespace) -> list[str] | None:
@@ -185,8 +186,9 @@ def classes_from_args(args: argparse.Namespace) -> list[str] | None:
 def feature_key(model: EvalModel, resize: int, crop: int, dtype: torch.dtype | None, fingerprints: dict) -> dict:
     """What the centre-crop features depend on; a saved copy is valid only if this matches exactly."""
     ident = model.identity
+    pool = {"pool": ident["pool"]} if ident.get("pool") else {}  # ViT teachers only: other keys stay as they were
     return {
-        "model": {k: ident.get(k) for k in ("kind", "weights_sha256", "format", "arch", "use_pred")},
+        "model": {k: ident.get(k) for k in ("kind", "weights_sha256", "format", "arch", "use_pred")} | pool,
         "preprocessing": {"resize_size": resize, "crop_size": crop, "autocast": str(dtype or "float32")},
         "data": fingerprints,
     }
