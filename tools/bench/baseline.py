@@ -70,15 +70,8 @@ class OriginalFolder(torch.utils.data.Dataset):
 
 def original_loader(dataset: OriginalFolder, batch: int, workers: int, pin_memory: bool) -> DataLoader:
     """The original's loader: shuffled, float32 pairs, default collation (two float32 batches)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch,
-        shuffle=True,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        drop_last=True,
-        persistent_workers=workers > 0,
-    )
+    settings = {"shuffle": True, "drop_last": True, "persistent_workers": workers > 0}  # as the original set them
+    return DataLoader(dataset, batch, num_workers=workers, pin_memory=pin_memory, **settings)
 
 
 def build_original_pair(teacher_arch: str, student_arch: str, device: torch.device) -> tuple[Teacher, Student]:
