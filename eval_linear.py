@@ -39,7 +39,14 @@ from tools.engine.cli import crop_scale, momentum_float, nonneg_float, nonneg_in
 from tools.engine.logs import ScalarWriter, append_json_line
 from tools.engine.schedules import set_lr
 from tools.engine.step import amp_dtype
-from tools.eval.common import Evaluation, add_common_args, features_from_args, output_dir, prepare_evaluation
+from tools.eval.common import (
+    Evaluation,
+    add_common_args,
+    features_from_args,
+    output_dir,
+    prediction,
+    prepare_evaluation,
+)
 from tools.eval.features import broadcast_tensor
 from tools.eval.linear_probe import (
     LinearProbe,
@@ -48,6 +55,7 @@ from tools.eval.linear_probe import (
     feature_statistics,
     load_probe_checkpoint,
     load_statistics,
+    probe_optimizer,
     save_probe_checkpoint,
     save_statistics,
     state_snapshot,
@@ -196,7 +204,7 @@ def build_probe(args, model, datasets, feats, stats, key, out_dir, dist_info) ->
     device = dist_info.device
     torch.manual_seed(args.seed)
     probe = LinearProbe(*stats, len(datasets["train"].classes)).to(device)
-    optimizer = torch.optim.SGD(probe.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = probe_optimizer(probe.parameters(), args.lr, args.momentum, args.weight_decay)
     settings = probe_settings(args, parse_milestones(args.lr_schedule, args.epochs))
     first_epoch, history = resume_probe(args, out_dir, key, settings, probe, optimizer)
     trainer = probe
@@ -264,7 +272,7 @@ def main(args: argparse.Namespace) -> dict | None:
         cli.note_ignored("--start-epoch", "the probe continues from its own checkpoint (<save>/checkpoint.pth)")
     # The feature store shared with eval_knn.py: <exp>/features, or beside --save (the original's layout).
     features_dir = args.features_dir or output_dir(
-        None, ev.exp_dir or os.path.dirname(os.path.abspath(args.save)), "features", args.use_pred
+        None, ev.exp_dir or os.path.dirname(os.path.abspath(args.save)), "features", prediction(args)
     )
     milestones = parse_milestones(args.lr_schedule, args.epochs)
     model, dist_info = ev.model, ev.dist_info

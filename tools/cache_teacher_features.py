@@ -29,6 +29,7 @@ import os
 import torch
 
 from data.datasets import IndexedImageFolder, select_classes, split_folder
+from data.device_decode import resolve_decode
 from data.transforms import CenterCrop, TeacherView, TrainViews
 from models.errors import UserError
 from models.io import file_sha256
@@ -81,25 +82,30 @@ def check_args(args: argparse.Namespace) -> None:
     cli.check_batch_fits(args.batch_size, args.image_size if args.views else args.crop_size)
 
 
-def build_dataset(args) -> IndexedImageFolder:
+def build_dataset(args, device: torch.device) -> IndexedImageFolder:
     """The training images in train_student.py's order and class subset: uint8 centre crops, or with
     ``--views`` the teacher's view of the training transform (key ``(index, v)``: its crop in epoch v)."""
     classes = select_classes(args.data, args.class_list, args.dataset)
-    if args.views:
-        views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode)
-        transform = TeacherView(views)
+    dataset = IndexedImageFolder(split_folder(args.data, "train"), None, classes, seed=args.seed)
+    if args.views:  # the decoder chosen as training chooses it, so the crops (and the record) are the run's
+        single_weak = args.single_aug and args.weak_weak and not args.weak_strong
+        decode = resolve_decode(args.decode, device, [path for path, _ in dataset.samples], single_weak)
+        views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, decode)
+        dataset.transform = TeacherView(views)
     else:
-        transform = CenterCrop(args.resize_size, args.crop_size)
-    return IndexedImageFolder(split_folder(args.data, "train"), transform, classes, seed=args.seed)
+        dataset.transform = CenterCrop(args.resize_size, args.crop_size)
+    return dataset
 
 
 def describe(args, teacher, dataset: IndexedImageFolder, is_main: bool) -> dict:
     """The manifest's teacher, preprocessing and views sections (the fingerprint and shape come later)."""
     sha = file_sha256(args.teacher_weights) if is_main else ""
-    teacher_id = {"arch": teacher.arch, "format": teacher.fmt, "use_fc": args.teacher_fc, "weights_sha256": sha}
+    teacher_id = {"arch": teacher.arch, "format": teacher.fmt, "use_fc": args.teacher_fc, "pool": teacher.pool,
+                  "weights_sha256": sha}  # fmt: skip
+    norms = {"imagenet": "ImageNet mean/std", "none": "none ([0, 1] pixels)"}
     preprocessing = {
         "input": "uint8 / 255, then the teacher's normalisation",
-        "normalisation": "ImageNet mean/std" if teacher.input_norm == "imagenet" else "none ([0, 1] pixels)",
+        "normalisation": norms.get(teacher.input_norm, teacher.input_norm),
     }
     if args.views:
         views = {**dataset.transform.views.record(args.seed), "n_views": args.views}
@@ -119,8 +125,15 @@ def main(args: argparse.Namespace) -> None:
         torch.backends.cudnn.benchmark = True
 
     # ============ data and teacher ============
-    dataset = build_dataset(args)
-    teacher = load_teacher(args.teacher_weights, args.arch_teacher, args.teacher_format, use_fc=args.teacher_fc)
+    dataset = build_dataset(args, dist_info.device)
+    teacher = load_teacher(
+        args.teacher_weights,
+        args.arch_teacher,
+        args.teacher_format,
+        use_fc=args.teacher_fc,
+        pool=args.teacher_pool,
+        input_size=args.image_size if args.views else args.crop_size,
+    )
     teacher = teacher.to(dist_info.device)
     what = f"{args.views} views ({dataset.transform.views.name}, seed {args.seed})" if args.views else "centre crops"
     log.info("caching %s of %d images of %d classes from %s", what, len(dataset), len(dataset.classes), dataset.root)

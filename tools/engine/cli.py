@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from data.decode import DECODERS
+from data.device_decode import DECODE_CHOICES
 from models.errors import UserError
 from models.formats import FORMATS
 
@@ -76,6 +76,18 @@ positive_float = _number(float, 1e-300, float("inf"), "a number > 0")
 momentum_float = _number(float, 0.0, 0.999999, "a number in [0, 1)")
 image_size_int = _number(int, 8, 4096, "an image size in pixels between 8 and 4096")
 crop_scale = _number(float, 1e-6, 1.0, "an area fraction in (0, 1]")
+fraction_float = _number(float, 1e-6, 1.0, "a fraction in (0, 1]")
+
+
+def width_x_height(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` in pixels, each between 8 and 8192 (e.g. ``500x375``)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels (e.g. 500x375), got {text!r}") from None
+    if not (8 <= width <= 8192 and 8 <= height <= 8192):
+        raise argparse.ArgumentTypeError(f"expected a width and height between 8 and 8192 pixels, got {text}")
+    return width, height
 
 
 def device_name(text: str) -> str:
@@ -86,6 +98,25 @@ def device_name(text: str) -> str:
 
 
 # ============ checking paths before work starts ============
+def check_output_file(flag: str, path: str | None) -> None:
+    """A UserError when a file to be written is a folder or lies under an existing file."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a folder; give the file to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} '{path}' lies under '{parent}', which is a file; give another path")
+
+
+def check_output_folder(flag: str, path: str | None) -> None:
+    """A UserError when a folder to be written into (created if missing) is an existing file."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a file; give a folder")
+
+
 def check_paths(*, files: dict[str, str | None] = (), folders: dict[str, str | None] = ()) -> None:
     """A UserError naming the first flag whose path is not an existing file (``files``) or folder."""
     for flag, path in dict(files).items():
@@ -101,11 +132,16 @@ def check_paths(*, files: dict[str, str | None] = (), folders: dict[str, str | N
 def check_batch_fits(batch: int, size: int, flag: str = "--batch_size") -> None:
     """Refuse a batch whose uint8 images alone would not fit in this machine's memory."""
     need = batch * 3 * size * size * 4  # the float32 copy of one batch, before any activation
+    check_fits(need, f"{flag} {batch} at {size} px", "one float batch", "choose a smaller batch or image size")
+
+
+def check_fits(need: int, what: str, holds: str, fix: str) -> None:
+    """Refuse ``what`` when the ``need`` bytes it takes (``holds``) exceed this machine's memory."""
     total = _memory_bytes()
     if total and need > total:
         raise UserError(
-            f"{flag} {batch} at {size} px needs {need / 2**30:.0f} GiB for one float batch, more than this "
-            f"machine's {total / 2**30:.0f} GiB of memory; choose a smaller batch or image size"
+            f"{what} needs {need / 2**30:.0f} GiB for {holds}, more than this machine's "
+            f"{total / 2**30:.0f} GiB of memory; {fix}"
         )
 
 
@@ -113,6 +149,68 @@ def _memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ============ flags with one value or one per teacher ============
+class OneOrMany(argparse.Action):
+    """``--flag V`` stores ``V``; ``--flag V1 V2 ...`` stores the list; a bare ``--flag`` stores ``const``.
+
+    One value keeps the single-teacher meaning of the original's flags (``args.arch_teacher`` is a string);
+    several give one value per teacher. Values stay strings: they are checked when the run is assembled.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        values = list(values)
+        setattr(namespace, self.dest, self.const if not values else values[0] if len(values) == 1 else values)
+
+
+def as_list(value: object) -> list:
+    """A flag's value as a list (None -> [], a single value -> [value])."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+class DataLastParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``data`` positional may follow a flag that takes several values.
+
+    argparse gives every value after ``--teacher_weights`` to that flag, so the original's command line
+    ``... --teacher_weights FILE /path/to/imagenet`` would leave no data root; here, when ``data`` is
+    missing, the last value of such a flag goes back to ``data``.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = list(sys.argv[1:] if args is None else args)
+        ns, extras = super().parse_known_args(argv, namespace)
+        if getattr(ns, "data", "") is None:
+            ns.data = self._take_back_last_value(argv, ns)
+            if ns.data is None:
+                self.error("the following arguments are required: data (the dataset root)")
+        return ns, extras
+
+    def _take_back_last_value(self, argv: list[str], ns: argparse.Namespace) -> str | None:
+        """The data root a list-valued flag swallowed: the last value of the last such flag on the line
+        (one whose last value is an existing folder wins), taken out of that flag's values."""
+        candidates = []
+        for i, token in enumerate(argv):
+            action = self._option_string_actions.get(token)
+            if not isinstance(action, OneOrMany):
+                continue
+            values = []
+            for value in argv[i + 1 :]:
+                if value.startswith("-") and value != "-":
+                    break
+                values.append(value)
+            if len(values) >= (1 if action.nargs == "*" else 2):
+                candidates.append((action, values[-1]))
+        folders = [c for c in candidates if os.path.isdir(c[1])]
+        for action, value in (folders or candidates)[-1:]:
+            stored = as_list(getattr(ns, action.dest))
+            if stored[-1:] == [value]:
+                rest = stored[:-1]
+                setattr(ns, action.dest, action.const if not rest else rest[0] if len(rest) == 1 else rest)
+                return value
         return None
 
 
@@ -138,25 +236,55 @@ def add_view_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--single_aug", action="store_true", help="one view fed to both networks (the paper's best)")
     g.add_argument("--weak_weak", action="store_true", help="weak augmentation for teacher and student")
     g.add_argument("--weak_strong", action="store_true", help="weak view for the teacher, strong for the student")
-    g.add_argument("--decode", default="auto", choices=list(DECODERS), help="JPEG decoding of the single view")
+    g.add_argument("--decode", default="auto", choices=DECODE_CHOICES,
+                   help="JPEG decoding of the single weak view: gpu (batched, on the device), cpu (in the workers), "
+                   "pil, draft, tv; auto = gpu on CUDA for JPEG files, else cpu")  # fmt: skip
 
 
-def add_teacher_args(g: argparse._ArgumentGroup, arch_names: list[str], weights_required: bool = False) -> None:
-    """The teacher flags of training and of the cache builder."""
+def add_teacher_args(
+    g: argparse._ArgumentGroup, arch_names: list[str], weights_required: bool = False, several: bool = False
+) -> None:
+    """The teacher flags of training (``several``: one value for all teachers or one per teacher) and of
+    the cache builder (one teacher)."""
+    many = {"nargs": "+", "action": OneOrMany} if several else {}
+    each = " (one for all teachers, or one per teacher)" if several else ""
     g.add_argument(
         "--arch_teacher",
         default=None,
-        help=f"teacher architecture, one of {', '.join(arch_names)}; default: from the file",
+        help=f"teacher architecture, one of {', '.join(arch_names)}; default: from the file{each}",
+        **many,
     )
     g.add_argument(
-        "--teacher_weights", default=None, required=weights_required, help="teacher checkpoint file (any format)"
+        "--teacher_weights",
+        default=None,
+        required=weights_required,
+        help="teacher checkpoint file(s), any format" + (": several files distil several teachers" if several else ""),
+        **many,
     )
-    g.add_argument("--teacher_format", default="auto", help=f"teacher checkpoint layout: auto, {', '.join(FORMATS)}")
     g.add_argument(
-        "--teacher_fc",
-        action="store_true",
-        help="regress the checkpoint's projection output (MoCo fc, SwAV projection_head, ...), not its pooled feature",
+        "--teacher_format", default="auto", help=f"teacher checkpoint layout: auto, {', '.join(FORMATS)}{each}", **many
     )
+    fc_help = "regress the checkpoint's projection output (MoCo fc, SwAV projection_head, ...), not its pooled feature"
+    if several:  # a bare --teacher_fc: every teacher; --teacher_fc yes no: per teacher
+        g.add_argument("--teacher_fc", nargs="*", action=OneOrMany, const=True, default=False,
+                       help=fc_help + "; bare: every teacher, or yes/no per teacher")  # fmt: skip
+    else:
+        g.add_argument("--teacher_fc", action="store_true", help=fc_help)
+    add_pool_arg(g, several)
+
+
+TEACHER_POOLS = ("auto", "cls", "avg", "cls+avg")
+
+
+def add_pool_arg(g: argparse._ArgumentGroup, several: bool = False) -> None:
+    """``--teacher_pool``: a ViT teacher's feature (training, caching and evaluation share it)."""
+    what = ("ViT teachers: final-norm class token (cls; auto = the publisher's), mean of the patch tokens (avg), "
+            "or both concatenated (cls+avg, as DINOv2's linear evaluation)")  # fmt: skip
+    if several:  # checked per teacher when the run is assembled
+        g.add_argument("--teacher_pool", default="auto", nargs="+", action=OneOrMany,
+                       help=f"{what}; one for all teachers or one per teacher")  # fmt: skip
+    else:
+        g.add_argument("--teacher_pool", default="auto", choices=TEACHER_POOLS, help=what)
 
 
 def add_runtime_args(g: argparse._ArgumentGroup, seed: bool = True) -> None:

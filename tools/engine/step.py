@@ -1,8 +1,9 @@
 """The distillation step: what one optimisation step computes, apart from how the loop runs it.
 
 ``distill_step`` is the function ``train_student.py`` calls and the benchmark times: images to the
-device as float in [0, 1], the teacher's targets under inference mode, the student under autocast,
-the regression loss in fp32, one optimizer step, no host synchronisation.
+device as float in [0, 1] (decoded there first with ``--decode gpu``), the teacher's targets under
+inference mode, the student under autocast, the regression loss in fp32, one optimizer step, no host
+synchronisation.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.loss import regression_loss
+from data.device_decode import EncodedBatch
+from models.loss import multi_teacher_loss, regression_loss
 from tools.engine.distributed import DistInfo
 from tools.engine.signals import StopRequest
 
@@ -47,9 +49,13 @@ class StepConfig:
         return self.dist_info.device
 
 
-def to_device_images(batch: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [0, 1] on the device; the networks normalise inside."""
-    x = batch.to(cfg.device, non_blocking=True)
+def to_device_images(batch: torch.Tensor | EncodedBatch, cfg: StepConfig) -> torch.Tensor:
+    """uint8 (B, 3, H, W), or encoded JPEGs decoded here on the device (``--decode gpu``) -> float in [0, 1]
+    on the device; the networks normalise inside."""
+    if isinstance(batch, EncodedBatch):
+        x = batch.decode(cfg.device)
+    else:
+        x = batch.to(cfg.device, non_blocking=True)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x.float().div_(255.0)
@@ -60,18 +66,24 @@ def distill_step(model, teacher, views, index: torch.Tensor, optimizer, scaler, 
 
     ``views`` is one uint8 batch (B, 3, H, W) fed to both networks (single view) or a pair
     (student view, teacher view). The teacher runs under inference mode: no autograd bookkeeping.
+    With several teachers (a :class:`models.teachers.TeacherSet`) they run one after another on the
+    same pixels, the student's heads answer them, and the returned loss is the (K + 1,) vector
+    ``[weighted total, per-teacher losses]``; one optimizer step over the backbone and all heads.
     """
     x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
     x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
     cast = autocast(cfg.device, cfg.amp_dtype)
     with torch.inference_mode(), cast:
         target = teacher.targets(x_t, index)  # host indices: a cache gathers there
-    target = target.clone()  # an inference-mode tensor cannot be saved for the loss's backward
+    several = isinstance(target, list)
+    # an inference-mode tensor cannot be saved for the loss's backward
+    target = [t.clone() for t in target] if several else target.clone()
     with cast:
         pred = model(x_s)
-    loss = regression_loss(pred, target)  # fp32, outside autocast
+    # fp32, outside autocast
+    loss = multi_teacher_loss(pred, target, teacher.weights) if several else regression_loss(pred, target)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(loss[0] if several else loss).backward()
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()

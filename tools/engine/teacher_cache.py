@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets import dataset_fingerprint
+from data.device_decode import EncodedBatch
 from models.cached_teacher import CENTRE_CROP, MANIFEST_VERSION, manifest_path, read_manifest
 from models.errors import UserError
 from models.io import atomic_npy, read_json, write_json
@@ -145,6 +146,8 @@ def _extract(teacher, loader, steps: list[np.ndarray], batch: int, writer, dist_
         position = torch.full((width,), -1, dtype=torch.int64, device=device)
         if len(rows):
             images, _, _ = next(batches)
+            if isinstance(images, EncodedBatch):  # --decode gpu: the crops are decoded here, as training does
+                images = images.decode(device)
             x = images.to(device, non_blocking=True).float().div_(255.0)
             feats[: len(rows)] = teacher(x).to(torch.float16)
             position[: len(rows)] = torch.from_numpy(rows).to(device)
@@ -211,7 +214,11 @@ def build_cache(
     pending = _broadcast_pending(done, n * order.k, device, world_size)
     steps = plan_rank(pending, dist_info.rank, world_size, batch_size)
     loader = DataLoader(
-        dataset, batch_sampler=_Batches(steps, order), num_workers=num_workers, pin_memory=device.type == "cuda"
+        dataset,
+        batch_sampler=_Batches(steps, order),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=getattr(dataset.transform, "collate", None),
     )
     writer = _RowWriter(npy_path, done, order) if dist_info.is_main else None
     teacher.eval()
