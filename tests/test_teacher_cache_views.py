@@ -284,3 +284,42 @@ def test_cache_benchmark_runs_and_measures_what_it_says(tmp_path):
     configs = ["live teacher", "cached, memory-mapped", "cached, on the device", "live teacher (repeat)"]
     assert [r["config"] for r in result["step"]] == configs
     assert result["step"][0]["ratio_vs_live"] == 1.0 and json.load(open(tmp_path / "r.json"))["build"]["rows_per_s"] > 0
+
+
+def test_caches_of_different_k_in_one_run_are_refused(three_views, data, weights, tmp_path):
+    two = build(data, weights, tmp_path / "two.npy", 2)
+    with pytest.raises(UserError, match=r"hold different numbers of views \(2, 3\); .* same --views K"):
+        train(data, tmp_path / "e", "--use_cache", "--teacher_feats", three_views, two)
+
+
+@pytest.mark.slow
+def test_two_teachers_k_view_cache_beside_a_live_one_is_the_two_live_teachers(data, weights, tmp_path):
+    torch.manual_seed(1)
+    other = tmp_path / "r18_other.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), other)
+    views = build(data, weights, tmp_path / "two.npy", 2)
+    both = ("--teacher_weights", weights, str(other), "--epochs", "2", "--learning_rate", "0")  # targets only
+    train(data, tmp_path / "live", *both)
+    train(data, tmp_path / "mixed", *both, "--use_cache", "--teacher_feats", views, "-")
+    live, mixed = (per_teacher_losses(tmp_path / name) for name in ("live", "mixed"))
+    np.testing.assert_allclose(mixed[0], live[0], rtol=1e-3)  # the cached teacher: to fp16 rounding
+    assert mixed[0] != live[0] and mixed[1] == live[1]  # the live teacher: the same crops, bit for bit
+
+
+def per_teacher_losses(exp) -> list[list[float]]:
+    """[[loss_teacher_k of each epoch] for k = 1, 2] from a run's log."""
+    with open(exp / "logs" / "train_log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return [[r[f"loss_teacher_{k}"] for r in records] for k in (1, 2)]
+
+
+def test_device_decoded_view_cache_holds_the_device_decoders_crops(data, weights, tmp_path):
+    # --decode gpu on a CPU build decodes with the same batched code as a CPU run of training does.
+    out = build(data, weights, tmp_path / "gpu.npy", 1, "--decode", "gpu")
+    assert read_manifest(out)["views"]["decode"] == "gpu"
+    transform = TrainViews(SIZE, True, True, False, "gpu")
+    dataset = IndexedImageFolder(str(data / "train"), TeacherView(transform), seed=0)
+    batch = transform.collate([dataset[(i, 1)] for i in range(N_IMAGES)])[0].decode(torch.device("cpu"))
+    assert_fp16_rounding(np.load(out)[0], load_teacher(weights)(batch.float() / 255).numpy())
+    with pytest.raises(UserError, match="decoded with --decode gpu, but this run decodes with --decode auto"):
+        train(data, tmp_path / "e", "--use_cache", "--teacher_feats", out)
