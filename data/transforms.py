@@ -160,6 +160,15 @@ class TrainViews:
         return {"cpu_decoded_images": self.student.cpu_decoded()}
 
     @property
+    def decoder(self) -> str:
+        """The decoder that makes the pixels: ``--decode`` serves the single view; pairs decode with PIL."""
+        return self.student.decode if self.single else "pil"
+
+    def record(self, seed: int) -> dict:
+        """What fixes a sample's pixels besides (epoch, index): mode, crop size, seed and decoder."""
+        return {"mode": self.name, "image_size": self.student.size, "seed": seed, "decode": self.decoder}
+
+    @property
     def name(self) -> str:
         kind = {WeakAug: "weak", StrongAug: "strong"}
         if self.single:
@@ -170,3 +179,19 @@ class TrainViews:
         if self.single:
             return self.student(img, rng)
         return self.student(img, rng), self.teacher(img, rng)
+
+
+class TeacherView:
+    """A :class:`TrainViews` reduced to the teacher's tensor (3, H, W): the crops a K-view cache stores.
+
+    It draws from the sample's RNG exactly as training does (the student's view first in pair modes),
+    so row (epoch, index) of such a cache is the teacher's feature of the crop training feeds it.
+    """
+
+    def __init__(self, views: TrainViews) -> None:
+        self.views, self.loader = views, views.loader
+        self.collate = views.collate  # device decoding (--decode gpu): encoded crops, decoded in the builder
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        views = self.views(img, rng)
+        return views if self.views.single else views[1]

@@ -21,7 +21,7 @@ from data.device_decode import DEVICE_DECODE
 from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.backbones import build_encoder
-from models.cached_teacher import MANIFEST_VERSION, manifest_path, open_cached_teacher
+from models.cached_teacher import CENTRE_CROP, MANIFEST_VERSION, manifest_path, open_cached_teacher
 from models.fold import compile_frozen
 from models.io import atomic_write, read_json, write_json
 from models.student import Student
@@ -188,7 +188,7 @@ def synthetic_cache(work_dir: str, rows: int, dim: int, crop: int) -> str:
     path = os.path.join(work_dir, f"cache_{rows}x{dim}.npy")
     manifest = {"version": MANIFEST_VERSION, "n_images": rows, "classes": [], "paths_sha256": "synthetic",
                 "shape": [rows, dim], "teacher": {"arch": "synthetic", "format": "random", "use_fc": False},
-                "preprocessing": {"crop_size": crop}}  # fmt: skip
+                "preprocessing": {"crop_size": crop}, "views": CENTRE_CROP}  # fmt: skip
     if read_json(manifest_path(path)) == manifest and os.path.isfile(path):
         return path
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,

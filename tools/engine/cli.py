@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from data.device_decode import DECODE_CHOICES
 from models.errors import UserError
 from models.formats import FORMATS
 
@@ -227,6 +228,17 @@ def add_dataset_args(g: argparse._ArgumentGroup, what: str = "train on") -> None
         "imagenet-lt: the folders as given (accepted from the original's k-NN script)",
     )
     g.add_argument("--class_list", default=None, help=f"file of class folder names to {what}, one per line")
+
+
+def add_view_args(g: argparse._ArgumentGroup) -> None:
+    """The training views (crop size, view mode, decoder): training and the K-view cache builder share them."""
+    g.add_argument("--image_size", type=image_size_int, default=224, help="training crop size in pixels")
+    g.add_argument("--single_aug", action="store_true", help="one view fed to both networks (the paper's best)")
+    g.add_argument("--weak_weak", action="store_true", help="weak augmentation for teacher and student")
+    g.add_argument("--weak_strong", action="store_true", help="weak view for the teacher, strong for the student")
+    g.add_argument("--decode", default="auto", choices=DECODE_CHOICES,
+                   help="JPEG decoding of the single weak view: gpu (batched, on the device), cpu (in the workers), "
+                   "pil, draft, tv; auto = gpu on CUDA for JPEG files, else cpu")  # fmt: skip
 
 
 def add_teacher_args(
