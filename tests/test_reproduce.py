@@ -19,7 +19,7 @@ from tools.study import grid, report
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-def tiny_folder(root, n=6, size=16):
+def tiny_folder(root, n=12, size=16):
     rng = np.random.RandomState(0)
     for split in ("train", "val"):
         for c in range(2):
@@ -33,7 +33,8 @@ def tiny_folder(root, n=6, size=16):
 
 def reproduce(tmp_path, *extra):
     cmd = [sys.executable, "-m", "tools.reproduce", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
-           "--teacher_a", str(tmp_path / "a.pth"), "--only", "features", "--seeds", "1", "--epochs", "1",
+           "--teacher_a", str(tmp_path / "a.pth"), "--only", "features", "--student", "resnet18",
+           "--seeds", "1", "--epochs", "1",
            "--batch_size", "4", "--image_size", "16", "--probe_epochs", "2", "--readme", str(tmp_path / "README.md"),
            *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -78,13 +79,17 @@ def test_tiny_row_records_skips_and_reproduces(tmp_path):
 def test_shared_runs_and_rows():
     rows = grid.rows(grid.Scale())
     runs = grid.runs_of(rows)
-    paper = grid.RunConfig(student="resnet18")
+    paper = grid.RunConfig(student="timm/resnet10t")
     assert sum(v.run == paper for r in rows for v in r.variants) == 7  # every row, twice in "features"
-    assert len(runs) == len(set(runs)) == 11 and runs[0] == paper
+    assert len(runs) == len(set(runs)) == 12 and runs[0] == paper
     assert [r.name for r in grid.select_rows(rows, ["views", "head"])] == ["head", "views"]
     with pytest.raises(UserError, match="'heads' is not a row of the study; choose from head, views"):
         grid.select_rows(rows, ["heads"])
-    assert grid.teachers_of(rows) == ["A", "B"] and grid.students_of(rows) == ["mobilenet_v2", "resnet18"]
+    assert grid.teachers_of(rows) == ["A", "B"] and grid.students_of(rows) == [
+        "mobilenet_v2",
+        "resnet18",
+        "timm/resnet10t",
+    ]
 
 
 def test_verdicts_follow_the_numbers():

@@ -27,13 +27,14 @@ CACHES = ("live", "centre", "kview")
 class Scale:
     """The small-scale recipe every run shares (the study's command line can change each)."""
 
-    student: str = "resnet18"
-    epochs: int = 6
-    batch_size: int = 64
+    student: str = "timm/resnet10t"  # 2.4x ResNet-18's training rate at 32 px on 2 CPU cores
+    epochs: int = 3
+    batch_size: int = 32
     lr: float = 0.05
     image_size: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)
-    teacher_epochs: int = 8
+    teacher_epochs: int = 6  # the demo teachers: supervised, AdamW (the demo's recipe)
+    teacher_lr: float = 0.002
     probe_epochs: int = 40
 
 
@@ -50,7 +51,7 @@ class RunConfig:
     def key(self) -> str:
         """A short, stable folder name for this configuration."""
         text = json.dumps(asdict(self), sort_keys=True)
-        tag = f"{self.student}-h{self.head}-{self.views}-{self.cache}-{'+'.join(self.teachers)}"
+        tag = f"{self.student.replace('/', '_')}-h{self.head}-{self.views}-{self.cache}-{'+'.join(self.teachers)}"
         return f"{tag}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
 
 

@@ -51,7 +51,8 @@ def references(study: Study, teachers: list[str], students: list[str]) -> dict:
         out[f"teacher {name}"] = {0: run_reference(study, f"teacher_{name}", "teacher", t.arch, t.weights, 0)}
     for arch in students:
         out[f"random-init {arch}"] = {
-            s: run_reference(study, f"random_{arch}", "random", arch, None, s) for s in study.scale.seeds
+            s: run_reference(study, "random_" + arch.replace("/", "_"), "random", arch, None, s)
+            for s in study.scale.seeds
         }
     return out
 
@@ -104,7 +105,7 @@ def summarise(study: Study, all_rows: list[Row], command: str) -> dict:
     ):
         res = read_json(os.path.join(study.out, "references", folder, RESULT))
         if res is not None:
-            name = folder.rsplit("-seed", 1)[0].replace("_", " ", 1).replace("random", "random-init", 1)
+            name = f"random-init {res['arch']}" if res["kind"] == "random" else folder.replace("_", " ", 1)
             refs.setdefault(name, {})[str(res["seed"])] = {m: res[m] for m in METRICS}
     references_ = {n: {"per_seed": p, **dict(zip(("mean", "std"), stats(p), strict=True))} for n, p in refs.items()}
     teachers = {n: {"arch": t.arch, "seed": t.seed} for n, t in study.teachers.items()}

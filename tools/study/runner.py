@@ -93,7 +93,8 @@ def prepare_teacher(study: Study, t: Teacher) -> None:
         return
     s = study.scale
     cmd = command("tools.pretrain_teacher", study.data, "--arch", t.arch, "--epochs", s.teacher_epochs,
-                  "--batch_size", s.batch_size, "--learning_rate", s.lr, "--image_size", s.image_size,
+                  "--batch_size", s.batch_size, "--optimizer", "adamw", "--learning_rate", s.teacher_lr,
+                  "--image_size", s.image_size,
                   "--num_workers", 0, "--seed", t.seed, "--out", t.weights)  # fmt: skip
     log.info("training teacher %s (%s, seed %d)", t.name, t.arch, t.seed)
     run_command(cmd, os.path.join(study.out, "teachers", f"{t.name}.log"), study.threads)
@@ -179,8 +180,8 @@ def run_reference(study: Study, name: str, kind: str, arch: str, weights: str | 
 
 def run_all(study: Study, runs: list[RunConfig], pred_runs: set[RunConfig], jobs: int) -> dict:
     """Teachers first, then every (run, seed) on ``jobs`` parallel trainings; {(key, seed): result}."""
-    for t in study.teachers.values():
-        prepare_teacher(study, t)
+    for name in sorted({t for r in runs for t in r.teachers}):
+        prepare_teacher(study, study.teachers[name])
     tasks = [(r, s) for s in study.scale.seeds for r in runs]  # seed-major: every row has seed 0 first
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {(r.key(), s): pool.submit(run_student, study, r, s, r in pred_runs) for r, s in tasks}
