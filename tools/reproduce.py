@@ -23,6 +23,7 @@ import torch
 
 from data.demo import make_demo_dataset
 from models.errors import UserError
+from models.io import read_json
 from tools.engine import cli
 from tools.engine.logs import setup_logging
 from tools.study import report
@@ -102,6 +103,9 @@ def main(args: argparse.Namespace) -> dict:
         run_all(study, runs, pred_runs, args.jobs)
         report.references(study, teachers_of(selected), students_of(selected))
     command = "python -m tools.reproduce " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    previous = read_json(os.path.join(args.out, "summary.json")) or {}
+    if args.report and previous.get("command"):  # the summary names the command that ran the grid
+        command = previous["command"]
     summary = report.summarise(study, rows(study.scale), command)
     report.write_all(study, summary, args.readme)
     return summary

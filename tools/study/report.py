@@ -186,11 +186,11 @@ def bar_chart(row: dict, refs: dict, out_png: str) -> str:
         ax.axhline(teacher["mean"]["knn1"], ls="--", color="k", lw=1, label="teacher A, 1-NN")
     ax.set_xticks(range(len(row["variants"])), [v["label"] for v in row["variants"]], fontsize="small", rotation=12)
     lows = [v["mean"][m] - v["std"][m] for v in row["variants"] for m in METRICS]
-    ax.set_ylim(max(0.0, min(lows) - 10), 100)
+    ax.set_ylim(max(0.0, min(lows) - 10), 112)  # room above 100 for the legend
     ax.set_ylabel("val top-1 (%)")
     n = len(next(iter(row["variants"]))["per_seed"])
     ax.set_title(f"{row['question']} (mean ± std, {n} seeds)", fontsize="medium")
-    ax.legend(fontsize="x-small", loc="lower right")
+    ax.legend(fontsize="x-small", loc="upper center", ncol=4)
     ax.grid(axis="y", alpha=0.3)
     atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
     return out_png
@@ -230,6 +230,9 @@ def markdown(summary: dict, figure_dir: str) -> str:
                   "| variant | 1-NN | 20-NN | linear (cached) | final loss |", "|---|---|---|---|---|"]  # fmt: skip
         for v in row["variants"]:
             loss = _cell(v, "loss", 3) if "loss" in v["mean"] else ""
+            per_teacher = sorted(k for k in v["mean"] if k.startswith("loss_teacher_"))
+            if per_teacher:  # several teachers: each head's own regression loss
+                loss += " (" + ", ".join(f"{k.removeprefix('loss_')}: {_cell(v, k, 3)}" for k in per_teacher) + ")"
             lines.append(f"| {v['label']} | " + " | ".join(_cell(v, m) for m in METRICS) + f" | {loss} |")
     lines += [
         "",
