@@ -39,7 +39,14 @@ from tools.engine.cli import crop_scale, momentum_float, nonneg_float, nonneg_in
 from tools.engine.logs import ScalarWriter, append_json_line
 from tools.engine.schedules import set_lr
 from tools.engine.step import amp_dtype
-from tools.eval.common import Evaluation, add_common_args, features_from_args, output_dir, prepare_evaluation
+from tools.eval.common import (
+    Evaluation,
+    add_common_args,
+    features_from_args,
+    output_dir,
+    prediction,
+    prepare_evaluation,
+)
 from tools.eval.features import broadcast_tensor
 from tools.eval.linear_probe import (
     LinearProbe,
@@ -264,7 +271,7 @@ def main(args: argparse.Namespace) -> dict | None:
         cli.note_ignored("--start-epoch", "the probe continues from its own checkpoint (<save>/checkpoint.pth)")
     # The feature store shared with eval_knn.py: <exp>/features, or beside --save (the original's layout).
     features_dir = args.features_dir or output_dir(
-        None, ev.exp_dir or os.path.dirname(os.path.abspath(args.save)), "features", args.use_pred
+        None, ev.exp_dir or os.path.dirname(os.path.abspath(args.save)), "features", prediction(args)
     )
     milestones = parse_milestones(args.lr_schedule, args.epochs)
     model, dist_info = ev.model, ev.dist_info

@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DATA=${DATA:-}                       # dataset root with train/ (and val/), ImageFolder layout
-TEACHER=${TEACHER:-}                 # teacher checkpoint file (MoCo, torchvision, ...)
-ARCH_TEACHER=${ARCH_TEACHER:-resnet50}
+TEACHER=${TEACHER:-}                 # teacher checkpoint file (MoCo, DINOv2, timm, torchvision, ...)
+TEACHERS=${TEACHERS:-}               # several teacher files at once (multi-teacher SimReg); overrides TEACHER
+ARCH_TEACHER=${ARCH_TEACHER:-}       # empty: read from the file (needed for byol_resnet50, timm/<name>, ...)
 ARCH_STUDENT=${ARCH_STUDENT:-resnet18}
 N_MLP_LAYERS=${N_MLP_LAYERS:-4}      # 4 = the paper's head, 2, 0 = linear predictor
 EPOCHS=${EPOCHS:-130}
@@ -28,14 +29,15 @@ if [ -z "$DATA" ]; then
   echo "== SimReg demo: digits on a 32x32 canvas (set DATA and TEACHER to distil on your data) =="
   python -m data.demo "$DEMO_DIR"
   TEACHER_FILE="$DEMO_EXP/teacher/demo_teacher_resnet18.pth"
-  if [ ! -f "$TEACHER_FILE" ]; then
+  if [ -z "$TEACHERS" ] && [ ! -f "$TEACHER_FILE" ]; then
     echo "== 1/2 training the demo teacher (supervised ResNet-18, saved in torchvision layout) =="
     python -m tools.pretrain_teacher "$DEMO_DIR" --arch resnet18 --epochs "$DEMO_TEACHER_EPOCHS" \
       --num_workers "$DEMO_WORKERS" --out "$TEACHER_FILE"
   fi
+  TEACHER_FLAGS="--arch_teacher resnet18 --teacher_weights $TEACHER_FILE"
+  if [ -n "$TEACHERS" ]; then TEACHER_FLAGS="--teacher_weights $TEACHERS"; fi  # one head per teacher
   echo "== 2/2 distilling a ResNet-18 student with the paper's 4-layer head =="
-  python train_student.py "$DEMO_DIR" \
-    --arch_teacher resnet18 --arch_student resnet18 --teacher_weights "$TEACHER_FILE" \
+  python train_student.py "$DEMO_DIR" $TEACHER_FLAGS --arch_student resnet18 \
     --n_mlp_layers "$N_MLP_LAYERS" --single_aug --weak_weak --image_size 32 \
     --epochs "$DEMO_EPOCHS" --batch_size 64 --learning_rate "$LR" --save_freq 10 --print_freq 10 \
     --num_workers "$DEMO_WORKERS" --device cpu --exp_dir "$DEMO_EXP" $EXTRA
@@ -43,14 +45,15 @@ if [ -z "$DATA" ]; then
   exit 0
 fi
 
-if [ -z "$TEACHER" ]; then
-  echo "error: DATA is set but TEACHER is not; set TEACHER to the teacher checkpoint file" >&2
+TEACHERS=${TEACHERS:-$TEACHER}
+if [ -z "$TEACHERS" ]; then
+  echo "error: DATA is set but TEACHER is not; set TEACHER to the teacher checkpoint file (or TEACHERS to several)" >&2
   exit 2
 fi
 
 # The paper's recipe on all visible GPUs (one process per GPU).
 NGPU=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 torchrun --standalone --nproc_per_node "$NGPU" train_student.py "$DATA" \
-  --arch_teacher "$ARCH_TEACHER" --arch_student "$ARCH_STUDENT" --teacher_weights "$TEACHER" \
+  ${ARCH_TEACHER:+--arch_teacher $ARCH_TEACHER} --arch_student "$ARCH_STUDENT" --teacher_weights $TEACHERS \
   --n_mlp_layers "$N_MLP_LAYERS" --learning_rate "$LR" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" \
   --single_aug --weak_weak --save_freq 10 --num_workers "$NUM_WORKERS" --exp_dir "$EXP_DIR" $EXTRA

@@ -26,14 +26,12 @@ from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classe
 from data.decode import DECODERS
 from data.loaders import build_loader
 from data.transforms import TrainViews
-from models.backbones import BACKBONES, canonical_arch
-from models.cached_teacher import open_cached_teacher
+from models.backbones import canonical_arch
 from models.errors import UserError
-from models.fold import compile_frozen
 from models.heads import HEAD_LAYERS
 from models.io import write_json
 from models.student import Student
-from models.teachers import load_teacher, teacher_arch_names
+from models.teachers import teacher_arch_names
 from tools.engine import cli, distributed
 from tools.engine.cli import image_size_int, nonneg_float, nonneg_int, positive_int
 from tools.engine.logs import ScalarWriter, append_json_line, setup_logging
@@ -42,6 +40,7 @@ from tools.engine.run_state import Run, export_backbone, resume, run_identity, s
 from tools.engine.schedules import cosine_lr, set_lr
 from tools.engine.signals import Interrupted, StopRequest
 from tools.engine.step import AMP_CHOICES, StepConfig, amp_dtype, build_optimizer, distill_step
+from tools.engine.teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs
 from tools.eval.monitor import knn_monitor, monitor_datasets
 
 log = logging.getLogger("simreg.train")
@@ -49,7 +48,7 @@ log = logging.getLogger("simreg.train")
 
 # ============ flags ============
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SimReg distillation", add_help=add_help)
+    p = cli.DataLastParser("SimReg distillation", add_help=add_help)
     add_data_args(p.add_argument_group("data"))
     add_model_args(p.add_argument_group("model"))
     g = p.add_argument_group("optimisation")
@@ -63,7 +62,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def add_data_args(g) -> None:
-    g.add_argument("data", help="dataset root holding train/ (and val/) in ImageFolder layout")
+    g.add_argument("data", nargs="?", help="dataset root holding train/ (and val/) in ImageFolder layout")
     cli.add_dataset_args(g)
     g.add_argument("--image_size", type=image_size_int, default=224, help="training crop size in pixels")
     g.add_argument("--single_aug", action="store_true", help="one view fed to both networks (the paper's best)")
@@ -75,12 +74,15 @@ def add_data_args(g) -> None:
 
 
 def add_model_args(g) -> None:
-    cli.add_teacher_args(g, teacher_arch_names())
-    g.add_argument("--arch_student", default="resnet18", help=f"one of {', '.join(BACKBONES)}, or mobilenet")
+    cli.add_teacher_args(g, teacher_arch_names(), several=True)
+    g.add_argument("--teacher_loss_weights", nargs="+", action=cli.OneOrMany, default=None,
+                   help="several teachers: the loss weights (normalised to sum 1; default equal)")  # fmt: skip
+    g.add_argument("--arch_student", default="resnet18", help="a torchvision classification model or timm/<name>")
     g.add_argument("--n_mlp_layers", type=int, default=4, choices=HEAD_LAYERS, help="prediction head depth")
     g.add_argument("--linear_pred", action="store_true", help="alias of --n_mlp_layers 0 (linear predictor)")
     g.add_argument("--use_cache", action="store_true", help="regress cached teacher features (no teacher network)")
-    g.add_argument("--teacher_feats", default=None, help="teacher feature cache (tools.cache_teacher_features)")
+    g.add_argument("--teacher_feats", nargs="+", action=cli.OneOrMany, default=None,
+                   help="teacher feature cache FILE.npy, one per teacher ('-': that one runs live)")  # fmt: skip
     g.add_argument("--cache_on_device", action="store_true", help="with --use_cache: copy the cache to the device")
     g.add_argument("--mse_nonorm", action="store_true", help="original flag; no effect (the loss is the same)")
 
@@ -99,13 +101,13 @@ def add_runtime_args(g) -> None:
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--channels_last", action="store_true", help="NHWC memory layout for both networks")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
-    g.add_argument("--compile_teacher", action="store_true", help="fold the teacher's BatchNorm, torch.compile it")
+    g.add_argument("--compile_teacher", action="store_true", help="torch.compile the teacher (BatchNorm folded first)")
     g.add_argument("--knn_every", type=nonneg_int, default=0, help="every N epochs (and the last) log k-NN on val/")
     g.add_argument("--knn_resize_size", type=nonneg_int, default=0, help="k-NN resize (0: image_size * 256/224)")
     cli.add_runtime_args(g)
 
 
-def check_args(args: argparse.Namespace, world_size: int) -> None:
+def check_args(args: argparse.Namespace, world_size: int) -> list[TeacherSpec]:
     """Everything about the flags that parsing alone cannot tell, before any work starts."""
     if args.mse_nonorm:
         cli.note_ignored("--mse_nonorm", "both vectors are L2-normalised, so the loss is the same")
@@ -120,17 +122,12 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
             "processes; choose a multiple of the process count"
         )
     split_folder(args.data, "train")
-    cached = args.use_cache or args.teacher_feats
-    if cached and not (args.use_cache and args.teacher_feats):
-        raise UserError(
-            "--use_cache and --teacher_feats FILE.npy go together (the cache comes from "
-            "python -m tools.cache_teacher_features); pass both, or neither for a live teacher"
-        )
-    if not cached and not args.teacher_weights:
-        raise UserError("no teacher given; pass --teacher_weights FILE (a MoCo, torchvision, ... checkpoint)")
-    files = {"--teacher_weights": args.teacher_weights, "--class_list": args.class_list, "--resume": args.resume}
-    cli.check_paths(files={**files, "--weights": args.weights, "--teacher_feats": args.teacher_feats})
+    specs = teacher_specs(args.teacher_weights, args.arch_teacher, args.teacher_format, args.teacher_fc,
+                          args.teacher_feats, args.use_cache, args.teacher_pool)  # fmt: skip
+    args.teacher_loss_weights = loss_weights(args.teacher_loss_weights, len(specs))
+    cli.check_paths(files={"--class_list": args.class_list, "--resume": args.resume, "--weights": args.weights})
     cli.check_batch_fits(args.batch_size // world_size, args.image_size)
+    return specs
 
 
 # ============ one epoch ============
@@ -182,26 +179,11 @@ def build_dataset(args) -> IndexedImageFolder:
     return dataset
 
 
-def build_teacher(args, device: torch.device, dataset: IndexedImageFolder):
-    """The live frozen teacher, or with --use_cache the cached one (same ``targets(images, indices)`` call)."""
-    if args.use_cache:
-        teacher = {"arch": args.arch_teacher, "weights": args.teacher_weights, "use_fc": args.teacher_fc}
-        fingerprint = dataset_fingerprint(dataset)
-        return open_cached_teacher(
-            args.teacher_feats, fingerprint, device, args.cache_on_device, args.image_size, teacher=teacher
-        )
-    teacher = load_teacher(args.teacher_weights, args.arch_teacher, args.teacher_format, use_fc=args.teacher_fc)
-    teacher = teacher.to(device)
-    if args.channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    if args.compile_teacher:  # inference only: BatchNorm on running statistics folds into the convs
-        teacher.encoder = compile_frozen(teacher.encoder)
-    return teacher
-
-
-def build_run(args, exp_dir: str, dataset, teacher, dist_info) -> Run:
-    """Student, optimizer and scaler, with the run's identity (what resuming must agree on)."""
-    student = Student(args.arch_student, teacher.feat_dim, args.n_mlp_layers).to(dist_info.device)
+def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], dist_info) -> Run:
+    """Student (one head per teacher), optimizer and scaler, with the run's identity (what resuming must agree on)."""
+    teachers = members(teacher)
+    dims = teachers[0].feat_dim if len(teachers) == 1 else [t.feat_dim for t in teachers]
+    student = Student(args.arch_student, dims, args.n_mlp_layers).to(dist_info.device)
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
@@ -210,8 +192,10 @@ def build_run(args, exp_dir: str, dataset, teacher, dist_info) -> Run:
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")
     student_id = {"arch_student": args.arch_student, "n_mlp_layers": args.n_mlp_layers,
                   "image_size": args.image_size, "views": dataset.transform.name}  # fmt: skip
-    teacher_id = teacher_fingerprint(teacher, args.teacher_weights, args.teacher_fc)
-    identity = run_identity(dataset_fingerprint(dataset), teacher_id, student_id)
+    ids = [teacher_fingerprint(t, spec.weights, spec.use_fc) for t, spec in zip(teachers, specs, strict=True)]
+    if len(ids) > 1:  # every teacher, in order, and how their losses are weighted
+        student_id["teacher_loss_weights"] = teacher.weights
+    identity = run_identity(dataset_fingerprint(dataset), ids[0] if len(ids) == 1 else ids, student_id)
     return Run(exp_dir, student, optimizer, scaler, identity, vars(args), args.epochs, args.save_freq,
                dist_info.is_main)  # fmt: skip
 
@@ -233,7 +217,7 @@ def main(args: argparse.Namespace) -> dict:
     dist_info = distributed.init_distributed(args.device)
     exp_dir = cli.resolve_exp_dir(args.exp_dir, args.base_dir, args.exp)
     setup_logging(os.path.join(exp_dir, "logs", "train.log"), dist_info.is_main, args.debug)
-    check_args(args, dist_info.world_size)
+    specs = check_args(args, dist_info.world_size)
     torch.manual_seed(args.seed)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -245,8 +229,10 @@ def main(args: argparse.Namespace) -> dict:
                           pin_memory=dist_info.device.type == "cuda")  # fmt: skip
 
     # ============ building teacher and student ============
-    teacher = build_teacher(args, dist_info.device, dataset)
-    run = build_run(args, exp_dir, dataset, teacher, dist_info)
+    teacher = build_teachers(specs, dist_info.device, dataset_fingerprint(dataset), args.teacher_loss_weights,
+                             channels_last=args.channels_last, compile_teacher=args.compile_teacher,
+                             cache_on_device=args.cache_on_device, image_size=args.image_size)  # fmt: skip
+    run = build_run(args, exp_dir, dataset, teacher, specs, dist_info)
     start_epoch, progress = resume(run, args.resume, args.no_resume, args.weights)
     model = wrap_model(run.student, args, dist_info)
 
@@ -304,6 +290,10 @@ def log_epoch(run: Run, writer: ScalarWriter, stats: dict) -> None:
     log.info("epoch %d/%d: loss %.4f, lr %.4g, %.0f images/s", stats["epoch"], run.epochs, stats["loss"], stats["lr"],
              stats["images_per_s"])  # fmt: skip
     writer.add({f"knn/{k[4:]}": v for k, v in stats.items() if k.startswith("knn_")}, stats["epoch"])
+    per_teacher = {f"train/{k}": v for k, v in stats.items() if k.startswith("loss_teacher_")}
+    if per_teacher:  # several teachers: each one's loss beside the weighted total
+        writer.add(per_teacher, stats["epoch"])
+        log.info("epoch %d per-teacher losses: %s", stats["epoch"], ", ".join(f"{v:.4f}" for v in per_teacher.values()))
     if stats["bad_images_skipped"]:
         log.warning("%d unreadable image(s) skipped so far (--skip_bad_images)", stats["bad_images_skipped"])
 

@@ -143,6 +143,12 @@ def _check_teacher(built: dict, teacher: dict, npy_path: str) -> None:
     if bool(teacher.get("use_fc")) != bool(built.get("use_fc")):
         what = "projection outputs (--teacher_fc)" if built.get("use_fc") else "pooled features"
         raise UserError(f"teacher cache '{npy_path}' holds {what}; match --teacher_fc to it or rebuild the cache")
+    pool = teacher.get("pool") or "auto"
+    if pool != "auto" and pool != built.get("pool"):
+        raise UserError(
+            f"teacher cache '{npy_path}' holds {built.get('pool') or 'pooled'} features, not --teacher_pool {pool}; "
+            "match the flag to the cache or rebuild it"
+        )
     if teacher.get("weights") and file_sha256(teacher["weights"]) != built["weights_sha256"]:
         raise UserError(
             f"teacher cache '{npy_path}' was built from other weights than --teacher_weights "
@@ -160,7 +166,7 @@ def open_cached_teacher(
 ) -> CachedTeacher:
     """A :class:`CachedTeacher` checked against the dataset and against what the user says the teacher is.
 
-    ``teacher`` may hold ``arch``, ``weights`` (a file, compared by SHA-256) and ``use_fc``; a cache that
+    ``teacher`` may hold ``arch``, ``weights`` (a file, compared by SHA-256), ``use_fc`` and ``pool``; a cache that
     contradicts any given one is refused. A training crop size other than the cache's is only warned about.
     """
     cached = CachedTeacher(npy_path, fingerprint, device, on_device)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+log = logging.getLogger(__name__)
 
 
 def fold_batchnorm(module: nn.Module) -> fx.GraphModule:
@@ -49,5 +52,16 @@ def count_batchnorms(module: nn.Module) -> int:
 
 
 def compile_frozen(module: nn.Module, backend: str = "inductor") -> nn.Module:
-    """BatchNorm folded, then ``torch.compile``d: the fast form of a frozen feature extractor."""
-    return torch.compile(fold_batchnorm(module), backend=backend)
+    """BatchNorm folded, then ``torch.compile``d: the fast form of a frozen feature extractor.
+
+    A network without BatchNorm (a ViT) is compiled as it is; one that ``torch.fx`` cannot trace (some
+    timm CNNs) is compiled unfolded, with a log line.
+    """
+    if count_batchnorms(module) == 0:
+        return torch.compile(module, backend=backend)
+    try:
+        folded = fold_batchnorm(module)
+    except Exception as exc:  # fx's trace errors are of many types (TraceError, TypeError, control flow...)
+        log.info("teacher not traceable by torch.fx (%s): compiled without BatchNorm folding", type(exc).__name__)
+        folded = module
+    return torch.compile(folded, backend=backend)

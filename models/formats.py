@@ -1,7 +1,9 @@
-"""Checkpoint formats: a registry of published layouts -> torchvision-named backbone weights.
+"""Checkpoint formats: a registry of published layouts -> backbone weights in their network's names.
 
-Files are read by :func:`models.io.safe_load` (never running code); each format turns the raw
-object into a :class:`Converted`: the backbone state dict, the keys it
+CNN layouts map to torchvision's names; ViT layouts (DINO, DINOv2, DINOv3, MoCo v3; the mapping lives in
+:mod:`models.vit_layouts`) to timm's, with the network's :class:`models.vit.ViTSpec` in ``meta["vit"]``;
+``timm`` keeps timm's own names. Files are read by :func:`models.io.safe_load` (never running code);
+each format turns the raw object into a :class:`Converted`: the backbone state dict, the keys it
 recognised and deliberately dropped (projection heads, momentum encoders, queues, classifiers), and
 the keys it did not recognise (an error for the caller to report).
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models import vit_layouts
 from models.io import CheckpointError
 from models.resnet_wide import tf_to_torchvision
 from models.schema import is_simreg_checkpoint
@@ -35,6 +38,7 @@ class Converted:
     dropped: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     head: dict[str, torch.Tensor] | None = None  # SimReg prediction head, paper indices
+    heads: list[dict[str, torch.Tensor]] | None = None  # every head of a several-teacher SimReg student
     arch: str | None = None  # architecture recorded in the file, if any
     meta: dict = field(default_factory=dict)
     projection: dict[str, torch.Tensor] | None = None
@@ -141,6 +145,8 @@ def _is_mocov3(raw: object) -> bool:
 
 
 def _convert_mocov3(raw: object) -> Converted:
+    if _vit_source(raw) is not None:  # --teacher_format mocov3 on a ViT file
+        return _convert_vit(raw, "mocov3")
     # projector = base_encoder.fc (Linear, BN, ReLU, Linear, BN without affine); predictor dropped
     drop = ("momentum_encoder.", "predictor.")
     return _encoder_with_fc(raw, "base_encoder.", drop, "MoCo v3 projector (base_encoder.fc)")
@@ -184,6 +190,8 @@ def _dino_teacher(raw: object) -> dict | None:
 
 
 def _convert_dino(raw: object) -> Converted:
+    if _vit_source(raw) is not None:  # --teacher_format dino on a ViT file
+        return _convert_vit(raw, "dino")
     sd = _dino_teacher(raw)
     if sd is None:  # the backbone-only release: plain torchvision names, no fc
         return _plain(raw)
@@ -244,9 +252,11 @@ def _convert_simclr(raw: object) -> Converted:
 def _convert_simreg(raw: dict) -> Converted:
     settings = raw.get("args") or {}  # the run's arguments, saved as a dict
     head = _tensors(raw.get("head")) or None
+    heads = [_tensors(h) for h in raw["heads"]] if isinstance(raw.get("heads"), list) else None
     return Converted(
         _tensors(raw["student"]),
         head=head,
+        heads=heads,
         arch=settings.get("arch_student"),
         meta={"n_mlp_layers": settings.get("n_mlp_layers"), "epoch": raw.get("epoch")},
         projection=head,
@@ -293,6 +303,82 @@ def _convert_compress(raw: dict) -> Converted:
     return conv
 
 
+# ---------------------------------------------------------------- vision transformers (models/vit_layouts.py)
+@dataclass
+class _ViTSource:
+    """Where a checkpoint keeps its ViT backbone, with the publisher's names."""
+
+    sd: dict[str, torch.Tensor]
+    dropped: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    projection: dict[str, torch.Tensor] | None = None
+    projection_name: str = ""
+    family: str | None = None  # fixed by the layout (MoCo v3's base_encoder), else read from the keys
+    plain: bool = False  # a bare ViT state dict (a timm file looks the same)
+
+
+def _vit_source(raw: object) -> _ViTSource | None:
+    """The ViT inside ``raw``: DINO's full checkpoint (EMA ``teacher.backbone.*``), MoCo v3's
+    ``module.base_encoder.*`` (projector ``head``), or a plain ViT state dict; None for anything else."""
+    teacher = _dino_teacher(raw)
+    if teacher is not None:  # DINO / DINOv2 training checkpoints: the EMA teacher, as their evaluation reads
+        backbone = vit_layouts.unchunk(_under(teacher, "backbone."))
+        if not vit_layouts.is_vit(backbone):
+            return None
+        student = _tensors(raw.get("student")) if isinstance(raw, dict) else {}
+        dropped = [f"teacher.{k}" for k in teacher if not k.startswith("backbone.")]
+        return _ViTSource(backbone, dropped + [f"student.{k}" for k in student])
+    sd = _strip_module(state_dict_of(raw))
+    base = _under(sd, "base_encoder.")
+    if vit_layouts.is_vit(base):
+        kept, dropped, unknown = _split_prefix(sd, "base_encoder.", ("momentum_encoder.", "predictor."))
+        head = _under(kept, "head.")
+        backbone = {k: v for k, v in kept.items() if not k.startswith("head.")}
+        name = "MoCo v3 projector (base_encoder.head: 3 Linear-BN layers)"
+        return _ViTSource(backbone, dropped + [f"base_encoder.head.{k}" for k in head], unknown, head or None, name,
+                          "mocov3")  # fmt: skip
+    sd = vit_layouts.unchunk(sd)
+    if not vit_layouts.is_vit(sd):
+        return None
+    head = _under(sd, "head.")  # a linear classifier (MoCo v3 main_lincls, DeiT-style files)
+    backbone = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    name = "the linear classifier stored with the ViT (head: its logits)"
+    return _ViTSource(backbone, [f"head.{k}" for k in head], projection=head or None, projection_name=name, plain=True)
+
+
+def _vit_family(raw: object) -> str | None:
+    src = _vit_source(raw)
+    return None if src is None else src.family or vit_layouts.family_of(src.sd)
+
+
+def _convert_vit(raw: object, family: str) -> Converted:
+    src = _vit_source(raw)
+    if src is None:
+        raise CheckpointError(f"it holds no ViT (cls_token, patch_embed, blocks) for a {family} format")
+    spec = vit_layouts.vit_spec(src.sd, family)
+    if src.plain and family == "dino":
+        log.info(
+            "a plain ViT state dict (timm-0.4 names): read as DINO's %s (ImageNet mean/std, %d heads); "
+            "a timm model's file needs --arch_teacher timm/<name>",
+            spec.name,
+            spec.heads,
+        )
+    backbone, dropped = vit_layouts.to_timm(src.sd, family)
+    meta = {"vit": spec}
+    if "rope_embed.periods" in src.sd:
+        meta["rope_periods"] = src.sd["rope_embed.periods"]
+    return Converted(backbone, src.dropped + dropped, src.unknown, arch=spec.name, meta=meta,
+                     projection=src.projection, projection_name=src.projection_name)  # fmt: skip
+
+
+# ---------------------------------------------------------------- timm models by name
+def _convert_timm(raw: object) -> Converted:
+    """timm's own names (``--arch_teacher timm/<name>``): the network decides which keys are its classifier."""
+    if is_simreg_checkpoint(raw):  # a distilled timm student
+        return _convert_simreg(raw)
+    return Converted(_strip_module(state_dict_of(raw)))
+
+
 @dataclass(frozen=True)
 class Format:
     detect: Callable[[object], bool]
@@ -302,6 +388,11 @@ class Format:
 
 
 _never = lambda raw: False  # plain-name layouts that keys cannot tell apart: chosen by flag
+
+
+def _vit_format(family: str, description: str, markers: tuple[str, ...]) -> Format:
+    return Format(lambda raw: _vit_family(raw) == family, lambda raw: _convert_vit(raw, family), description, markers)
+
 
 # Order matters for auto-detection: the most specific layouts first, plain names last.
 FORMATS: dict[str, Format] = {
@@ -319,6 +410,28 @@ FORMATS: dict[str, Format] = {
         _convert_compress,
         "the predecessor CompRess's students ({opt, model: module.<torchvision names>})",
         ("model", "module.layer1"),
+    ),
+    # ViTs before the ResNet layouts that share their wrappers (DINO's full checkpoint, MoCo v3's base_encoder)
+    "dinov3": _vit_format(
+        "dinov3",
+        "DINOv3 ViT (storage_tokens, rope_embed.periods, LayerScale, masked key bias)",
+        ("storage_tokens", "rope_embed", "ls1.gamma"),
+    ),
+    "dinov2": _vit_format(
+        "dinov2",
+        "DINOv2 ViT hub files (mask_token, LayerScale ls1/ls2, register_tokens in _reg4, SwiGLU w12/w3 in ViT-g)",
+        ("mask_token", "ls1.gamma", "register_tokens"),
+    ),
+    "mocov3_vit": _vit_format(
+        "mocov3",
+        "MoCo v3 ViT (module.base_encoder.* with the projector in head, momentum_encoder, predictor; or a plain "
+        "ViT with its fixed sin-cos pos_embed)",
+        ("base_encoder.cls_token", "momentum_encoder"),
+    ),
+    "dino_vit": _vit_format(
+        "dino",
+        "DINO ViT: the backbone release (cls_token, pos_embed, blocks.*) or the full checkpoint (teacher.backbone.*)",
+        ("cls_token", "pos_embed", "blocks.0.attn.qkv"),
     ),
     "dino": Format(
         lambda raw: _dino_teacher(raw) is not None,
@@ -371,6 +484,7 @@ FORMATS: dict[str, Format] = {
     "torchvision": Format(
         _is_torchvision, _plain, "plain torchvision names (supervised, exported students)", ("conv1.", "layer1.")
     ),
+    "timm": Format(_never, _convert_timm, "timm's own names, with --arch_teacher / --arch timm/<name>", ()),
 }
 
 SIMCLR_ARCHS = ("resnet50x1", "resnet50x2", "resnet50x4")
@@ -440,6 +554,8 @@ def convert(raw: object, fmt: str = "auto", path: str = "", arch: str | None = N
         raise CheckpointError(f"unknown checkpoint format '{fmt}'; choose one of: auto, {', '.join(FORMATS)}")
     try:
         converted = FORMATS[fmt].convert(raw)
+    except CheckpointError as exc:  # a layout's own sentence, about this file
+        raise CheckpointError(f"'{path}' (format {fmt}): {exc}") from exc
     except (KeyError, AttributeError, TypeError) as exc:
         raise CheckpointError(f"'{path}' is not a '{fmt}' checkpoint ({exc!r}); try --teacher_format auto") from exc
     if not converted.backbone:
@@ -456,8 +572,10 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> str | None:
 
     ResNet-50s widened everywhere (SimCLR 2x/4x, stem 128/256 channels) are ``resnet50x2`` / ``resnet50x4``.
     """
-    if "features.0.0.weight" in sd:
-        return "mobilenet_v2"
+    if "features.0.0.weight" in sd:  # MobileNet-v2's 19 feature blocks end in a 320 -> 1280 1x1 conv
+        last = sd.get("features.18.0.weight")
+        mbv2 = last is not None and tuple(last.shape) == (1280, 320, 1, 1) and "features.19.0.weight" not in sd
+        return "mobilenet_v2" if mbv2 and "classifier.0.weight" not in sd else None
     if "conv1.weight" not in sd:
         return None
     bottleneck = "layer1.0.conv3.weight" in sd

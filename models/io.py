@@ -62,9 +62,12 @@ def check_file(path: str | None, what: str) -> None:
 
 
 def safe_load(path: str, what: str = "checkpoint") -> object:
-    """Read a PyTorch (or safetensors) file onto the CPU without running code, or raise a CheckpointError."""
+    """Read a PyTorch (or safetensors) file onto the CPU without running code, or raise a CheckpointError.
+
+    A safetensors file is recognised by its ``.safetensors`` name or by its header (any name).
+    """
     check_file(path, what)
-    if path.endswith(".safetensors"):
+    if path.endswith(".safetensors") or _is_safetensors(path):
         return _load_safetensors(path, what)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -83,6 +86,13 @@ def safe_load(path: str, what: str = "checkpoint") -> object:
         raise CheckpointError(
             f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}"
         ) from exc
+
+
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file under another name: an 8-byte little-endian header length, then its JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < os.path.getsize(path)
 
 
 def _load_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:

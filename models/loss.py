@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -16,3 +18,15 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     p = F.normalize(pred.float(), dim=1)
     t = F.normalize(target.float(), dim=1)
     return (2.0 - 2.0 * (p * t).sum(dim=1)).mean()
+
+
+def multi_teacher_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: Sequence[float]):
+    """Several teachers at once: ``[sum_k w_k L_k, L_1, ..., L_K]`` as one (K + 1,) fp32 tensor.
+
+    ``L_k = regression_loss(preds[k], targets[k])`` with pred k (B, D_k) from head k and target k (B, D_k)
+    from teacher k; ``weights`` (K,) sum to 1 (the paper's plain average when equal). The first entry is
+    what the step minimises; the others are logged per teacher.
+    """
+    per_teacher = torch.stack([regression_loss(p, t) for p, t in zip(preds, targets, strict=True)])
+    w = torch.tensor(list(weights), dtype=per_teacher.dtype, device=per_teacher.device)
+    return torch.cat([(w * per_teacher).sum().reshape(1), per_teacher])

@@ -18,16 +18,18 @@ import torch
 from torch import nn
 
 from models.backbones import ALIASES, BACKBONES, Encoder, build_encoder, canonical_arch
-from models.formats import CLASSIFIER_PREFIXES, Converted, convert, infer_arch
+from models.formats import FORMATS, Converted, convert, infer_arch
 from models.frozen import FrozenExtractor
 from models.heads import build_head
 from models.io import CheckpointError, file_sha256, load_strict, safe_load
+from models.schema import is_simreg_checkpoint
 from models.teachers import TEACHER_ALIASES, load_teacher
+from models.timm_models import TIMM_PREFIX, is_timm_arch, split_classifier
 
 log = logging.getLogger(__name__)
 
 # Formats whose backbone is a registry student network (anything else is loaded as a teacher).
-STUDENT_FORMATS = ("simreg", "simreg_original", "compress", "torchvision")
+STUDENT_FORMATS = ("simreg", "simreg_original", "compress", "torchvision", "timm")
 
 
 class EvalModel(FrozenExtractor):
@@ -83,16 +85,24 @@ def build_head_from_weights(head_sd: dict[str, torch.Tensor], in_dim: int, path:
 
 
 def resolve_arch(given: str | None, recorded: str | None, found: str | None, path: str) -> str:
-    """The architecture to build: ``--arch`` must agree with the weights' shapes (``found``)."""
+    """The architecture to build: ``--arch`` must agree with the weights' shapes (``found``).
+
+    A recorded ``timm/<name>`` wins over shapes that merely look like a torchvision network (timm's
+    ResNets share torchvision's names).
+    """
     given = canonical_arch(TEACHER_ALIASES.get(given, given)) if given else None
+    if is_timm_arch(given) or (given is None and is_timm_arch(recorded)):
+        return given or canonical_arch(recorded)
     if given and found and given != found:
         raise CheckpointError(f"'{path}' holds a {found} backbone, but --arch is {given}; pass --arch {found}")
     arch = given or found
     if arch is None and recorded:
         arch = canonical_arch(recorded)
     if arch is None:
-        known = ", ".join(BACKBONES)
-        raise CheckpointError(f"could not tell the architecture of '{path}'; pass --arch (one of {known})")
+        raise CheckpointError(
+            f"could not tell the architecture of '{path}'; pass --arch (a torchvision classification model, e.g. "
+            f"{', '.join(BACKBONES[:4])}, ..., or {TIMM_PREFIX}<name>)"
+        )
     return arch
 
 
@@ -101,64 +111,113 @@ def is_student_arch(arch: str | None) -> bool:
     if arch is None:
         return True
     arch = TEACHER_ALIASES.get(arch, arch)
-    return arch in BACKBONES or arch in ALIASES
+    return arch in BACKBONES or arch in ALIASES or is_timm_arch(arch)
+
+
+def _student_layout(raw: object, path: str, fmt: str, arch: str | None) -> tuple[str, Converted]:
+    """(format, converted) of a student file; ``timm/<name>`` students are read in timm's names."""
+    if is_timm_arch(arch) and fmt in ("auto", "timm", "simreg"):
+        return ("simreg" if is_simreg_checkpoint(raw) else "timm"), FORMATS["timm"].convert(raw)
+    return convert(raw, fmt, path)
+
+
+def split_student_backbone(raw: object, fmt: str, conv: Converted, backbone: nn.Module) -> tuple[dict, list[str]]:
+    """The backbone weights for ``backbone`` and the classifier keys dropped: plain torchvision or timm names
+    lose exactly the network's own classifier (``fc``, ``classifier.1``, ``classifier.3``, ``head``...)."""
+    prefixes = getattr(backbone, "classifier_prefixes", ())
+    if fmt in ("torchvision", "timm") and prefixes:
+        sd = FORMATS["timm"].convert(raw).backbone  # the file's names, ``module.`` removed
+        sd, dropped, _ = split_classifier(sd, prefixes)
+        return sd, dropped
+    return conv.backbone, []
+
+
+def read_student_weights(path: str, backbone: nn.Module, arch: str) -> tuple[str, Converted]:
+    """``--weights`` for a student ``backbone`` of ``arch``: (format, converted) with ``backbone`` holding
+    exactly that network's weights (classifier keys dropped, listed in the log)."""
+    raw = safe_load(path, "--weights")
+    fmt, conv = _student_layout(raw, path, "auto", arch)
+    conv.backbone, dropped = split_student_backbone(raw, fmt, conv, backbone)
+    if dropped:
+        log.info("--weights %s: dropped the classifier (%s)", path, ", ".join(dropped))
+    return fmt, conv
 
 
 # ---------------------------------------------------------------- entry points
 def load_eval_model(
-    weights: str, arch: str | None = None, fmt: str = "auto", use_pred: bool = False, as_teacher: bool = False
+    weights: str,
+    arch: str | None = None,
+    fmt: str = "auto",
+    use_pred: bool | int = False,
+    as_teacher: bool = False,
+    pool: str = "auto",
 ) -> EvalModel:
     """A frozen :class:`EvalModel` from any student or teacher checkpoint.
 
     Student layouts (:data:`STUDENT_FORMATS`) are loaded here, strictly; any other layout, an
     architecture only teachers have, or ``as_teacher=True`` goes through ``load_teacher`` so a teacher
     is evaluated with its own network and preprocessing. ``use_pred`` evaluates the prediction head's
-    output with the head layout the file was trained with.
+    output with the head layout the file was trained with: ``True`` the (first) head, an int K >= 2
+    the head of teacher K of a several-teacher student. ``pool``: a ViT teacher's feature (``--teacher_pool``).
     """
     if as_teacher or not is_student_arch(arch) or fmt not in (*STUDENT_FORMATS, "auto"):
-        return _teacher_model(weights, arch, fmt, use_pred)
-    fmt, conv = convert(safe_load(weights, "--weights"), fmt, weights)
-    if fmt not in STUDENT_FORMATS:  # auto-detected a teacher layout (MoCo, SwAV, ...)
-        return _teacher_model(weights, arch, fmt, use_pred)
-    return _student_model(weights, fmt, conv, arch, use_pred)
+        return _teacher_model(weights, arch, fmt, use_pred, pool)
+    raw = safe_load(weights, "--weights")
+    fmt, conv = _student_layout(raw, weights, fmt, arch)
+    if fmt not in STUDENT_FORMATS:  # auto-detected a teacher layout (MoCo, SwAV, a ViT, ...)
+        return _teacher_model(weights, arch, fmt, use_pred, pool)
+    return _student_model(weights, fmt, conv, arch, use_pred, raw)
 
 
-def _teacher_model(weights: str, arch: str | None, fmt: str, use_pred: bool) -> EvalModel:
+def _teacher_model(weights: str, arch: str | None, fmt: str, use_pred: bool | int, pool: str = "auto") -> EvalModel:
     if use_pred:
         raise CheckpointError(f"--use_pred needs a student checkpoint with its prediction head; '{weights}' is not one")
-    teacher = load_teacher(weights, arch, fmt)
+    teacher = load_teacher(weights, arch, fmt, pool=pool)
     identity = _identity(weights, teacher.fmt, teacher.arch, "teacher", False)
+    if teacher.pool:
+        identity["pool"] = teacher.pool
     return EvalModel(teacher, None, teacher.arch, identity)
 
 
-def _student_model(weights: str, fmt: str, conv: Converted, arch: str | None, use_pred: bool) -> EvalModel:
+def _student_model(
+    weights: str, fmt: str, conv: Converted, arch: str | None, use_pred: bool | int, raw: object
+) -> EvalModel:
     if conv.unknown:
         raise CheckpointError(
             f"'{weights}' (format {fmt}) has {len(conv.unknown)} unrecognised key(s): {', '.join(conv.unknown[:8])}"
         )
-    # A student's classifier slot (fc / classifier) is never part of the evaluated backbone.
-    backbone = {k: v for k, v in conv.backbone.items() if not k.startswith(CLASSIFIER_PREFIXES)}
-    arch = resolve_arch(arch, conv.arch, infer_arch(backbone), weights)
+    arch = resolve_arch(arch, conv.arch, infer_arch(conv.backbone), weights)
     encoder = build_encoder(arch)
+    # A student's classifier (fc, classifier.1, head...) is never part of the evaluated backbone.
+    backbone, _ = split_student_backbone(raw, fmt, conv, encoder.backbone)
     load_strict(encoder.backbone, backbone, weights, f"student {arch} backbone")
-    head = None
-    if use_pred:
-        if not conv.head:
-            raise CheckpointError(
-                f"--use_pred: '{weights}' holds no prediction head (an exported backbone?); "
-                "give a training checkpoint (ckpt_epoch_<N>.pth or checkpoint_latest.pth)"
-            )
-        head = build_head_from_weights(conv.head, encoder.feat_dim, weights)
-        recorded = conv.meta.get("n_mlp_layers")
-        if recorded is not None and recorded != head_layout(conv.head):
-            raise CheckpointError(f"'{weights}' says n_mlp_layers={recorded} but its head has another layout")
-    log.info("evaluating %s (%s, format %s%s)", weights, arch, fmt, ", prediction head" if use_pred else "")
+    head = _prediction_head(conv, use_pred, encoder.feat_dim, weights) if use_pred else None
+    shown = "" if not use_pred else ", prediction head" + (f" {use_pred}" if use_pred is not True else "")
+    log.info("evaluating %s (%s, format %s%s)", weights, arch, fmt, shown)
     identity = _identity(weights, fmt, arch, "student", use_pred)
     identity["epoch"] = conv.meta.get("epoch")
     return EvalModel(encoder, head, arch, identity)
 
 
-def _identity(weights: str, fmt: str, arch: str, kind: str, use_pred: bool) -> dict:
+def _prediction_head(conv: Converted, use_pred: bool | int, in_dim: int, weights: str) -> nn.Module:
+    """Head 1 (``True``) or head K of the file, rebuilt in the layout it was trained with."""
+    heads = conv.heads or ([conv.head] if conv.head else [])
+    if not heads:
+        raise CheckpointError(
+            f"--use_pred: '{weights}' holds no prediction head (an exported backbone?); "
+            "give a training checkpoint (ckpt_epoch_<N>.pth or checkpoint_latest.pth)"
+        )
+    k = 1 if use_pred is True else int(use_pred)
+    if k > len(heads):
+        raise CheckpointError(f"--head {k}: '{weights}' holds {len(heads)} prediction head(s), one per teacher")
+    head = build_head_from_weights(heads[k - 1], in_dim, weights)
+    recorded = conv.meta.get("n_mlp_layers")
+    if recorded is not None and recorded != head_layout(heads[k - 1]):
+        raise CheckpointError(f"'{weights}' says n_mlp_layers={recorded} but its head has another layout")
+    return head
+
+
+def _identity(weights: str, fmt: str, arch: str, kind: str, use_pred: bool | int) -> dict:
     return {
         "kind": kind,
         "weights": os.path.abspath(weights),

@@ -10,6 +10,7 @@ A plain dict of tensors, numbers and strings, so ``torch.load(weights_only=True)
 - ``args``: the run's arguments as a dict;
 - ``student``: backbone weights with torchvision's (or timm's) names, no classifier;
 - ``head``: the prediction head, paper indices ``0, 1, 3, 4, 5, 7``;
+- ``heads`` (several teachers only): every head's state dict in teacher order (``heads[0]`` is ``head``);
 - ``optimizer``, ``scaler``, ``rng``: what an exact resume needs.
 No teacher weights are stored.
 """

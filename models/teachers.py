@@ -1,13 +1,15 @@
-"""Frozen teachers: ``load_teacher(weights, arch=None, fmt="auto", use_fc=False)``.
+"""Frozen teachers: ``load_teacher(weights, arch=None, fmt="auto", use_fc=False, pool="auto")``.
 
 A teacher maps float images in [0, 1], (B, 3, H, W), to pooled features (B, D) in float32. It
-applies its own input normalisation (ImageNet mean/std, or none for SimCLR's TensorFlow weights),
-stays in eval mode (BatchNorm on running statistics) whatever ``.train()`` is called with, and has no
-parameter that requires a gradient.
+applies its own input normalisation (ImageNet mean/std, none for SimCLR's TensorFlow weights, a timm
+model's pretrained config), stays in eval mode (BatchNorm on running statistics) whatever ``.train()``
+is called with, and has no parameter that requires a gradient.
 
 Which network runs is decided by the architecture (``--arch_teacher``, or what the file holds) and the
 checkpoint format together: BYOL's weights need the "SAME"-padding ``byol_resnet50``, SimCLR's the
-widened ``resnet50x1/x2/x4``; plain torchvision names need the flag to tell those apart (README).
+widened ``resnet50x1/x2/x4``; plain torchvision names need the flag to tell those apart (README). ViT
+formats (DINO, DINOv2, DINOv3, MoCo v3) build the publisher's ViT from the file's shapes
+(:mod:`models.vit`); ``timm/<name>`` builds timm's network and reads timm's names.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ import torch
 from torch import nn
 
 from models.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Encoder, build_backbone, canonical_arch
-from models.formats import Converted, convert, infer_arch
+from models.errors import UserError
+from models.formats import FORMATS, Converted, convert, detect_format, infer_arch
 from models.frozen import FrozenExtractor, out_dim
 from models.io import CheckpointError, load_strict, safe_load
 from models.resnet_same import byol_resnet50
 from models.resnet_wide import wide_resnet50
+from models.timm_models import TIMM_PREFIX, build_timm, is_timm_arch, split_classifier, timm_mean_std
+from models.vit import POOLS, build_vit, check_patch_multiple, materialise
+from models.vit_layouts import PUBLISHER
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +52,10 @@ FORMAT_NETWORKS = {
 
 
 def teacher_arch_names() -> list[str]:
-    """Every value --arch_teacher accepts."""
-    return sorted(BACKBONES) + sorted(TEACHER_NETWORKS) + sorted(TEACHER_ALIASES)
+    """What --arch_teacher accepts: any torchvision classification model, timm/<name>, the wide and SAME-padding
+    ResNets and the original's names (ViT formats need none: the file says what it holds)."""
+    shown = ["resnet50 (or any torchvision classification model)", f"{TIMM_PREFIX}<name> (any timm model)"]
+    return shown + sorted(TEACHER_NETWORKS) + sorted(TEACHER_ALIASES)
 
 
 def _layout(arch: str) -> str:
@@ -60,11 +68,22 @@ class Teacher(FrozenExtractor):
     With a ``head`` (``--teacher_fc``) the output is the checkpoint's projection of the pooled feature.
     """
 
-    def __init__(self, encoder: Encoder, arch: str, fmt: str, head: nn.Module | None = None) -> None:
+    def __init__(
+        self, encoder: Encoder, arch: str, fmt: str, head: nn.Module | None = None, pool: str | None = None
+    ) -> None:
         super().__init__(encoder, head)
         self.arch = arch
         self.fmt = fmt
-        self.input_norm = "imagenet" if encoder.normalize.enabled else "none"
+        self.pool = pool  # a ViT's token pooling (cls, avg, cls+avg); None: the network's own pooled feature
+        norm = encoder.normalize
+        imagenet = norm.enabled and torch.allclose(norm.mean.flatten(), torch.tensor(IMAGENET_MEAN))
+        self.input_norm = (
+            "imagenet"
+            if imagenet
+            else "none"
+            if not norm.enabled
+            else "mean/std " + str(tuple(round(v, 4) for v in norm.mean.flatten().tolist()))
+        )
 
     def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Regression targets (B, D) for a batch; a cached teacher answers the same call from indices."""
@@ -75,7 +94,7 @@ def resolve_teacher_arch(arch: str | None, found: str | None, path: str, fmt: st
     """Reconcile --arch_teacher, the architecture the file holds and the network its format needs."""
     if arch is not None:
         arch = TEACHER_ALIASES.get(arch, arch)
-        if arch not in TEACHER_NETWORKS and arch not in BACKBONES:
+        if arch not in TEACHER_NETWORKS and arch not in BACKBONES and not is_timm_arch(arch):
             raise CheckpointError(
                 f"unknown teacher architecture '{arch}'; choose one of: {', '.join(teacher_arch_names())}"
             )
@@ -103,7 +122,11 @@ def _build_network(arch: str) -> nn.Module:
     with torch.device("meta"):
         if arch in TEACHER_NETWORKS:
             return TEACHER_NETWORKS[arch][0]()
-        return build_backbone(canonical_arch(arch))
+        try:
+            return build_backbone(canonical_arch(arch))
+        except NotImplementedError:  # a constructor that computes from its initial weights (RegNet)
+            pass
+    return build_backbone(canonical_arch(arch))
 
 
 def summarise(keys: list[str]) -> str:
@@ -161,35 +184,149 @@ def _projection_head(conv: Converted, fmt: str, path: str) -> nn.Module:
     return head
 
 
-def load_teacher(weights: str, arch: str | None = None, fmt: str = "auto", use_fc: bool = False) -> Teacher:
+def _cnn_network(conv: Converted, arch: str | None, path: str, fmt: str) -> tuple[nn.Module, str]:
+    arch = resolve_teacher_arch(arch, infer_arch(conv.backbone), path, fmt)
+    net = _build_network(arch)
+    load_strict(net, conv.backbone, path, f"teacher {arch}", assign=True)
+    return net, arch
+
+
+def _vit_network(conv: Converted, arch: str | None, path: str, fmt: str, pool: str) -> tuple[nn.Module, str]:
+    """The publisher's ViT for the file's shapes, its weights adopted, at the pooling asked for."""
+    spec = conv.meta["vit"]
+    if arch and arch != spec.name:
+        raise CheckpointError(
+            f"teacher '{path}' holds a {PUBLISHER[spec.family]} {spec.name} (format {fmt}), but --arch_teacher is "
+            f"{arch}; leave --arch_teacher unset (the file says what it holds)"
+        )
+    net = build_vit(spec, "cls" if pool == "auto" else pool)
+    load_strict(net, conv.backbone, path, f"teacher {spec.name} ({PUBLISHER[spec.family]})", assign=True)
+    materialise(net)
+    if "rope_periods" in conv.meta:
+        net.set_rope_periods(conv.meta["rope_periods"])
+    return net, spec.name
+
+
+def _timm_network(raw: object, arch: str | None, path: str) -> tuple[nn.Module, Converted]:
+    """timm's network ``arch`` with the file's weights in timm's names (its classifier dropped, listed)."""
+    if not is_timm_arch(arch):
+        raise CheckpointError(f"--teacher_format timm reads timm's names: pass --arch_teacher {TIMM_PREFIX}<name>")
+    net = build_timm(arch)
+    conv = FORMATS["timm"].convert(raw)
+    backbone, dropped, classifier = split_classifier(conv.backbone, net.classifier_prefixes)
+    try:
+        load_strict(net, backbone, path, f"teacher {arch}")
+    except CheckpointError as exc:
+        try:
+            hint = f"; the file is a '{detect_format(raw, path)}' checkpoint: leave --arch_teacher unset to read it"
+        except CheckpointError:
+            hint = ""
+        raise CheckpointError(f"{exc}{hint}") from exc
+    conv.dropped += dropped
+    if conv.projection is None and classifier is not None:
+        conv.projection, conv.projection_name = classifier, f"the classifier of {arch} (its logits)"
+    return net, conv
+
+
+def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> tuple[nn.Module, str, str, Converted]:
+    """(network with the file's weights, its architecture name, the format, the converted file)."""
+    if is_timm_arch(arch) or fmt == "timm":
+        net, conv = _timm_network(raw, arch, path)
+        fmt = "timm"
+    else:
+        fmt, conv = convert(raw, fmt, path, arch=TEACHER_ALIASES.get(arch, arch))
+        if conv.unknown:
+            n, shown = len(conv.unknown), ", ".join(conv.unknown[:8])
+            raise CheckpointError(f"teacher '{path}' (format {fmt}) has {n} unrecognised key(s): {shown}")
+        if "vit" in conv.meta:
+            net, arch = _vit_network(conv, arch, path, fmt, pool)
+            return net, arch, fmt, conv
+        net, arch = _cnn_network(conv, arch, path, fmt)
+    if pool != "auto":
+        raise UserError(
+            f"--teacher_pool {pool} applies to ViT teachers (DINO, DINOv2, DINOv3, MoCo v3 files); teacher '{path}' "
+            f"({arch}) gives its network's own pooled feature: drop --teacher_pool"
+        )
+    return net, arch, fmt, conv
+
+
+def _normalisation(net: nn.Module, conv: Converted, fmt: str) -> tuple:
+    if fmt == "timm":
+        return timm_mean_std(net)
+    return (IMAGENET_MEAN, IMAGENET_STD) if conv.input_norm == "imagenet" else (None, None)
+
+
+INPUT_NAMES = {"imagenet": "ImageNet mean/std", "none": "[0, 1] without mean/std"}
+
+
+def check_input_size(teacher: nn.Module, size: int, what: str = "the crop size (--image_size / --crop_size)") -> None:
+    """A UserError when a patch-based teacher cannot see ``size`` x ``size`` images whole."""
+    backbone = teacher.encoder.backbone if hasattr(teacher, "encoder") else teacher
+    patch = getattr(backbone, "patch", None) or getattr(backbone, "patch_size", None)
+    if isinstance(patch, int):
+        check_patch_multiple(size, size, patch, what)
+
+
+def load_teacher(
+    weights: str,
+    arch: str | None = None,
+    fmt: str = "auto",
+    use_fc: bool = False,
+    pool: str = "auto",
+    input_size: int | None = None,
+) -> Teacher:
     """Build the frozen teacher from a checkpoint file in any registered format.
 
     Every backbone key must be present and fit; keys the format recognises as non-backbone parts
     (projection heads, predictors, prototypes, momentum encoders, queues, classifiers) are dropped and
     listed in the log. ``use_fc``: output the checkpoint's projection (``--teacher_fc``) instead.
+    ``pool`` (ViT teachers): ``cls`` (the default, ``auto``), ``avg`` or ``cls+avg``. ``input_size``:
+    refuse early a crop size the teacher's patch size does not divide.
     """
-    raw = safe_load(weights, "teacher")
-    fmt, conv = convert(raw, fmt, weights, arch=TEACHER_ALIASES.get(arch, arch))
-    if conv.unknown:
-        shown = ", ".join(conv.unknown[:8])
-        raise CheckpointError(
-            f"teacher '{weights}' (format {fmt}) has {len(conv.unknown)} unrecognised key(s): {shown}"
-        )
-    arch = resolve_teacher_arch(arch, infer_arch(conv.backbone), weights, fmt)
-    net = _build_network(arch)
-    load_strict(net, conv.backbone, weights, f"teacher {arch}", assign=True)
+    if pool not in ("auto", *POOLS):
+        raise UserError(f"--teacher_pool {pool!r}: choose auto, {', '.join(POOLS)}")
+    arch = arch or None  # an empty --arch_teacher (run.sh's default) means: read it from the file
+    net, arch, fmt, conv = _network(safe_load(weights, "teacher"), arch, fmt, weights, pool)
+    vit_pool = getattr(net, "pool_mode", None)
+    if use_fc and vit_pool not in (None, "cls"):
+        raise UserError(f"--teacher_fc projects the class token; it cannot follow --teacher_pool {pool}")
     head = _projection_head(conv, fmt, weights) if use_fc else None
     if conv.dropped:
         log.info("teacher %s: dropped %d non-backbone key(s): %s", weights, len(conv.dropped), summarise(conv.dropped))
-    norm = (IMAGENET_MEAN, IMAGENET_STD) if conv.input_norm == "imagenet" else (None, None)
-    teacher = Teacher(Encoder(net, net.feat_dim, *norm), arch, fmt, head)
+    teacher = Teacher(Encoder(net, net.feat_dim, *_normalisation(net, conv, fmt)), arch, fmt, head, vit_pool)
+    if input_size is not None:
+        check_input_size(teacher, input_size)
     log.info(
-        "teacher: %s, format %s, %d-d %s, input %s, from %s",
+        "teacher: %s, format %s, %d-d %s%s, input %s, from %s",
         arch,
         fmt,
         teacher.feat_dim,
         "projections" if head is not None else "features",
-        "ImageNet mean/std" if conv.input_norm == "imagenet" else "[0, 1] without mean/std",
+        f" ({vit_pool} pooling)" if vit_pool else "",
+        INPUT_NAMES.get(teacher.input_norm, teacher.input_norm),
         weights,
     )
     return teacher
+
+
+class TeacherSet:
+    """Several frozen teachers behind one call: ``targets(images, indices)`` -> [(B, D_k)], teacher by teacher.
+
+    Each teacher (live or cached) keeps its own network, feature size and input preprocessing; in the
+    single-view mode all of them see the same pixels. ``weights`` are the loss weights, normalised to
+    sum to 1 (equal by default: the paper's plain average of the per-teacher losses).
+    """
+
+    def __init__(self, teachers: list, weights: list[float] | None = None) -> None:
+        if len(teachers) < 2:
+            raise ValueError("a TeacherSet holds two teachers or more; use the teacher itself for one")
+        raw = list(weights) if weights is not None else [1.0] * len(teachers)
+        if len(raw) != len(teachers) or min(raw) < 0 or sum(raw) <= 0:
+            raise ValueError(f"loss weights {raw} do not fit {len(teachers)} teachers (non-negative, sum > 0)")
+        self.teachers = teachers
+        self.weights = [w / sum(raw) for w in raw]
+        self.feat_dims = [t.feat_dim for t in teachers]
+
+    def targets(self, images: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Every teacher's regression targets for the batch, in the order the teachers were given."""
+        return [t.targets(images, indices) for t in self.teachers]

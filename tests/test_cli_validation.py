@@ -17,6 +17,7 @@ import torch
 import torchvision
 
 from tests.conftest import write_image_folder
+from tests.vit_reference import dinov2_file
 from tools.engine.cli import run_cli
 
 SCRIPTS = {
@@ -41,7 +42,9 @@ def paths(tmp_path_factory) -> dict:
     torch.save(torchvision.models.resnet18().state_dict(), teacher)
     os.makedirs(tmp / "d.npy")
     os.makedirs(tmp / "only_train" / "train")
-    return {"data": str(data), "teacher": teacher, "tmp": str(tmp), "file": str(a_file)}
+    vit = str(tmp / "dinov2_vits14_pretrain.pth")
+    torch.save(dinov2_file(), vit)
+    return {"data": str(data), "teacher": teacher, "tmp": str(tmp), "file": str(a_file), "vit": vit}
 
 
 def base_argv(script: str, p: dict) -> list[str]:
@@ -85,6 +88,8 @@ PARSE = [
     ("train", ["--n_mlp_layers", "3"], "--n_mlp_layers", "invalid choice"),
     ("train", ["--amp", "fp8"], "--amp", "invalid choice"),
     ("train", ["--dataset", "cifar"], "--dataset", "invalid choice"),
+    ("knn", ["--teacher_pool", "gem"], "--teacher_pool", "invalid choice"),
+    ("cache", ["--teacher_pool", "mean"], "--teacher_pool", "invalid choice"),
     ("knn", ["-b", "0"], "-b/--batch-size", "expected a positive integer, got 0"),
     ("knn", ["-j", "-1"], "-j/--workers", "expected an integer >= 0"),
     ("knn", ["--resize_size", "0"], "--resize_size", "between 8 and 4096, got 0"),
@@ -142,6 +147,7 @@ MAIN = {
         lambda a, p: a + ["--use_cache", "--teacher_feats", "f.npy"],
         "--teacher_feats 'f.npy' does not exist",
     ),
+    "train: unknown pool": ("train", lambda a, p: a + ["--teacher_pool", "max"], "--teacher_pool 'max' is not one of"),
     "train: use_cache alone": ("train", lambda a, p: a + ["--use_cache"], "--use_cache and --teacher_feats"),
     "train: no teacher": (
         "train",
@@ -155,6 +161,26 @@ MAIN = {
         "needs 188 GiB for one float batch",
     ),
     "train: batch above the data": ("train", lambda a, p: _set(a, "--batch_size", "8"), "fewer than --batch_size 8"),
+    "train: ViT teacher, crop not a multiple of its patch": (
+        "train",
+        lambda a, p: _set(_set(a, "--teacher_weights", p["vit"]), "--image_size", "30"),
+        "of 30x30 px is not a multiple of the ViT teacher's patch size 14",
+    ),
+    "train: pooling of a CNN teacher": (
+        "train",
+        lambda a, p: a + ["--teacher_pool", "avg"],
+        "--teacher_pool avg applies to ViT teachers",
+    ),
+    "train: unknown timm student": (
+        "train",
+        lambda a, p: _set(a, "--arch_student", "timm/nope"),
+        "is not a timm model",
+    ),
+    "train: ViT file with a CNN arch": (
+        "train",
+        lambda a, p: _set(_set(a, "--teacher_weights", p["vit"]), "--arch_teacher", "resnet50"),
+        "holds a DINOv2 vit_s14_depth2 .* leave --arch_teacher unset",
+    ),
     "knn: k = 0": ("knn", lambda a, p: a + ["-k", "0"], "give positive integers"),
     "knn: crop above resize": ("knn", lambda a, p: _set(a, "--crop_size", "64"), "is larger than --resize_size"),
     "knn: weights missing": ("knn", lambda a, p: _set(a, "--weights", "w.pth"), "--weights 'w.pth' does not exist"),
@@ -174,6 +200,11 @@ MAIN = {
     "cache: teacher missing": ("cache", lambda a, p: _set(a, "--teacher_weights", "t.pth"), "'t.pth' does not exist"),
     "cache: crop above resize": ("cache", lambda a, p: _set(a, "--crop_size", "64"), "is larger than --resize_size"),
     "cache: no train/": ("cache", lambda a, p: [p["tmp"], *a[1:]], "has no train/ sub-folder"),
+    "cache: ViT teacher, crop not a multiple of its patch": (
+        "cache",
+        lambda a, p: _set(a, "--teacher_weights", p["vit"]),
+        "of 32x32 px is not a multiple of the ViT teacher's patch size 14",
+    ),
     "pretrain: out is a folder": ("pretrain", lambda a, p: _set(a, "--out", p["data"]), "is a folder"),
     "pretrain: unknown arch": ("pretrain", lambda a, p: a + ["--arch", "resnet7"], "unknown architecture 'resnet7'"),
     "pretrain: no train/": ("pretrain", lambda a, p: [p["tmp"], *a[1:]], "has no train/ sub-folder"),

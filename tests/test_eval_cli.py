@@ -58,3 +58,19 @@ def test_summary_table(tmp_path):
     assert table[0].split() == ["1-NN", "20-NN", "20-NN", "weighted", "linear"]
     assert table[1].split() == ["student", "89.00", "89.00", "89.50", "95.25"]
     assert table[2].split() == ["random", "init", "-", "-", "-", "-"]
+
+
+def test_summary_shows_the_per_teacher_losses(tmp_path, capsys):
+    from tools import eval_summary
+
+    logs = tmp_path / "run" / "logs"
+    os.makedirs(logs)
+    lines = [{"epoch": 1, "loss": 0.9, "loss_teacher_1": 0.8, "loss_teacher_2": 1.0},
+             {"epoch": 2, "loss": 0.5, "loss_teacher_1": 0.4, "loss_teacher_2": 0.6}]  # fmt: skip
+    (logs / "train_log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert eval_summary.read_losses(str(tmp_path / "run")) == {"loss": 0.5, "teacher 1": 0.4, "teacher 2": 0.6,
+                                                               "epoch": 2}  # fmt: skip
+    eval_summary.main([f"two teachers={tmp_path / 'run'}"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].split() == ["loss", "teacher", "1", "teacher", "2"]
+    assert out[-1].split() == ["two", "teachers", "0.5000", "0.4000", "0.6000"]

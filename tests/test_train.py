@@ -118,7 +118,7 @@ def test_trained_student_can_be_reloaded_as_a_teacher(tiny_data, resnet18_teache
     [
         ({"batch_size": 100}, "fewer than --batch_size"),
         ({"use_cache": True}, "--use_cache and --teacher_feats FILE.npy go together"),
-        ({"arch_student": "vgg11"}, "unknown architecture 'vgg11'"),
+        ({"arch_student": "resnet19"}, "unknown architecture 'resnet19'"),
     ],
 )
 def test_user_mistakes_are_user_errors(tiny_data, resnet18_teacher_file, tmp_path, extra, message):

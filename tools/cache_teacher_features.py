@@ -79,7 +79,14 @@ def main(args: argparse.Namespace) -> None:
 
     # ============ data and teacher ============
     dataset = build_dataset(args)
-    teacher = load_teacher(args.teacher_weights, args.arch_teacher, args.teacher_format, use_fc=args.teacher_fc)
+    teacher = load_teacher(
+        args.teacher_weights,
+        args.arch_teacher,
+        args.teacher_format,
+        use_fc=args.teacher_fc,
+        pool=args.teacher_pool,
+        input_size=args.crop_size,
+    )
     teacher = teacher.to(dist_info.device)
     log.info("caching %d images of %d classes from %s", len(dataset), len(dataset.classes), dataset.root)
     manifest = {
@@ -87,6 +94,7 @@ def main(args: argparse.Namespace) -> None:
             "arch": teacher.arch,
             "format": teacher.fmt,
             "use_fc": args.teacher_fc,
+            "pool": teacher.pool,
             "weights_sha256": file_sha256(args.teacher_weights) if dist_info.is_main else "",
         },
         "preprocessing": {
@@ -94,7 +102,9 @@ def main(args: argparse.Namespace) -> None:
             "crop_size": args.crop_size,
             "interpolation": "bilinear",
             "input": "uint8 / 255, then the teacher's normalisation",
-            "normalisation": "ImageNet mean/std" if teacher.input_norm == "imagenet" else "none ([0, 1] pixels)",
+            "normalisation": {"imagenet": "ImageNet mean/std", "none": "none ([0, 1] pixels)"}.get(
+                teacher.input_norm, teacher.input_norm
+            ),
         },
         "weights_file": os.path.abspath(args.teacher_weights),
         "data_root": os.path.abspath(dataset.root),

@@ -34,7 +34,21 @@ def read_results(folder: str) -> dict:
     return row
 
 
-def format_table(rows: dict[str, dict]) -> str:
+def read_losses(folder: str) -> dict:
+    """{column: value} of a training run's last logged epoch: the loss and, with several teachers, each one's."""
+    path = os.path.join(folder, "logs", "train_log.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    last = json.loads(lines[-1]) if lines else {}
+    losses = {"loss": last["loss"]} if "loss" in last else {}
+    teachers = sorted((k for k in last if k.startswith("loss_teacher_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    losses.update({f"teacher {k.rsplit('_', 1)[1]}": last[k] for k in teachers})
+    return {**losses, "epoch": last.get("epoch")} if losses else {}
+
+
+def format_table(rows: dict[str, dict], digits: int = 2) -> str:
     """A plain-text table: one line per network, one column per metric (top-1 %, '-' when absent)."""
     columns = []
     for row in rows.values():
@@ -43,7 +57,7 @@ def format_table(rows: dict[str, dict]) -> str:
     cols = {c: max(10, len(c) + 2) for c in columns}
     lines = [" " * width + "".join(f"{c:>{w}}" for c, w in cols.items())]
     for name, row in rows.items():
-        cells = "".join(f"{row[c]:>{w}.2f}" if c in row else f"{'-':>{w}}" for c, w in cols.items())
+        cells = "".join(f"{row[c]:>{w}.{digits}f}" if c in row else f"{'-':>{w}}" for c, w in cols.items())
         lines.append(f"{name:<{width}}{cells}")
     return "\n".join(lines)
 
@@ -61,9 +75,14 @@ def entry(text: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("entries", nargs="+", metavar="NAME=DIR", type=entry)
-    rows = {name: read_results(folder) for name, folder in parser.parse_args(argv).entries}
+    entries = parser.parse_args(argv).entries
+    rows = {name: read_results(folder) for name, folder in entries}
     print("val top-1 % (k-NN: majority vote, weighted: DINO's T=0.07; linear: last epoch, cached: on cached features)")
     print(format_table(rows))
+    losses = {name: row for name, row in ((n, read_losses(folder)) for n, folder in entries) if row}
+    if losses:
+        print("\ntraining loss of the last epoch (total; per teacher when there are several)")
+        print(format_table(losses, digits=4))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ def main(args: argparse.Namespace) -> None:
     if os.path.isdir(args.out):
         raise UserError(f"--out '{args.out}' is a folder; give the .pth file to write")
     arch = canonical_arch(args.arch)
+    if arch.startswith("timm/"):
+        raise UserError(f"--arch {arch}: the demo teacher is a torchvision network; give a torchvision name")
     torch.manual_seed(args.seed)
     dataset = IndexedImageFolder(
         split_folder(args.data, "train"), WeakAug(args.image_size, (0.6, 1.0), flip=False), seed=args.seed

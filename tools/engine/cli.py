@@ -115,6 +115,68 @@ def _memory_bytes() -> int | None:
         return None
 
 
+# ============ flags with one value or one per teacher ============
+class OneOrMany(argparse.Action):
+    """``--flag V`` stores ``V``; ``--flag V1 V2 ...`` stores the list; a bare ``--flag`` stores ``const``.
+
+    One value keeps the single-teacher meaning of the original's flags (``args.arch_teacher`` is a string);
+    several give one value per teacher. Values stay strings: they are checked when the run is assembled.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        values = list(values)
+        setattr(namespace, self.dest, self.const if not values else values[0] if len(values) == 1 else values)
+
+
+def as_list(value: object) -> list:
+    """A flag's value as a list (None -> [], a single value -> [value])."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+class DataLastParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``data`` positional may follow a flag that takes several values.
+
+    argparse gives every value after ``--teacher_weights`` to that flag, so the original's command line
+    ``... --teacher_weights FILE /path/to/imagenet`` would leave no data root; here, when ``data`` is
+    missing, the last value of such a flag goes back to ``data``.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        argv = list(sys.argv[1:] if args is None else args)
+        ns, extras = super().parse_known_args(argv, namespace)
+        if getattr(ns, "data", "") is None:
+            ns.data = self._take_back_last_value(argv, ns)
+            if ns.data is None:
+                self.error("the following arguments are required: data (the dataset root)")
+        return ns, extras
+
+    def _take_back_last_value(self, argv: list[str], ns: argparse.Namespace) -> str | None:
+        """The data root a list-valued flag swallowed: the last value of the last such flag on the line
+        (one whose last value is an existing folder wins), taken out of that flag's values."""
+        candidates = []
+        for i, token in enumerate(argv):
+            action = self._option_string_actions.get(token)
+            if not isinstance(action, OneOrMany):
+                continue
+            values = []
+            for value in argv[i + 1 :]:
+                if value.startswith("-") and value != "-":
+                    break
+                values.append(value)
+            if len(values) >= (1 if action.nargs == "*" else 2):
+                candidates.append((action, values[-1]))
+        folders = [c for c in candidates if os.path.isdir(c[1])]
+        for action, value in (folders or candidates)[-1:]:
+            stored = as_list(getattr(ns, action.dest))
+            if stored[-1:] == [value]:
+                rest = stored[:-1]
+                setattr(ns, action.dest, action.const if not rest else rest[0] if len(rest) == 1 else rest)
+                return value
+        return None
+
+
 # ============ shared argument groups ============
 DATASETS = ("imagenet", "imagenet100", "imagenet-lt")
 
@@ -131,22 +193,50 @@ def add_dataset_args(g: argparse._ArgumentGroup, what: str = "train on") -> None
     g.add_argument("--class_list", default=None, help=f"file of class folder names to {what}, one per line")
 
 
-def add_teacher_args(g: argparse._ArgumentGroup, arch_names: list[str], weights_required: bool = False) -> None:
-    """The teacher flags of training and of the cache builder."""
+def add_teacher_args(
+    g: argparse._ArgumentGroup, arch_names: list[str], weights_required: bool = False, several: bool = False
+) -> None:
+    """The teacher flags of training (``several``: one value for all teachers or one per teacher) and of
+    the cache builder (one teacher)."""
+    many = {"nargs": "+", "action": OneOrMany} if several else {}
+    each = " (one for all teachers, or one per teacher)" if several else ""
     g.add_argument(
         "--arch_teacher",
         default=None,
-        help=f"teacher architecture, one of {', '.join(arch_names)}; default: from the file",
+        help=f"teacher architecture, one of {', '.join(arch_names)}; default: from the file{each}",
+        **many,
     )
     g.add_argument(
-        "--teacher_weights", default=None, required=weights_required, help="teacher checkpoint file (any format)"
+        "--teacher_weights",
+        default=None,
+        required=weights_required,
+        help="teacher checkpoint file(s), any format" + (": several files distil several teachers" if several else ""),
+        **many,
     )
-    g.add_argument("--teacher_format", default="auto", help=f"teacher checkpoint layout: auto, {', '.join(FORMATS)}")
     g.add_argument(
-        "--teacher_fc",
-        action="store_true",
-        help="regress the checkpoint's projection output (MoCo fc, SwAV projection_head, ...), not its pooled feature",
+        "--teacher_format", default="auto", help=f"teacher checkpoint layout: auto, {', '.join(FORMATS)}{each}", **many
     )
+    fc_help = "regress the checkpoint's projection output (MoCo fc, SwAV projection_head, ...), not its pooled feature"
+    if several:  # a bare --teacher_fc: every teacher; --teacher_fc yes no: per teacher
+        g.add_argument("--teacher_fc", nargs="*", action=OneOrMany, const=True, default=False,
+                       help=fc_help + "; bare: every teacher, or yes/no per teacher")  # fmt: skip
+    else:
+        g.add_argument("--teacher_fc", action="store_true", help=fc_help)
+    add_pool_arg(g, several)
+
+
+TEACHER_POOLS = ("auto", "cls", "avg", "cls+avg")
+
+
+def add_pool_arg(g: argparse._ArgumentGroup, several: bool = False) -> None:
+    """``--teacher_pool``: a ViT teacher's feature (training, caching and evaluation share it)."""
+    what = ("ViT teachers: final-norm class token (cls; auto = the publisher's), mean of the patch tokens (avg), "
+            "or both concatenated (cls+avg, as DINOv2's linear evaluation)")  # fmt: skip
+    if several:  # checked per teacher when the run is assembled
+        g.add_argument("--teacher_pool", default="auto", nargs="+", action=OneOrMany,
+                       help=f"{what}; one for all teachers or one per teacher")  # fmt: skip
+    else:
+        g.add_argument("--teacher_pool", default="auto", choices=TEACHER_POOLS, help=what)
 
 
 def add_runtime_args(g: argparse._ArgumentGroup, seed: bool = True) -> None:

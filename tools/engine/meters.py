@@ -15,10 +15,13 @@ from tools.engine.signals import StopRequest
 
 @dataclass
 class EpochProgress:
-    """A partly done epoch: steps done by each rank, loss and image counts summed over ranks."""
+    """A partly done epoch: steps done by each rank, loss and image counts summed over ranks.
+
+    ``loss_sum`` is one number, or with several teachers ``[total, teacher 1, ..., teacher K]``.
+    """
 
     step: int = 0
-    loss_sum: float = 0.0
+    loss_sum: float | list[float] = 0.0
     images: int = 0
 
 
@@ -45,8 +48,11 @@ class Meters:
         self.new_images, self.start = 0, time.perf_counter()
 
     def update(self, loss: torch.Tensor, batch: int) -> None:
+        """Add one step's loss: a scalar, or the (K + 1,) vector of a several-teacher step."""
+        if self.loss_sum.shape != loss.shape:  # the first several-teacher step of a fresh epoch
+            self.loss_sum = self.loss_sum.expand(loss.shape).clone()
         self.step += 1
-        bad = (self.first_bad < 0) & ~torch.isfinite(loss)
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss).all()
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, self.step), self.first_bad)
         self.loss_sum += loss
         self.images += batch
@@ -60,23 +66,26 @@ class Meters:
                 f"the loss became NaN or infinite at step {bad} of epoch {epoch}; training stopped and the last good "
                 "checkpoint is kept - lower --learning_rate, or try --amp none"
             )
-        return self.loss_sum.item() / max(self.step, 1)
+        return self.loss_sum.reshape(-1)[0].item() / max(self.step, 1)
 
     def reduced(self) -> EpochProgress:
         """The progress summed over ranks (what a mid-epoch checkpoint stores)."""
-        t = distributed.all_reduce_sum(
-            torch.stack([self.loss_sum, torch.tensor(float(self.images), dtype=torch.float64, device=self.device)])
-        )
-        return EpochProgress(self.step, float(t[0].item()), int(t[1].item()))
+        images = torch.tensor([float(self.images)], dtype=torch.float64, device=self.device)
+        t = distributed.all_reduce_sum(torch.cat([self.loss_sum.reshape(-1), images])).tolist()
+        loss_sum = t[0] if self.loss_sum.ndim == 0 else t[:-1]
+        return EpochProgress(self.step, loss_sum, int(t[-1]))
 
     def summary(self, epoch: int) -> dict:
         self.check(epoch)
         seconds = time.perf_counter() - self.start
         t = torch.tensor([float(self.step), float(self.new_images)], dtype=torch.float64, device=self.device)
         steps_all, new_images = distributed.all_reduce_sum(t).tolist()
-        loss_all = self.reduced()
+        sums = self.reduced().loss_sum
+        sums = sums if isinstance(sums, list) else [sums]
+        per_teacher = {f"loss_teacher_{k}": v / max(steps_all, 1) for k, v in enumerate(sums[1:], start=1)}
         return {
-            "loss": loss_all.loss_sum / max(steps_all, 1),
+            "loss": sums[0] / max(steps_all, 1),
+            **per_teacher,
             "images_per_s": new_images / seconds,
             "steps": self.step,
             "time_s": seconds,

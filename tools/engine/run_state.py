@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from models.errors import UserError
-from models.formats import convert
-from models.io import atomic_save, differences, file_sha256, load_strict, safe_load
+from models.io import atomic_save, differences, file_sha256, load_strict
+from models.pretrained import read_student_weights
 from models.schema import training_state
 from models.student import Student
 from tools.engine.checkpoint import (
@@ -54,12 +54,15 @@ def run_identity(fingerprint: dict, teacher: str, student: dict) -> dict:
 
 
 def teacher_fingerprint(teacher, weights: str | None, use_fc: bool) -> str:
-    """Architecture, format, head choice and the weights' SHA-256 (a cache records the teacher it came from)."""
+    """Architecture, format, head choice, a ViT's pooling and the weights' SHA-256 (a cache records the
+    teacher it came from)."""
     manifest = getattr(teacher, "manifest", None)
     if manifest is not None:
         t = manifest["teacher"]
-        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}/{t['weights_sha256']}"
-    return f"{teacher.arch}/{teacher.fmt}/fc={use_fc}/{file_sha256(weights)}"
+        pool = f"/pool={t['pool']}" if t.get("pool") else ""
+        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}{pool}/{t['weights_sha256']}"
+    pool = f"/pool={teacher.pool}" if getattr(teacher, "pool", None) else ""  # CNN fingerprints unchanged
+    return f"{teacher.arch}/{teacher.fmt}/fc={use_fc}{pool}/{file_sha256(weights)}"
 
 
 def _as_recorded(identity: dict, version: int) -> dict:
@@ -83,13 +86,18 @@ def check_same_run(path: str, ckpt: dict, identity: dict) -> None:
 
 
 def init_student_weights(student: Student, path: str) -> None:
-    """``--weights``: load a student backbone (and its head, when the layout matches) from any student file."""
-    fmt, conv = convert(safe_load(path, "--weights"), "auto", path)
+    """``--weights``: load a student backbone (and its heads, where their layout matches) from any student file."""
+    fmt, conv = read_student_weights(path, student.encoder.backbone, student.arch)
     load_strict(student.encoder.backbone, conv.backbone, path, "student backbone")
-    shapes = {k: v.shape for k, v in student.head.state_dict().items()}
-    if conv.head is not None and {k: v.shape for k, v in conv.head.items()} == shapes:
-        student.head.load_state_dict(conv.head)
-        log.info("student backbone and head initialised from %s (%s)", path, fmt)
+    stored = conv.heads or ([conv.head] if conv.head is not None else [])
+    loaded = 0
+    for head, sd in zip(student.heads, stored, strict=False):
+        if {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in head.state_dict().items()}:
+            head.load_state_dict(sd)
+            loaded += 1
+    if loaded:
+        what = "head" if len(student.heads) == 1 else f"{loaded} of {len(student.heads)} heads"
+        log.info("student backbone and %s initialised from %s (%s)", what, path, fmt)
     else:
         log.info("student backbone initialised from %s (%s); head starts fresh", path, fmt)
 
@@ -114,7 +122,11 @@ def resume(run: Run, resume_from: str = "", no_resume: bool = False, weights: st
     if run.epochs < ckpt["epoch"]:
         raise UserError(f"--epochs {run.epochs} is below the {ckpt['epoch']} epochs already done in '{path}'")
     load_strict(run.student.encoder.backbone, ckpt["student"], path, "student backbone")
-    load_strict(run.student.head, ckpt["head"], path, "student head")
+    head_states = ckpt.get("heads") or [ckpt["head"]]
+    if len(head_states) != len(run.student.heads):
+        raise UserError(f"'{path}' holds {len(head_states)} prediction head(s), this run has {len(run.student.heads)}")
+    for k, (head, sd) in enumerate(zip(run.student.heads, head_states, strict=True), start=1):
+        load_strict(head, sd, path, f"student head {k}" if len(head_states) > 1 else "student head")
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
@@ -131,6 +143,7 @@ def save_checkpoint(run: Run, epoch: int, progress: EpochProgress | None = None)
     """
     if not run.is_main:
         return
+    heads = {"heads": [h.state_dict() for h in run.student.heads]} if len(run.student.heads) > 1 else {}
     state = training_state(
         epoch=epoch - 1 if progress else epoch,
         progress=asdict(progress) if progress else None,
@@ -141,6 +154,7 @@ def save_checkpoint(run: Run, epoch: int, progress: EpochProgress | None = None)
         optimizer=run.optimizer.state_dict(),
         scaler=run.scaler.state_dict(),
         rng=rng_state(),
+        **heads,
     )
     paths = checkpoint_paths(run.exp_dir)
     atomic_save(state, paths["latest"], keep_previous=paths["previous"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.loss import regression_loss
+from models.loss import multi_teacher_loss, regression_loss
 from tools.engine.distributed import DistInfo
 from tools.engine.signals import StopRequest
 
@@ -60,18 +60,24 @@ def distill_step(model, teacher, views, index: torch.Tensor, optimizer, scaler, 
 
     ``views`` is one uint8 batch (B, 3, H, W) fed to both networks (single view) or a pair
     (student view, teacher view). The teacher runs under inference mode: no autograd bookkeeping.
+    With several teachers (a :class:`models.teachers.TeacherSet`) they run one after another on the
+    same pixels, the student's heads answer them, and the returned loss is the (K + 1,) vector
+    ``[weighted total, per-teacher losses]``; one optimizer step over the backbone and all heads.
     """
     x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
     x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
     cast = autocast(cfg.device, cfg.amp_dtype)
     with torch.inference_mode(), cast:
         target = teacher.targets(x_t, index)  # host indices: a cache gathers there
-    target = target.clone()  # an inference-mode tensor cannot be saved for the loss's backward
+    several = isinstance(target, list)
+    # an inference-mode tensor cannot be saved for the loss's backward
+    target = [t.clone() for t in target] if several else target.clone()
     with cast:
         pred = model(x_s)
-    loss = regression_loss(pred, target)  # fp32, outside autocast
+    # fp32, outside autocast
+    loss = multi_teacher_loss(pred, target, teacher.weights) if several else regression_loss(pred, target)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(loss[0] if several else loss).backward()
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()

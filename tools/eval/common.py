@@ -46,7 +46,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher", action="store_true", help="load --weights as a teacher (load_teacher, any format)")
     g.add_argument("--random_init", action="store_true", help="evaluate --arch at random initialisation")
     g.add_argument("--use_pred", action="store_true", help="evaluate the prediction head's output")
+    g.add_argument("--head", type=cli.positive_int, default=1, help="with --use_pred: the head of teacher K (1-based)")
     g.add_argument("--linear_pred", action="store_true", help="original flag; the head layout is read from the file")
+    cli.add_pool_arg(g)
 
     g = p.add_argument_group("output and runtime")
     g.add_argument("--exp_dir", default=None, help="experiment folder (checkpoints/, features/, linear/)")
@@ -98,12 +100,23 @@ def resolve_weights(weights: str | None, exp_dir: str | None, epoch: int | None)
     raise UserError(f"'{exp_dir}/checkpoints' has no {LATEST} or student_backbone.pth; train first or give --weights")
 
 
-def output_dir(save: str | None, exp_dir: str | None, sub: str, use_pred: bool) -> str:
+def prediction(args: argparse.Namespace) -> bool | int:
+    """What ``--use_pred --head K`` selects: False (the backbone), True (head 1) or K (head K >= 2)."""
+    if not args.use_pred:
+        if args.head != 1:
+            raise UserError(f"--head {args.head} selects a prediction head: add --use_pred")
+        return False
+    return True if args.head == 1 else args.head
+
+
+def output_dir(save: str | None, exp_dir: str | None, sub: str, use_pred: bool | int) -> str:
     """``--save`` or ``<exp_dir>/<sub>``; the head's results go to a ``pred_head`` sub-folder (original)."""
     if not save and not exp_dir:
         raise UserError(f"no output folder: give --save DIR or --exp_dir DIR (results go to <exp_dir>/{sub})")
     out = os.path.abspath(save or os.path.join(exp_dir, sub))
-    return os.path.join(out, "pred_head") if use_pred else out
+    if not use_pred:
+        return out
+    return os.path.join(out, "pred_head" if use_pred is True else f"pred_head_{use_pred}")
 
 
 # ---------------------------------------------------------------- the shared preamble
@@ -129,7 +142,7 @@ def prepare_evaluation(args: argparse.Namespace, sub: str, log_name: str) -> Eva
     dist_info = distributed.init_distributed(args.device)
     check_common_args(args, dist_info.world_size)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
-    out_dir = output_dir(args.save, exp_dir, sub, args.use_pred)
+    out_dir = output_dir(args.save, exp_dir, sub, prediction(args))
     setup_logging(os.path.join(out_dir, log_name), dist_info.is_main, args.debug)
     model = build_model_from_args(args).to(dist_info.device)
     datasets = eval_datasets(args.data, args.resize_size, args.crop_size, classes_from_args(args))
@@ -163,7 +176,7 @@ def build_model_from_args(args: argparse.Namespace) -> EvalModel:
         return random_init_model(args.arch, args.seed)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
     weights = resolve_weights(args.weights, exp_dir, args.epoch)
-    return load_eval_model(weights, args.arch, args.format, args.use_pred, args.teacher)
+    return load_eval_model(weights, args.arch, args.format, prediction(args), args.teacher, args.teacher_pool)
 
 
 def classes_from_args(args: argparse.Namespace) -> list[str] | None:
@@ -173,8 +186,9 @@ def classes_from_args(args: argparse.Namespace) -> list[str] | None:
 def feature_key(model: EvalModel, resize: int, crop: int, dtype: torch.dtype | None, fingerprints: dict) -> dict:
     """What the centre-crop features depend on; a saved copy is valid only if this matches exactly."""
     ident = model.identity
+    pool = {"pool": ident["pool"]} if ident.get("pool") else {}  # ViT teachers only: other keys stay as they were
     return {
-        "model": {k: ident.get(k) for k in ("kind", "weights_sha256", "format", "arch", "use_pred")},
+        "model": {k: ident.get(k) for k in ("kind", "weights_sha256", "format", "arch", "use_pred")} | pool,
         "preprocessing": {"resize_size": resize, "crop_size": crop, "autocast": str(dtype or "float32")},
         "data": fingerprints,
     }
