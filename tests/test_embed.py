@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from tests.eval_helpers import make_image_folder
 from tests.ship_helpers import write_student_checkpoint
 from tools import embed
 from tools.engine import teacher_cache
-from tools.engine.cli import run_cli
 from tools.eval.features import FeatureStore
 
 
@@ -115,28 +113,3 @@ def test_two_processes_under_torchrun_write_the_same_rows(setup, tmp_path):
     # Rank r of step s takes images [6s + 3r, 6s + 3r + 3): the single process's batches, so the same rows.
     assert np.array_equal(np.load(two), np.load(one))
     assert json.load(open(two[:-4] + ".json"))["world_size"] == 2
-
-
-BAD = {
-    "out not .npy": (lambda d, c, t: [d, "--weights", c, "--out", f"{t}/f.txt"], "must end in .npy"),
-    "out is a folder": (lambda d, c, t: [d, "--weights", c, "--out", f"{t}/d.npy"], "is a folder"),
-    "no such folder": (lambda d, c, t: [f"{t}/nope", "--weights", c, "--out", f"{t}/f.npy"], "does not exist"),
-    "no images": (lambda d, c, t: [f"{t}/d.npy", "--weights", c, "--out", f"{t}/f.npy"], "holds no images"),
-    "weights missing": (lambda d, c, t: [d, "--weights", "w.pth", "--out", f"{t}/f.npy"], "'w.pth' does not exist"),
-    "head alone": (lambda d, c, t: [d, "--weights", c, "--out", f"{t}/f.npy", "--head", "2"], "add --use_pred"),
-    "crop above resize": (lambda d, c, t: [d, "--weights", c, "--out", f"{t}/f.npy", "--crop_size", "300"],
-                          "larger than --resize_size"),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_wrong_input_is_one_sentence(setup, tmp_path, caplog, case):
-    data, ckpt = setup
-    os.makedirs(tmp_path / "d.npy")
-    breaks, message = BAD[case]
-    args = embed.get_args_parser().parse_args(breaks(data, ckpt, str(tmp_path)) + ["--device", "cpu"])
-    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as exit_info:
-        run_cli(embed.main, args)
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert exit_info.value.code == 2 and len(errors) == 1 and "\n" not in errors[0], errors
-    assert message in errors[0], errors[0]

@@ -33,6 +33,7 @@ from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
 from tools.engine.step import amp_dtype, autocast
 from tools.engine.teacher_cache import build_cache
+from tools.eval.common import prediction
 
 log = logging.getLogger("simreg.embed")
 
@@ -68,20 +69,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--out '{args.out}' is a folder; give the FILE.npy to write")
     if args.crop_size > args.resize_size:
         raise UserError(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}")
-    if args.head != 1 and not args.use_pred:
-        raise UserError(f"--head {args.head} selects a prediction head: add --use_pred")
     if not os.path.isdir(args.data):
         what = "is a file" if os.path.exists(args.data) else "does not exist"
         raise UserError(f"image folder '{args.data}' {what}; give the folder holding the images")
     cli.check_paths(files={"--weights": args.weights})
     cli.check_batch_fits(args.batch_size, args.crop_size)
-
-
-def prediction(use_pred: bool, head: int) -> bool | int:
-    """What ``--use_pred --head K`` selects for ``load_eval_model``: False, True (head 1) or K."""
-    if not use_pred:
-        return False
-    return True if head == 1 else head
 
 
 class Autocast(nn.Module):
@@ -119,13 +111,14 @@ def main(args: argparse.Namespace) -> None:
     dist_info = distributed.init_distributed(args.device)
     setup_logging(None, dist_info.is_main, args.debug)
     check_args(args)
+    use_pred = prediction(args)  # --use_pred --head K, as the evaluation scripts read them
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     # ============ the images and the network ============
     files = list_image_files(args.data)
     dataset = ImageFiles(args.data, files, CenterCrop(args.resize_size, args.crop_size))
-    model = load_eval_model(args.weights, args.arch, args.format, prediction(args.use_pred, args.head), args.teacher)
+    model = load_eval_model(args.weights, args.arch, args.format, use_pred, args.teacher)
     dtype = amp_dtype(args.amp, dist_info.device)
     log.info("embedding %d images under %s with %s (%d-d)", len(files), args.data, model.arch, model.feat_dim)
 

@@ -37,6 +37,7 @@ from tools.deploy.export import (
 )
 from tools.engine import cli
 from tools.engine.logs import setup_logging
+from tools.eval.common import prediction
 
 log = logging.getLogger("simreg.export")
 
@@ -48,7 +49,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")
     g.add_argument("--ckpt_format", default="auto", help=f"checkpoint layout: {', '.join(['auto', *FORMATS])}")
     g.add_argument("--teacher", action="store_true", help="load CKPT as a teacher (any teacher format)")
-    g.add_argument("--with_head", "--use_pred", dest="with_head", action="store_true",
+    g.add_argument("--with_head", "--use_pred", dest="use_pred", action="store_true",
                    help="export the prediction head's output instead of the backbone's")  # fmt: skip
     g.add_argument("--head", type=cli.positive_int, default=1, help="with --with_head: the head of teacher K (1-based)")
     g = p.add_argument_group("export")
@@ -70,16 +71,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--out '{args.out}' is the checkpoint itself; write the export to another file")
     if args.format == "safetensors" and not args.out.endswith(".safetensors"):
         raise UserError(f"--out '{args.out}' must end in .safetensors, the name by which safetensors files are read")
-    if args.head != 1 and not args.with_head:
-        raise UserError(f"--head {args.head} selects a prediction head: add --with_head")
     if args.opset is not None and args.format != "onnx":
         raise UserError(f"--opset is an ONNX setting; drop it or use --format onnx (not {args.format})")
 
 
 def build_model(args: argparse.Namespace) -> EvalModel:
     """The frozen network the flags describe, as the evaluation scripts load it."""
-    use_pred = (True if args.head == 1 else args.head) if args.with_head else False
-    return load_eval_model(args.weights, args.arch, args.ckpt_format, use_pred, args.teacher)
+    return load_eval_model(args.weights, args.arch, args.ckpt_format, prediction(args), args.teacher)
 
 
 def export(model: EvalModel, args: argparse.Namespace) -> Exported:
@@ -100,6 +98,7 @@ def export(model: EvalModel, args: argparse.Namespace) -> Exported:
 def main(args: argparse.Namespace) -> dict:
     setup_logging(None, True, args.debug)
     check_args(args)
+    prediction(args)  # --head K needs --with_head: refused before the checkpoint is read
     model = build_model(args)
     exported = export(model, args)
     atomic_write(args.out, lambda f: f.write(exported.payload))

@@ -30,10 +30,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models.backbones import Encoder
+from models.backbones import NO_AUX, Encoder
 from models.errors import UserError
 from models.io import load_strict
 from models.pretrained import EvalModel
+from models.timm_models import TIMM_PREFIX, build_timm, is_timm_arch
 from tools.deploy.optional import require
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,6 @@ STATE_DICT_FORMATS = ("torchvision", "timm")
 REL_LIMIT = 1e-4  # max |exported - PyTorch| over max |PyTorch|, on the check images
 TRACE_BATCH = 2  # the batch the graph is traced with; the check uses others, so the batch axis must be dynamic
 CHECK_BATCHES = (1, 3)
-TIMM_PREFIX = "timm/"
-# torchvision networks whose auxiliary training classifiers are not part of the backbone.
-NO_AUX = {"googlenet": {"aux_logits": False, "init_weights": False}, "inception_v3": {"aux_logits": False}}
 
 
 @dataclass
@@ -119,15 +117,17 @@ def run_reference(model: nn.Module, images: list[torch.Tensor]) -> list[torch.Te
         ) from exc
 
 
-def measure(model: nn.Module, exported: Callable, against: str, image_size: int) -> Agreement:
+def measure(
+    model: nn.Module, exported: Callable, against: str, image_size: int, batches: tuple[int, ...] = CHECK_BATCHES
+) -> Agreement:
     """Compare ``exported(x)`` with ``model(x)`` on :func:`check_images`; refuse beyond :data:`REL_LIMIT`."""
-    images = check_images(image_size)
+    images = check_images(image_size, batches)
     refs = run_reference(model, images)
     with torch.no_grad():
         outs = [torch.as_tensor(exported(x)).float() for x in images]
     max_abs = max(float((o - r).abs().max()) for o, r in zip(outs, refs, strict=True))
     scale = max(float(r.abs().max()) for r in refs)
-    found = Agreement(max_abs, max_abs / max(scale, 1e-12), against, CHECK_BATCHES, image_size)
+    found = Agreement(max_abs, max_abs / max(scale, 1e-12), against, batches, image_size)
     if not found.max_rel <= REL_LIMIT:  # also catches NaN
         raise UserError(f"the export does not compute the network's features: {found.summary()}; nothing was written")
     return found
@@ -146,7 +146,7 @@ def _torchvision_net(arch: str, sd: dict[str, torch.Tensor]) -> nn.Module:
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise UserError(
             f"{arch} is not a torchvision architecture, so --format torchvision cannot hold it; "
-            "use --format safetensors, onnx or torchscript" + (" (or timm)" if arch.startswith(TIMM_PREFIX) else "")
+            "use --format safetensors, onnx or torchscript" + (" (or timm)" if is_timm_arch(arch) else "")
         )
     net = torchvision.models.get_model(arch, weights=None, **NO_AUX.get(arch, {}))
     classifier = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
@@ -166,17 +166,21 @@ def _torchvision_net(arch: str, sd: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def _timm_net(arch: str, sd: dict[str, torch.Tensor]) -> nn.Module:
-    """``timm.create_model(name, num_classes=0)`` holding ``sd`` strictly (``timm/<name>`` or a same-named model)."""
+    """``timm.create_model(name, num_classes=0)`` holding ``sd`` strictly (``timm/<name>`` or a same-named model).
+
+    Built as the project builds timm students (:func:`models.timm_models.build_timm`: ViTs take any
+    size their patch divides); the state dict is the same as ``timm.create_model(name, num_classes=0)``'s.
+    """
     require(("timm",), "--format timm")
     import timm
 
-    name = arch[len(TIMM_PREFIX) :] if arch.startswith(TIMM_PREFIX) else arch
+    name = arch[len(TIMM_PREFIX) :] if is_timm_arch(arch) else arch
     if not timm.is_model(name):
         raise UserError(
             f"timm has no model named '{name}' to hold this {arch}; use --format torchvision, safetensors, onnx or "
             "torchscript"
         )
-    net = timm.create_model(name, pretrained=False, num_classes=0)
+    net = build_timm(TIMM_PREFIX + name)
     load_strict(net, sd, arch, f"timm {name}")
     return net
 
@@ -195,7 +199,8 @@ def export_state_dict(model: EvalModel, fmt: str, image_size: int) -> Exported:
     sd = backbone_weights(model)
     net = (_torchvision_net if fmt == "torchvision" else _timm_net)(model.arch, sd).eval()
     norm = innermost_encoder(model).normalize
-    agreement = measure(model, lambda x: net(norm(x)), f"{fmt} network", image_size)
+    # One batch: a state dict has no batch axis to prove dynamic.
+    agreement = measure(model, lambda x: net(norm(x)), f"{fmt} network", image_size, CHECK_BATCHES[-1:])
     buf = io.BytesIO()
     torch.save(sd, buf)
     return Exported(buf.getvalue(), agreement)
