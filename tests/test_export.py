@@ -50,6 +50,22 @@ def test_torchvision_export_loads_with_only_the_classifier_missing(ckpt, tmp_pat
     assert json.load(open(out + ".json"))["source"]["format"] == "simreg"
 
 
+def test_a_teacher_file_exports_too(tmp_path):
+    """A MoCo checkpoint's backbone comes out under torchvision's names, projection and momentum encoder dropped."""
+    torch.manual_seed(3)
+    sd = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    moco = {f"module.encoder_q.{k}": v for k, v in sd.items()}
+    moco.update({f"module.encoder_k.{k}": v for k, v in sd.items()})
+    moco.update({"module.encoder_q.fc.weight": torch.zeros(128, 512), "module.encoder_q.fc.bias": torch.zeros(128)})
+    path = str(tmp_path / "moco.pth.tar")
+    torch.save({"state_dict": moco, "epoch": 200, "arch": "resnet18"}, path)
+    out = str(tmp_path / "moco_tv.pth")
+    record = run_export(path, "torchvision", out)
+    exported = torch.load(out, weights_only=True)
+    assert exported.keys() == sd.keys() and all(torch.equal(exported[k], v) for k, v in sd.items())
+    assert record["source"]["kind"] == "teacher" and record["source"]["format"] == "moco"
+
+
 def test_timm_export_loads_strictly_into_timm(ckpt, tmp_path):
     timm = pytest.importorskip("timm")
     out = str(tmp_path / "r18_timm.pth")
