@@ -29,22 +29,25 @@ def _local_file(weights: str | None) -> str:
 
 
 def student(
-    weights: str | None = None, arch: str | None = None, fmt: str = "auto", head: int | None = None
+    weights: str | None = None, arch: str | None = None, fmt: str = "auto", head: int | None = None, pool: str = "auto"
 ) -> EvalModel:
     """The evaluated backbone of any checkpoint ``eval_knn.py`` reads: images in [0, 1] -> (B, D) features.
 
-    ``arch`` / ``fmt`` as ``--arch`` / ``--format``; ``head=K`` gives the prediction head's output instead
-    (K = 1 for a one-teacher student, teacher K's head for a several-teacher one).
+    ``arch`` / ``fmt`` / ``pool`` as ``--arch`` / ``--format`` / ``--teacher_pool``; ``head=K`` gives the
+    prediction head's output instead (K = 1 for a one-teacher student, teacher K's head for a several-teacher one).
     """
     if head is not None and (not isinstance(head, int) or head < 1):
         raise UserError(f"head={head!r}: give the 1-based number of a prediction head, or None for the backbone")
     use_pred = False if head is None else True if head == 1 else head
-    return load_eval_model(_local_file(weights), arch, fmt, use_pred)
+    return load_eval_model(_local_file(weights), arch, fmt, use_pred, pool=pool)
 
 
-def teacher(weights: str | None = None, arch: str | None = None, fmt: str = "auto", use_fc: bool = False) -> Teacher:
+def teacher(
+    weights: str | None = None, arch: str | None = None, fmt: str = "auto", use_fc: bool = False, pool: str = "auto"
+) -> Teacher:
     """Any supported teacher file as the frozen network distillation runs: images in [0, 1] -> (B, D).
 
-    ``arch`` / ``fmt`` as ``--arch_teacher`` / ``--teacher_format``; ``use_fc`` as ``--teacher_fc``.
+    ``arch`` / ``fmt`` / ``use_fc`` / ``pool`` as ``--arch_teacher`` / ``--teacher_format`` / ``--teacher_fc``
+    / ``--teacher_pool``.
     """
-    return load_teacher(_local_file(weights), arch, fmt, use_fc=use_fc)
+    return load_teacher(_local_file(weights), arch, fmt, use_fc=use_fc, pool=pool)

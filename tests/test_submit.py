@@ -178,3 +178,38 @@ def test_preempted_local_job_is_requeued_and_ends_bit_identical(tmp_path, resnet
     assert a.keys() == b.keys() and a["epoch"] == b["epoch"] == 1
     differ = [k for k in a if k != "epoch" and not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+FAKE_SBATCH = """#!/bin/sh
+cp "$1" {record}
+echo "Submitted batch job 4242"
+"""
+
+
+def test_a_slurm_submission_asks_for_one_task_per_gpu_and_the_warning_signal(tmp_path, monkeypatch):
+    """Through a stand-in sbatch: the batch script submitit writes, and the task it pickles for every rank."""
+    pytest.importorskip("submitit")
+    from submitit.core.utils import DelayedSubmission
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(record=tmp_path / "job.sh"))
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.chdir(ROOT)
+    job_dir = str(tmp_path / "jobs" / "%j")
+    argv = ["--nodes", "2", "--gpus_per_node", "8", "--partition", "learnlab", "--timeout", "72", "--job_dir", job_dir,
+            "--", "train_student.py", "/datasets/imagenet", "--exp_dir", "exp/r18"]  # fmt: skip
+    args = submit.get_args_parser().parse_args(argv)
+    submit.main(args)
+    script = (tmp_path / "job.sh").read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10",
+                 "--partition=learnlab", "--signal=USR2@120", "--time=4320"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script, script
+    assert "srun --unbuffered" in script and "submitit.core._submit" in script
+    task = DelayedSubmission.load(tmp_path / "jobs" / "4242" / "4242_submitted.pkl").function
+    assert isinstance(task, TrainingTask) and task.spec.cwd == ROOT and task.spec.attempt == 0
+    assert task.spec.argv == ("train_student.py", "/datasets/imagenet", "--exp_dir", "exp/r18")
+    assert task.spec.stop_timeout_s == 90.0  # the 120 s warning minus the requeue's 30 s

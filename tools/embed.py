@@ -53,6 +53,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--teacher", action="store_true", help="load --weights as a teacher (any teacher format)")
     g.add_argument("--use_pred", action="store_true", help="the prediction head's output instead of the backbone's")
     g.add_argument("--head", type=cli.positive_int, default=1, help="with --use_pred: the head of teacher K (1-based)")
+    cli.add_pool_arg(g)
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out", required=True, help="output FILE.npy (FILE.json with the file list is written beside it)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished FILE.npy made with other settings")
@@ -92,7 +93,7 @@ class Autocast(nn.Module):
 def describe(model: EvalModel, args: argparse.Namespace, dtype: torch.dtype | None) -> dict:
     """What the rows depend on (a resumed run must agree on all of it), in the feature file's manifest."""
     ident = model.identity
-    network = {k: ident.get(k) for k in ("kind", "arch", "format", "use_pred", "weights_sha256")}
+    network = {k: ident.get(k) for k in ("kind", "arch", "format", "use_pred", "weights_sha256", "pool") if k in ident}
     return {
         "teacher": network,  # the cache format's name for the network that made the rows
         "preprocessing": {
@@ -118,7 +119,7 @@ def main(args: argparse.Namespace) -> None:
     # ============ the images and the network ============
     files = list_image_files(args.data)
     dataset = ImageFiles(args.data, files, CenterCrop(args.resize_size, args.crop_size))
-    model = load_eval_model(args.weights, args.arch, args.format, use_pred, args.teacher)
+    model = load_eval_model(args.weights, args.arch, args.format, use_pred, args.teacher, args.teacher_pool)
     dtype = amp_dtype(args.amp, dist_info.device)
     log.info("embedding %d images under %s with %s (%d-d)", len(files), args.data, model.arch, model.feat_dim)
 

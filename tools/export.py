@@ -52,6 +52,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--with_head", "--use_pred", dest="use_pred", action="store_true",
                    help="export the prediction head's output instead of the backbone's")  # fmt: skip
     g.add_argument("--head", type=cli.positive_int, default=1, help="with --with_head: the head of teacher K (1-based)")
+    cli.add_pool_arg(g)
     g = p.add_argument_group("export")
     g.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
     g.add_argument("--out", required=True, help="the file to write (FILE.json beside it records what it holds)")
@@ -77,7 +78,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def build_model(args: argparse.Namespace) -> EvalModel:
     """The frozen network the flags describe, as the evaluation scripts load it."""
-    return load_eval_model(args.weights, args.arch, args.ckpt_format, prediction(args), args.teacher)
+    return load_eval_model(args.weights, args.arch, args.ckpt_format, prediction(args), args.teacher, args.teacher_pool)
 
 
 def export(model: EvalModel, args: argparse.Namespace) -> Exported:
