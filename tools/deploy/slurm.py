@@ -143,7 +143,7 @@ class TrainingTask:
         from submitit.helpers import DelayedSubmission
 
         self._stop_child("the job is preempted or about to time out")
-        log.info("requeueing: the same command resumes from the checkpoint it just saved")
+        log.info("the command has stopped; requeued (unless its time-outs are used up), it resumes from its checkpoint")
         return DelayedSubmission(TrainingTask(dataclasses.replace(self.spec, attempt=self.spec.attempt + 1)))
 
     # ---------------------------------------------------------------- signals and the child
