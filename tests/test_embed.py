@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from tests.eval_helpers import make_image_folder
 from tests.ship_helpers import write_student_checkpoint
 from tools import embed
 from tools.engine import teacher_cache
+from tools.engine.cli import run_cli
 from tools.eval.features import FeatureStore
 
 
@@ -113,3 +115,16 @@ def test_two_processes_under_torchrun_write_the_same_rows(setup, tmp_path):
     # Rank r of step s takes images [6s + 3r, 6s + 3r + 3): the single process's batches, so the same rows.
     assert np.array_equal(np.load(two), np.load(one))
     assert json.load(open(two[:-4] + ".json"))["world_size"] == 2
+
+
+def test_an_unreadable_image_is_named_in_one_sentence(setup, tmp_path, caplog):
+    data, ckpt = setup
+    bad = os.path.join(data, "train", "c1", "002.png")
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    argv = [os.path.join(data, "train"), "--weights", ckpt, "--out", str(tmp_path / "f.npy"), "-j", "0",
+            "--device", "cpu", "--resize_size", "32", "--crop_size", "32"]  # fmt: skip
+    with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as exit_info:
+        run_cli(embed.main, embed.get_args_parser().parse_args(argv))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert exit_info.value.code == 2 and len(errors) == 1 and f"cannot read image '{bad}'" in errors[0], errors
