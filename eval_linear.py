@@ -55,6 +55,7 @@ from tools.eval.linear_probe import (
     feature_statistics,
     load_probe_checkpoint,
     load_statistics,
+    probe_optimizer,
     save_probe_checkpoint,
     save_statistics,
     state_snapshot,
@@ -203,7 +204,7 @@ def build_probe(args, model, datasets, feats, stats, key, out_dir, dist_info) ->
     device = dist_info.device
     torch.manual_seed(args.seed)
     probe = LinearProbe(*stats, len(datasets["train"].classes)).to(device)
-    optimizer = torch.optim.SGD(probe.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = probe_optimizer(probe.parameters(), args.lr, args.momentum, args.weight_decay)
     settings = probe_settings(args, parse_milestones(args.lr_schedule, args.epochs))
     first_epoch, history = resume_probe(args, out_dir, key, settings, probe, optimizer)
     trainer = probe

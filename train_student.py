@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classes, split_folder
-from data.decode import DECODERS
+from data.device_decode import describe, resolve_decode
 from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.backbones import canonical_arch
@@ -33,14 +33,14 @@ from models.io import write_json
 from models.student import Student
 from models.teachers import teacher_arch_names
 from tools.engine import cli, distributed
-from tools.engine.cli import image_size_int, nonneg_float, nonneg_int, positive_int
+from tools.engine.cli import nonneg_float, nonneg_int, positive_int
 from tools.engine.logs import ScalarWriter, append_json_line, setup_logging
 from tools.engine.meters import EpochProgress, Meters, stop_agreed
 from tools.engine.run_state import Run, export_backbone, resume, run_identity, save_checkpoint, teacher_fingerprint
 from tools.engine.schedules import cosine_lr, set_lr
 from tools.engine.signals import Interrupted, StopRequest
 from tools.engine.step import AMP_CHOICES, StepConfig, amp_dtype, build_optimizer, distill_step
-from tools.engine.teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs
+from tools.engine.teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
 from tools.eval.monitor import knn_monitor, monitor_datasets
 
 log = logging.getLogger("simreg.train")
@@ -64,13 +64,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def add_data_args(g) -> None:
     g.add_argument("data", nargs="?", help="dataset root holding train/ (and val/) in ImageFolder layout")
     cli.add_dataset_args(g)
-    g.add_argument("--image_size", type=image_size_int, default=224, help="training crop size in pixels")
-    g.add_argument("--single_aug", action="store_true", help="one view fed to both networks (the paper's best)")
-    g.add_argument("--weak_weak", action="store_true", help="weak augmentation for teacher and student")
-    g.add_argument("--weak_strong", action="store_true", help="weak view for the teacher, strong for the student")
+    cli.add_view_args(g)
     g.add_argument("--num_workers", type=nonneg_int, default=8, help="data loading processes per rank")
     g.add_argument("--skip_bad_images", action="store_true", help="replace unreadable images by the next readable one")
-    g.add_argument("--decode", default="auto", choices=list(DECODERS), help="JPEG decoding of the single view")
 
 
 def add_model_args(g) -> None:
@@ -167,13 +163,16 @@ def train_one_epoch(
 
 
 # ============ building blocks of main ============
-def build_dataset(args) -> IndexedImageFolder:
+def build_dataset(args, device: torch.device) -> IndexedImageFolder:
     classes = select_classes(args.data, args.class_list, args.dataset)
-    views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode)
     train_dir = split_folder(args.data, "train")
-    dataset = IndexedImageFolder(train_dir, views, classes, seed=args.seed, skip_bad=args.skip_bad_images)
-    log.info("data: %d images in %d classes from %s; %s, %d px", len(dataset), len(dataset.classes), train_dir,
-             views.name, args.image_size)  # fmt: skip
+    dataset = IndexedImageFolder(train_dir, None, classes, seed=args.seed, skip_bad=args.skip_bad_images)
+    single_weak = args.single_aug and args.weak_weak and not args.weak_strong
+    decode = resolve_decode(args.decode, device, [path for path, _ in dataset.samples], single_weak)
+    views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, decode)
+    dataset.transform = views
+    log.info("data: %d images in %d classes from %s; %s, %d px; %s", len(dataset), len(dataset.classes), train_dir,
+             views.name, args.image_size, describe(decode, device))  # fmt: skip
     if len(dataset) < args.batch_size:
         raise UserError(f"the training set has {len(dataset)} images, fewer than --batch_size {args.batch_size}")
     return dataset
@@ -223,7 +222,7 @@ def main(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True
 
     # ============ preparing data ============
-    dataset = build_dataset(args)
+    dataset = build_dataset(args, dist_info.device)
     loader = build_loader(dataset, args.batch_size // dist_info.world_size, num_workers=args.num_workers,
                           rank=dist_info.rank, world_size=dist_info.world_size, seed=args.seed,
                           pin_memory=dist_info.device.type == "cuda")  # fmt: skip
@@ -231,7 +230,9 @@ def main(args: argparse.Namespace) -> dict:
     # ============ building teacher and student ============
     teacher = build_teachers(specs, dist_info.device, dataset_fingerprint(dataset), args.teacher_loss_weights,
                              channels_last=args.channels_last, compile_teacher=args.compile_teacher,
-                             cache_on_device=args.cache_on_device, image_size=args.image_size)  # fmt: skip
+                             cache_on_device=args.cache_on_device, image_size=args.image_size,
+                             views=dataset.transform.record(args.seed), epochs=args.epochs)  # fmt: skip
+    dataset.epoch_period = view_period(teacher)  # the loader's crops repeat with a K-view cache's K views
     run = build_run(args, exp_dir, dataset, teacher, specs, dist_info)
     start_epoch, progress = resume(run, args.resume, args.no_resume, args.weights)
     model = wrap_model(run.student, args, dist_info)
@@ -261,9 +262,11 @@ def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: 
             lr = cosine_lr(args.learning_rate, epoch, args.epochs)
             set_lr(run.optimizer, lr)
             loader.sampler.set_epoch(epoch, start=progress.step * per_rank_batch)
+            teacher.set_epoch(epoch)  # a K-view cache serves this epoch's view; a live teacher ignores it
             on_ckpt = partial(save_checkpoint, run)
             stats = train_one_epoch(model, teacher, loader, run.optimizer, run.scaler, epoch, cfg, progress, on_ckpt)
             stats = {"epoch": epoch, "lr": lr, **stats, "bad_images_skipped": loader.dataset.bad_images_seen()}
+            stats.update(loader.dataset.transform.decode_stats())
             progress = EpochProgress()
             if knn_sets and (epoch % args.knn_every == 0 or epoch == args.epochs):
                 stats.update(knn_monitor(run.student.encoder, knn_sets, batch_size=per_rank_batch,
@@ -296,6 +299,9 @@ def log_epoch(run: Run, writer: ScalarWriter, stats: dict) -> None:
         log.info("epoch %d per-teacher losses: %s", stats["epoch"], ", ".join(f"{v:.4f}" for v in per_teacher.values()))
     if stats["bad_images_skipped"]:
         log.warning("%d unreadable image(s) skipped so far (--skip_bad_images)", stats["bad_images_skipped"])
+    if stats.get("cpu_decoded_images"):
+        log.info("--decode gpu: %d image(s) so far were not plain JPEGs (PNG, CMYK, ...) and were decoded on the CPU",
+                 stats["cpu_decoded_images"])  # fmt: skip
 
 
 def finish(run: Run) -> None:

@@ -130,8 +130,10 @@ class IndexedImageFolder:
 
     The key may be an int or ``(index, epoch)`` (what :class:`data.loaders.EpochSampler` yields). The
     augmentation RNG is seeded from (seed, epoch, index), so a sample's crop depends on neither the
-    worker nor the rank that loads it: runs are reproducible and resume exactly. Files are opened by
-    ``transform.loader`` when the transform has one (fast JPEG decoding, :mod:`data.decode`), else ``load_rgb``.
+    worker nor the rank that loads it: runs are reproducible and resume exactly. With ``epoch_period``
+    K the crops repeat every K epochs (epoch e draws those of epoch ((e - 1) mod K) + 1), as a teacher
+    cache of K views needs. Files are opened by ``transform.loader`` when the transform has one (fast
+    JPEG decoding, :mod:`data.decode`), else ``load_rgb``.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class IndexedImageFolder:
         classes: Sequence[str] | None = None,
         seed: int = 0,
         skip_bad: bool = False,
+        epoch_period: int | None = None,
     ) -> None:
         self.root = root
         self.classes, self.samples = scan_image_folder(root, classes)
@@ -149,6 +152,7 @@ class IndexedImageFolder:
         self.transform = transform
         self.seed = seed
         self.skip_bad = skip_bad
+        self.epoch_period = epoch_period
         # Shared with the loader's worker processes, which count the images they had to skip.
         self._bad = torch.zeros(1, dtype=torch.int64).share_memory_()
 
@@ -164,6 +168,9 @@ class IndexedImageFolder:
         return [label for _, label in self.samples]
 
     def rng(self, index: int, epoch: int) -> random.Random:
+        """The augmentation RNG of ``index`` in ``epoch`` (a function of seed, epoch and index alone)."""
+        if self.epoch_period and epoch > 0:
+            epoch = (epoch - 1) % self.epoch_period + 1
         return random.Random(f"{self.seed}/{epoch}/{index}")
 
     def __getitem__(self, key: int | tuple[int, int]):

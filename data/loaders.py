@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -52,13 +54,21 @@ def build_loader(
     shuffle: bool = True,
     drop_last: bool = True,
     pin_memory: bool = False,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """A loader over ``dataset`` with an :class:`EpochSampler`; ``batch_size`` is per rank."""
+    """A loader over ``dataset`` with an :class:`EpochSampler`; ``batch_size`` is per rank.
+
+    ``collate_fn`` defaults to the dataset's transform's ``collate`` when it has one (device decoding
+    batches encoded JPEGs, :mod:`data.device_decode`), else PyTorch's default collation.
+    """
     sampler = EpochSampler(len(dataset), rank, world_size, seed, shuffle)
+    if collate_fn is None:
+        collate_fn = getattr(getattr(dataset, "transform", None), "collate", None)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,

@@ -16,6 +16,7 @@ from PIL import Image, ImageFilter
 
 from data.datasets import load_rgb
 from data.decode import DECODERS, EncodedImage, open_image
+from data.device_decode import DEVICE_DECODE, EncodedCrop, collate_encoded
 
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -49,16 +50,24 @@ class WeakAug:
     """RandomResizedCrop(size, scale) + horizontal flip (the paper's weak view).
 
     ``decode`` names a decoder of :mod:`data.decode`: ``pil`` (the reference, default here) or a fast
-    one such as ``auto`` (what :class:`TrainViews` uses). ``loader`` is how a dataset should open files
-    for this transform: with a fast decoder, plain JPEGs arrive undecoded and only the crop is decoded,
+    one such as ``auto`` (what :class:`TrainViews` uses), or ``gpu``: the crop is left to
+    :mod:`data.device_decode` (an :class:`EncodedCrop` comes out; files that are not plain JPEGs are
+    decoded here by the reference path and counted). ``loader`` is how a dataset should open files for
+    this transform: with a fast decoder, plain JPEGs arrive undecoded and only the crop is decoded,
     with the same box and flip.
     """
 
     def __init__(self, size: int = 224, scale=(0.2, 1.0), flip: bool = True, decode: str = "pil") -> None:
-        if decode not in DECODERS:
-            raise ValueError(f"unknown decoder '{decode}'; choose one of {', '.join(DECODERS)}")
+        if decode not in DECODERS and decode != DEVICE_DECODE:
+            raise ValueError(f"unknown decoder '{decode}'; choose one of {', '.join([*DECODERS, DEVICE_DECODE])}")
         self.size, self.scale, self.flip, self.decode = size, scale, flip, decode
         self.loader = load_rgb if decode == "pil" else open_image
+        # Shared with the loader's worker processes, which count the files the device cannot decode.
+        self._cpu_decoded = torch.zeros(1, dtype=torch.int64).share_memory_() if decode == DEVICE_DECODE else None
+
+    def cpu_decoded(self) -> int:
+        """With ``decode="gpu"``: how many images so far were not plain JPEGs and were decoded on the CPU."""
+        return int(self._cpu_decoded[0]) if self._cpu_decoded is not None else 0
 
     def crop(self, img: Image.Image, rng: random.Random) -> Image.Image:
         left, top, w, h = rrc_box(img.width, img.height, rng, self.scale)
@@ -66,11 +75,16 @@ class WeakAug:
         flip = self.flip and rng.random() < 0.5
         return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
 
-    def __call__(self, img: Image.Image | EncodedImage, rng: random.Random) -> torch.Tensor:
+    def __call__(self, img: Image.Image | EncodedImage, rng: random.Random) -> torch.Tensor | EncodedCrop:
         if isinstance(img, EncodedImage):  # same RNG draws as crop(): box, then flip
             box = rrc_box(img.width, img.height, rng, self.scale)
+            if self.decode == DEVICE_DECODE:
+                flip = self.flip and rng.random() < 0.5
+                return EncodedCrop(img.path, img.data, img.height, img.width, box, flip, self.size)
             out = DECODERS[self.decode](img, box, self.size)
             return out.flip(-1) if self.flip and rng.random() < 0.5 else out
+        if self._cpu_decoded is not None:
+            self._cpu_decoded += 1
         return to_uint8_tensor(self.crop(img, rng))
 
 
@@ -135,6 +149,24 @@ class TrainViews:
         self.single = single
         # Fast decoding serves the single view (one crop per file); two views share one full decode.
         self.loader = self.student.loader if single else load_rgb
+        device_decode = single and getattr(self.student, "decode", None) == DEVICE_DECODE
+        # How a loader should batch these samples (None: PyTorch's default collation of uint8 crops).
+        self.collate = collate_encoded if device_decode else None
+
+    def decode_stats(self) -> dict:
+        """For the epoch log: with device decoding, the images decoded on the CPU so far (not plain JPEGs)."""
+        if self.collate is None:
+            return {}
+        return {"cpu_decoded_images": self.student.cpu_decoded()}
+
+    @property
+    def decoder(self) -> str:
+        """The decoder that makes the pixels: ``--decode`` serves the single view; pairs decode with PIL."""
+        return self.student.decode if self.single else "pil"
+
+    def record(self, seed: int) -> dict:
+        """What fixes a sample's pixels besides (epoch, index): mode, crop size, seed and decoder."""
+        return {"mode": self.name, "image_size": self.student.size, "seed": seed, "decode": self.decoder}
 
     @property
     def name(self) -> str:
@@ -147,3 +179,19 @@ class TrainViews:
         if self.single:
             return self.student(img, rng)
         return self.student(img, rng), self.teacher(img, rng)
+
+
+class TeacherView:
+    """A :class:`TrainViews` reduced to the teacher's tensor (3, H, W): the crops a K-view cache stores.
+
+    It draws from the sample's RNG exactly as training does (the student's view first in pair modes),
+    so row (epoch, index) of such a cache is the teacher's feature of the crop training feeds it.
+    """
+
+    def __init__(self, views: TrainViews) -> None:
+        self.views, self.loader = views, views.loader
+        self.collate = views.collate  # device decoding (--decode gpu): encoded crops, decoded in the builder
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        views = self.views(img, rng)
+        return views if self.views.single else views[1]

@@ -1,10 +1,16 @@
 """The cached teacher: a teacher feature cache read back with the live teacher's call.
 
-A cache is ``FILE.npy``, one contiguous float16 array (N, D) whose row i is the teacher's feature of
-training image i (the dataset's sorted order), and ``FILE.json`` beside it saying what the rows are:
-the image list (its fingerprint: count, classes, SHA-256 of the relative paths), the teacher (arch,
-format, SHA-256 of the weights file, projection or pooled feature) and the preprocessing. It is
-written by ``tools/engine/teacher_cache.py`` (``python -m tools.cache_teacher_features``).
+A cache is ``FILE.npy``, one contiguous float16 array, and ``FILE.json`` beside it saying what the rows
+are: the image list (its fingerprint: count, classes, SHA-256 of the relative paths), the teacher (arch,
+format, SHA-256 of the weights file, projection or pooled feature), the preprocessing and the views.
+Two kinds, written by ``tools/engine/teacher_cache.py`` (``python -m tools.cache_teacher_features``):
+
+- centre crop (the paper's cached mode): (N, D), row i the feature of training image i's centre crop
+  (the dataset's sorted order), whatever the epoch;
+- K views: (K, N, D), row [v - 1, i] the feature of exactly the crop the training loader gives image i
+  in epoch v (same seed, view mode, crop size and decoder). Epoch e reads view ((e - 1) mod K) + 1,
+  and the loader's crops repeat with the same period, so with K >= epochs training regresses the live
+  teacher's targets (to float16 rounding).
 
 Training memory-maps the array, so ranks on one machine share its pages and no process holds a
 private copy, and gathers a batch's rows by index in one vectorised read.
@@ -24,7 +30,8 @@ from models.teachers import TEACHER_ALIASES
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 2  # 2: the dataset fingerprint's names (n_images for count)
+MANIFEST_VERSION = 3  # 2: the dataset fingerprint's names (n_images for count); 3: the views section
+CENTRE_CROP = {"mode": "centre crop", "n_views": 1}  # the views of a version 1-2 cache
 
 
 def manifest_path(npy_path: str) -> str:
@@ -54,8 +61,10 @@ def read_manifest(npy_path: str) -> dict:
     if not isinstance(manifest, dict):
         raise UserError(f"teacher cache manifest '{path}' is unreadable; rebuild the cache")
     if manifest.get("version") == 1:  # the same fingerprint, its image count under its first name
-        manifest = dict(manifest, version=MANIFEST_VERSION)
+        manifest = dict(manifest, version=2)
         manifest["n_images"] = manifest.pop("count", None)
+    if manifest.get("version") == 2:  # centre crops only, before K-view caches existed
+        manifest = dict(manifest, version=MANIFEST_VERSION, views=CENTRE_CROP)
     if manifest.get("version") != MANIFEST_VERSION:
         raise UserError(f"teacher cache manifest '{path}' has version {manifest.get('version')}; rebuild the cache")
     return manifest
@@ -81,8 +90,10 @@ def check_manifest(manifest: dict, fingerprint: dict, npy_path: str) -> None:
 class CachedTeacher:
     """Answers the live teacher's call ``targets(images, indices) -> (B, D) float32`` from the cache.
 
-    The array is memory-mapped (``np.load(mmap_mode="r")``); with ``on_device`` it is copied once into
-    ``device`` memory as float16 and gathered there with ``index_select`` (no host round trip).
+    The array is memory-mapped (``np.load(mmap_mode="r")``); with ``on_device`` the rows in use (the
+    whole centre-crop array, or the current view of a K-view cache) are copied into ``device`` memory
+    as float16 and gathered there with ``index_select`` (no host round trip). ``set_epoch(e)`` selects
+    view ((e - 1) mod K) + 1 of a K-view cache; a centre-crop cache serves every epoch alike.
     """
 
     def __init__(
@@ -105,13 +116,29 @@ class CachedTeacher:
                 f"says float16 {tuple(self.manifest['shape'])}; rebuild it"
             )
         teacher = self.manifest["teacher"]
-        self.feat_dim, self.arch, self.fmt = int(self.feats.shape[1]), teacher["arch"], teacher["format"]
-        self.table = self._to_device(torch.device(device)) if on_device else None
+        self.feat_dim, self.arch, self.fmt = int(self.feats.shape[-1]), teacher["arch"], teacher["format"]
+        self.views = self.manifest["views"]
+        # K-view caches are (K, N, D); a centre-crop cache (N, D) is its one view for every epoch.
+        self.view_period = int(self.feats.shape[0]) if self.feats.ndim == 3 else None
+        self.device, self.on_device = torch.device(device), on_device
+        self.view, self.rows, self.table = 0, None, None
+        self.set_epoch(1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve the targets of ``epoch`` (1-based): view ((epoch - 1) mod K) + 1 of a K-view cache."""
+        view = (epoch - 1) % self.view_period + 1 if self.view_period else 1
+        if self.rows is not None and view == self.view:
+            return
+        self.view, self.rows = view, self.feats[view - 1] if self.view_period else self.feats
+        if self.on_device:
+            self.table = self._to_device(self.device)
 
     def _to_device(self, device: torch.device) -> torch.Tensor | None:
-        size = self.feats.nbytes
+        size = self.rows.nbytes
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
+            if self.table is not None:
+                free += self.table.numel() * self.table.element_size()  # the view it replaces
             if size > 0.5 * free:  # leave room for the training itself
                 log.warning(
                     "teacher cache (%.1f GiB) does not fit in half the free memory of %s (%.1f GiB); "
@@ -120,15 +147,17 @@ class CachedTeacher:
                     device,
                     free / 2**30,
                 )
+                self.on_device = False
                 return None
-        log.info("teacher cache: %.2f GiB copied to %s", size / 2**30, device)
-        return torch.from_numpy(np.array(self.feats)).to(device)  # one read of the whole file
+        self.table = None
+        log.info("teacher cache view %d: %.2f GiB copied to %s", self.view, size / 2**30, device)
+        return torch.from_numpy(np.array(self.rows)).to(device)  # one read of the rows in use
 
     def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Rows ``indices`` (B,) of the cache as float32 (B, D) on the images' device; ``images`` unused."""
+        """Rows ``indices`` (B,) of the current view as float32 (B, D) on the images' device; ``images`` unused."""
         if self.table is not None:
             return self.table.index_select(0, indices.to(self.table.device)).float()
-        rows = self.feats[indices.cpu().numpy()]  # one vectorised gather from the mapped file
+        rows = self.rows[indices.cpu().numpy()]  # one vectorised gather from the mapped file
         return torch.from_numpy(rows).to(images.device).float()
 
 
@@ -156,22 +185,30 @@ def _check_teacher(built: dict, teacher: dict, npy_path: str) -> None:
         )
 
 
-def open_cached_teacher(
-    npy_path: str,
-    fingerprint: dict | None,
-    device: torch.device,
-    on_device: bool = False,
-    image_size: int | None = None,
-    teacher: dict | None = None,
-) -> CachedTeacher:
-    """A :class:`CachedTeacher` checked against the dataset and against what the user says the teacher is.
+VIEW_FIELDS = {  # what a K-view cache must share with the run: the difference in words, the flags that set it
+    "mode": ("holds {c} crops, but this run uses {r}", "--single_aug/--weak_weak/--weak_strong"),
+    "image_size": ("holds {c} px crops, but this run's --image_size is {r}", "--image_size"),
+    "seed": ("holds the crops of --seed {c}, but this run's --seed is {r}", "--seed"),
+    "decode": ("holds crops decoded with --decode {c}, but this run decodes with --decode {r}", "--decode"),
+}
 
-    ``teacher`` may hold ``arch``, ``weights`` (a file, compared by SHA-256), ``use_fc`` and ``pool``; a cache that
-    contradicts any given one is refused. A training crop size other than the cache's is only warned about.
-    """
-    cached = CachedTeacher(npy_path, fingerprint, device, on_device)
-    built = cached.manifest["teacher"]
-    _check_teacher(built, dict(teacher or {}), npy_path)
+
+def check_views(views: dict, run: dict, npy_path: str) -> None:
+    """Refuse a K-view cache whose crops are not the run's (``run``: ``TrainViews.record(seed)``)."""
+    for key, (difference, flag) in VIEW_FIELDS.items():
+        if views.get(key) != run.get(key):
+            raise UserError(
+                f"teacher cache '{npy_path}' {difference.format(c=views.get(key), r=run.get(key))}; train with "
+                f"the cache's {flag} or rebuild the cache with this run's"
+            )
+
+
+def _check_crops(cached: CachedTeacher, npy_path: str, image_size: int | None, views: dict | None) -> None:
+    """K views: the run's crops must be the cached ones; centre crops: another crop size only warns."""
+    if cached.view_period:
+        if views is not None:
+            check_views(cached.views, views, npy_path)
+        return
     crop = cached.manifest["preprocessing"]["crop_size"]
     if image_size is not None and image_size != crop:
         log.warning(
@@ -180,12 +217,47 @@ def open_cached_teacher(
             image_size,
             crop,
         )
+
+
+def open_cached_teacher(
+    npy_path: str,
+    fingerprint: dict | None,
+    device: torch.device,
+    on_device: bool = False,
+    image_size: int | None = None,
+    teacher: dict | None = None,
+    views: dict | None = None,
+    epochs: int | None = None,
+) -> CachedTeacher:
+    """A :class:`CachedTeacher` checked against the dataset and against what the user says the teacher is.
+
+    ``teacher`` may hold ``arch``, ``weights`` (a file, compared by SHA-256), ``use_fc`` and ``pool``; a cache
+    that contradicts any given one is refused. ``views`` (``TrainViews.record(seed)`` of the run) must match
+    a K-view cache's crops; a training crop size other than a centre-crop cache's is only warned about.
+    With ``epochs`` above a K-view cache's K, the log says once that views repeat.
+    """
+    cached = CachedTeacher(npy_path, fingerprint, device, on_device)
+    built = cached.manifest["teacher"]
+    _check_teacher(built, dict(teacher or {}), npy_path)
+    _check_crops(cached, npy_path, image_size, views)
+    k = cached.view_period
     log.info(
-        "teacher: cached %s (%s) features %s from %s%s",
+        "teacher: cached %s (%s) features %s from %s (%s)%s",
         built["arch"],
         built["format"],
         tuple(cached.feats.shape),
         npy_path,
+        f"{k} views of {cached.views['mode']}" if k else "centre crops",
         ", on device" if cached.table is not None else ", memory-mapped",
     )
+    if k and epochs and epochs > k:  # a choice, not a fault: said once, by rank 0
+        log.info(
+            "teacher cache '%s' holds %d views for %d epochs: epoch e reads view ((e - 1) mod %d) + 1 and the "
+            "loader repeats that view's crops, so every view serves about %.1f epochs",
+            npy_path,
+            k,
+            epochs,
+            k,
+            epochs / k,
+        )
     return cached

@@ -89,6 +89,9 @@ class Teacher(FrozenExtractor):
         """Regression targets (B, D) for a batch; a cached teacher answers the same call from indices."""
         return self(images)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The training loop's epoch: a live teacher computes every target afresh (a K-view cache picks a view)."""
+
 
 def resolve_teacher_arch(arch: str | None, found: str | None, path: str, fmt: str = "torchvision") -> str:
     """Reconcile --arch_teacher, the architecture the file holds and the network its format needs."""
@@ -330,3 +333,8 @@ class TeacherSet:
     def targets(self, images: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
         """Every teacher's regression targets for the batch, in the order the teachers were given."""
         return [t.targets(images, indices) for t in self.teachers]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passed to every teacher (a K-view cache picks the epoch's view; a live teacher ignores it)."""
+        for t in self.teachers:
+            t.set_epoch(epoch)

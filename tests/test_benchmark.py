@@ -1,9 +1,12 @@
-"""tools/benchmark.py: the GPU profile's every code path in a CPU dry run, the JSON rows, the timing maths."""
+"""tools/benchmark.py and tools/bench_knn.py: every code path in a CPU dry run, the rows, the timing maths,
+the original recipe's k-NN, and every flag checked before any work starts."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 
 import numpy as np
 import pytest
@@ -11,10 +14,22 @@ import torch
 from PIL import Image
 
 from data.synthetic import make_jpeg_folder
-from models.errors import UserError
+from tools import bench_knn as K
 from tools import benchmark as B
+from tools.bench import baseline as O
+from tools.bench.harness import Cycle, Variant, measure, with_repeat
+from tools.engine.cli import run_cli
 
-KEYS = {"stage", "config", "img_s", "ratio_vs_baseline", "spread"}
+KEYS = {"stage", "config", "key", "img_s", "ratio_vs_baseline", "spread"}
+# Every row the GPU profile has (rows.json keys): what tools.bench_hours and BENCHMARKS.md read.
+GPU_PROFILE_KEYS = [
+    "data.original", "data.cpu", "data.gpu", "data.dali", "data.repeat",
+    "step.original", "step.fp32", "step.bf16", "step.compiled", "step.repeat",
+    "e2e.original", "e2e.cpu", "e2e.cpu_loader", "e2e.gpu", "e2e.gpu_loader", "e2e.repeat",
+    "cached.original", "cached.live", "cached.mmap", "cached.device", "cached.x4_r50", "cached.repeat",
+    "knn.original", "knn.ours", "knn.repeat",
+    "probe.original", "probe.ours", "probe.repeat",
+]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -25,7 +40,7 @@ def test_gpu_profile_dry_run_covers_every_stage_and_path(tmp_path):
     )
     rows = B.main(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
-    assert [r["stage"] for r in rows if r["role"] == "baseline"] == list(B.STAGES)
+    assert [r["key"] for r in rows] == GPU_PROFILE_KEYS
     for stage in B.STAGES:
         mine = [r for r in rows if r["stage"] == stage]
         assert [r["role"] for r in mine].count("repeat") == 1 and mine[-1]["role"] == "repeat"
@@ -33,25 +48,26 @@ def test_gpu_profile_dry_run_covers_every_stage_and_path(tmp_path):
     for r in rows:
         assert KEYS <= set(r) and r["profile"] == "gpu (dry run)"
         if r.get("skipped"):
-            assert r["img_s"] is None and r["note"].startswith("skipped")
+            assert r["img_s"] is None and r["note"].startswith("skipped") and r["key"] == "data.dali"
         else:
             assert r["img_s"] > 0 and r["spread"] >= 0 and len(r["rounds"]) == 2
-    configs = {r["config"] for r in rows if not r.get("skipped")}
-    # the GPU-only paths ran on the CPU: batched device decoding, compiled student + folded teacher
-    assert "ours: batched decode_jpeg on cpu" in configs
-    assert "ours: bf16, channels_last, compiled (aot_eager)" in configs
-    assert any(c.startswith("ours: decode on cpu + step") for c in configs)
-    cached = next(r for r in rows if r["stage"] == "cached" and "cached teacher" in r["config"])
-    assert 0 < cached["gather_fraction_of_step"] < 1
-    e2e = [r for r in rows if r["stage"] == "e2e" and "+ step" in r["config"] and r["role"] == "variant"]
-    assert len(e2e) == 2 and all(r["bound"] in ("data", "step") for r in e2e)
+    by = {r["key"]: r for r in rows}
+    # the GPU-only paths ran on the CPU: --decode gpu's batched decoding, compiled student + folded teacher
+    assert by["data.gpu"]["config"] == "ours: --decode gpu (batched decode_jpeg on cpu)"
+    assert by["step.compiled"]["config"] == "ours: bf16, channels_last, compiled (aot_eager)"
+    for key in ("cached.mmap", "cached.device", "cached.x4_r50"):
+        assert 0 < by[key]["gather_fraction_of_step"] < 1
+    assert by["cached.x4_r50"]["ratio_vs_baseline"] is None  # another workload: no ratio to R50 -> R18
+    assert all(by[k]["bound"] in ("data", "step") for k in ("e2e.cpu", "e2e.gpu"))
+    assert by["knn.ours"]["same_top1_as_baseline"] == 1.0  # eval_knn's search finds the original's neighbours
+    assert by["probe.ours"]["forty_epochs_s"] > 0
 
 
 def test_measure_interleaves_and_computes_ratio_and_spread(monkeypatch):
     clock = {"t": 0.0}
-    monkeypatch.setattr(B.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr("tools.bench.harness.time.perf_counter", lambda: clock["t"])
     order = []
-    seconds = {"base": iter([1.0] * 7), "fast": iter([1.0, 0.4, 0.5, 0.5])}  # warm-up first
+    seconds = {"base": iter([1.0] * 7), "fast": iter([1.0, 0.4, 0.5, 0.5]), "part": iter([1.0, 0.1, 0.1, 0.1])}
 
     def work(name):
         def run():
@@ -61,43 +77,43 @@ def test_measure_interleaves_and_computes_ratio_and_spread(monkeypatch):
 
         return run
 
-    variants = B.with_repeat([B.Variant("base", work("base"), "baseline"), B.Variant("fast", work("fast"))])
-    variants.append(B.Variant("off", None, note="skipped: not here"))
-    rows = B.measure("s", variants, 3, torch.device("cpu"), "images")
-    assert order == ["base", "fast"] + ["base", "fast", "base"] * 3  # warm-up once, then rounds
+    variants = with_repeat([Variant("base", work("base"), "baseline"), Variant("fast", work("fast"), key="f"),
+                            Variant("part", work("part"), "component", key="p")])  # fmt: skip
+    variants.append(Variant("off", None, note="skipped: not here", key="off"))
+    rows = measure("s", variants, 3, torch.device("cpu"), "images")
+    assert order == ["base", "fast", "part"] + ["base", "fast", "part", "base"] * 3  # warm-up once, then rounds
     by = {r["config"]: r for r in rows}
     assert by["base"]["img_s"] == 10.0 and by["base"]["ratio_vs_baseline"] == 1.0
     assert by["fast"]["rounds"] == pytest.approx([25.0, 20.0, 20.0]) and by["fast"]["ratio_vs_baseline"] == 2.0
-    assert by["fast"]["spread"] == pytest.approx(0.25)
+    assert by["fast"]["spread"] == pytest.approx(0.25) and by["fast"]["key"] == "s.f"
+    assert by["part"]["img_s"] == pytest.approx(100.0) and by["part"]["ratio_vs_baseline"] is None
     assert by["base (repeat)"]["role"] == "repeat" and by["base (repeat)"]["spread"] == pytest.approx(0)
-    assert by["off"]["img_s"] is None and by["off"]["skipped"]
+    assert by["off"]["img_s"] is None and by["off"]["skipped"] and by["base"]["key"] == "s.baseline"
 
 
-def test_knn_topk_equals_brute_force_and_vote():
+@pytest.mark.parametrize("with_faiss", [True, False])
+def test_original_knn_search_is_exact_l2_and_its_vote_breaks_ties_at_random(monkeypatch, with_faiss):
+    if with_faiss and O.faiss_or_none() is None:
+        pytest.skip("faiss is not installed")
+    if not with_faiss:
+        monkeypatch.setattr(O, "faiss_or_none", lambda: None)
     g = torch.Generator().manual_seed(0)
     train = torch.nn.functional.normalize(torch.randn(500, 8, generator=g), dim=1)
     queries = torch.nn.functional.normalize(torch.randn(37, 8, generator=g), dim=1)
-    sims, idx = B.knn_topk(train, queries, 5, chunk=10)
-    full = queries.double() @ train.double().T
-    want = np.argsort(-full.numpy(), axis=1)[:, :5]
-    assert np.array_equal(idx.numpy(), want)
-    assert torch.allclose(sims.double(), full.gather(1, idx), atol=1e-6)
-    votes = B.majority_vote(torch.tensor([[2, 1, 2, 0], [3, 3, 1, 1], [0, 0, 0, 0]]), 4)
-    assert votes.tolist() == [2, 1, 0]  # a tie goes to the lowest label
+    idx = O.original_search(train.numpy(), queries.numpy(), 5)
+    want = np.argsort(torch.cdist(queries.double(), train.double()).numpy(), axis=1)[:, :5]
+    assert np.array_equal(idx, want)
+    labels = np.array([2, 1, 2, 0, 3, 3, 1, 1])
+    neighbours = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [3, 3, 3, 3]])  # votes: clear 2; tie {3, 1}; clear 0
+    picks = {tuple(O.original_vote(labels, neighbours, random.Random(s))) for s in range(40)}
+    assert picks == {(2, 3, 0), (2, 1, 0)}  # both tied classes come up, never an untied one
 
 
-def test_gpu_profile_needs_cuda_unless_dry(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    args = B.get_args_parser().parse_args(["--profile", "gpu", "--work_dir", str(tmp_path)])
-    with pytest.raises(UserError, match="needs a CUDA device"):
-        B.main(args)
-
-
-def test_unknown_stage_is_refused(tmp_path):
-    args = B.get_args_parser().parse_args(["--stages", "data,warp", "--work_dir", str(tmp_path)])
-    with pytest.raises(UserError, match="unknown stage"):
-        B.main(args)
+def test_original_knn_counts_queries_on_host_and_on_a_device():
+    feats = torch.randn(50, 4)
+    for device in (None, torch.device("cpu")):
+        knn = O.OriginalKnn(feats, torch.randint(0, 3, (50,)), feats[:7], ks=(1, 5), device=device)
+        assert knn() == 7
 
 
 def test_generated_jpegs_look_like_imagenet(tmp_path):
@@ -111,14 +127,14 @@ def test_generated_jpegs_look_like_imagenet(tmp_path):
 
 def test_cycle_wraps_keys():
     data = list(range(3))
-    c = B.Cycle(data, 7)
+    c = Cycle(data, 7)
     assert len(c) == 7 and [c[i] for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
 
     class Keyed(list):
         def __getitem__(self, key):
             return key
 
-    assert B.Cycle(Keyed([0, 0]), 5)[(3, 9)] == (1, 9)
+    assert Cycle(Keyed([0, 0]), 5)[(3, 9)] == (1, 9)
 
 
 def test_a_failing_stage_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
@@ -133,5 +149,93 @@ def test_a_failing_stage_is_recorded_and_the_others_still_run(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="knn failed"):
         B.main(args)
     rows = json.loads(out.read_text())
-    assert rows[0]["failed"] and rows[0]["note"] == "failed: ValueError: simulated"
+    assert rows[0]["failed"] and rows[0]["note"] == "failed: ValueError: simulated" and rows[0]["key"] == "knn.failed"
     assert [r["stage"] for r in rows[1:]] == ["probe"] * 3 and all(r["img_s"] > 0 for r in rows[1:])
+
+
+# ============ flags: one sentence and exit status 2, before any work ============
+def exit_with(module, argv: list[str], capsys, caplog) -> tuple[int, str]:
+    """Parse and run a command as its ``__main__`` does; (exit status, what it printed or logged)."""
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        run_cli(module.main, module.get_args_parser().parse_args(argv))
+    return stop.value.code, capsys.readouterr().err + caplog.text
+
+
+@pytest.fixture
+def paths(tmp_path) -> dict:
+    (tmp_path / "a_file").write_text("x")
+    return {"dir": str(tmp_path), "file": str(tmp_path / "a_file"), "under_file": str(tmp_path / "a_file" / "r.json")}
+
+
+BENCHMARK_MISTAKES = [
+    (["--rounds", "0"], "--rounds: expected a positive integer"),
+    (["--images", "-3"], "--images: expected a positive integer"),
+    (["--images", "4"], "--images 4 is fewer than one batch of this profile (32)"),
+    (["--crop", "4"], "--crop: expected an image size in pixels"),
+    (["--jpeg_size", "500"], "--jpeg_size: expected WIDTHxHEIGHT"),
+    (["--jpeg_size", "5x5"], "--jpeg_size: expected a width and height between 8 and 8192"),
+    (["--threads", "0"], "--threads: expected a positive integer"),
+    (["--seed", "-1"], "--seed: expected an integer >= 0"),
+    (["--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N"),
+    (["--profile", "tpu"], "--profile: invalid choice"),
+    (["--stages", "data,warp"], "unknown stage(s) warp in --stages"),
+    (["--stages", ","], "unknown stage(s) (none given)"),
+    (["--json", "{dir}"], "is a folder; give the file to write"),
+    (["--json", "{under_file}"], "which is a file; give another path"),
+    (["--work_dir", "{file}"], "--work_dir '{file}' is a file; give a folder"),
+]
+if not torch.cuda.is_available():
+    BENCHMARK_MISTAKES += [
+        (["--device", "cuda"], "no CUDA GPU is visible; use --device cpu"),
+        (["--profile", "gpu"], "--profile gpu needs a CUDA device"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"), BENCHMARK_MISTAKES, ids=lambda v: " ".join(v) if isinstance(v, list) else None
+)
+def test_benchmark_flag_mistakes_get_one_sentence_and_status_2(argv, message, paths, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(B, "prepare_jpegs", lambda *a: pytest.fail("work started before the flags were checked"))
+    argv = [a.format(**paths) for a in argv]
+    code, text = exit_with(B, [*argv, "--work_dir", paths["dir"]] if "--work_dir" not in argv else argv, capsys, caplog)
+    assert code == 2 and message.format(**paths) in text
+    assert "Traceback" not in text
+
+
+KNN_MISTAKES = [
+    (["--n_train", "0"], "--n_train: expected a positive integer"),
+    (["--n_test", "x"], "--n_test: expected a positive integer"),
+    (["--dim", "-1"], "--dim: expected a positive integer"),
+    (["--classes", "0"], "--classes: expected a positive integer"),
+    (["-k", "0"], "-k: expected a positive integer"),
+    (["--n_train", "10", "-k", "20"], "-k 20 is more than --n_train 10"),
+    (["--repeats", "0"], "--repeats: expected a positive integer"),
+    (["--chunk", "0"], "--chunk: expected a positive integer"),
+    (["--backends", "torch,annoy"], "--backends torch,annoy: choose from torch, faiss"),
+    (["--device", "gpu0"], "--device: expected auto, cpu, cuda or cuda:N"),
+    (["--n_train", "1000000000", "--dim", "4096"], "GiB for the features, more than this machine's"),
+    (["--json", "{dir}"], "is a folder; give the file to write"),
+]
+if not torch.cuda.is_available():
+    KNN_MISTAKES.append((["--device", "cuda:0"], "no CUDA GPU is visible; use --device cpu"))
+
+
+@pytest.mark.parametrize(("argv", "message"), KNN_MISTAKES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bench_knn_flag_mistakes_get_one_sentence_and_status_2(argv, message, paths, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(K, "clustered_features", lambda *a, **k: pytest.fail("work started before the checks"))
+    code, text = exit_with(K, [a.format(**paths) for a in argv], capsys, caplog)
+    assert code == 2 and message.format(**paths) in text
+    assert "Traceback" not in text
+
+
+def test_bench_knn_runs_both_backends_and_writes_json(tmp_path):
+    out = tmp_path / "knn.json"
+    argv = ["--n_train", "400", "--n_test", "30", "--dim", "16", "--classes", "10", "-k", "5", "--repeats", "1",
+            "--json", str(out), "--linear_probe"]  # fmt: skip
+    rows = K.main(K.get_args_parser().parse_args(argv))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    search = [r for r in rows if r["stage"] == "knn_search"]
+    assert len(search) == (2 if K.faiss_module() else 1)
+    assert all(r["same_neighbours_rows_pct"] == 100.0 for r in search)
+    assert len({r["top1_majority"] for r in search}) == 1  # the same answer from every backend
+    assert rows[-1]["stage"] == "linear_probe_cached" and rows[-1]["train_top1_last_epoch"] > 10  # above chance

@@ -116,6 +116,8 @@ PARSE = [
     ("cache", ["--batch_size", "0"], "--batch_size", "expected a positive integer"),
     ("cache", ["--num_workers", "-1"], "--num_workers", "expected an integer >= 0"),
     ("cache", ["--crop_size", "0"], "--crop_size", "between 8 and 4096"),
+    ("cache", ["--views", "-1"], "--views", "expected an integer >= 0"),
+    ("cache", ["--views", "2", "--decode", "gpu0"], "--decode", "invalid choice"),
     ("pretrain", ["--epochs", "0"], "--epochs", "expected a positive integer"),
     ("pretrain", ["--learning_rate", "0"], "--learning_rate", "expected a number > 0"),
     ("pretrain", ["--image_size", "2"], "--image_size", "between 8 and 4096"),

@@ -22,7 +22,6 @@ from data import decode as D
 from data.datasets import DataError, IndexedImageFolder, load_rgb
 from data.synthetic import textured_image
 from data.transforms import TrainViews, WeakAug, rrc_box
-from tools.bench import device_decode as DD
 
 SIZE = 32  # output crop; 203x149 images then allow DCT reductions of 2 and 4
 
@@ -163,34 +162,6 @@ def test_dataset_opens_files_the_way_its_transform_asks(jpegs, tmp_path):
     assert pair.loader is load_rgb  # two views: one full decode shared by both
 
 
-def test_batched_decode_gives_the_cpu_pipeline_crops(jpegs, tmp_path):
-    for i, path in enumerate(jpegs):
-        os.makedirs(tmp_path / "c", exist_ok=True)
-        os.link(path, tmp_path / "c" / f"{i}.jpg")
-    folder = IndexedImageFolder(str(tmp_path), seed=5)
-    views = IndexedImageFolder(str(tmp_path), TrainViews(SIZE, True, True, False, decode="tv"), seed=5)
-    batch = DD.collate_encoded([DD.EncodedCrops(folder)[(i, 7)] for i in range(4)])
-    out = DD.decode_crop_resize_batch(batch[0], batch[1], batch[2], SIZE, torch.device("cpu"))
-    assert out.shape == (4, 3, SIZE, SIZE) and out.dtype == torch.uint8
-    assert torch.equal(batch[4], torch.arange(4))
-    for i in range(4):
-        assert torch.equal(out[i], views[(i, 7)][0])
-
-
 def test_unknown_decoder_is_refused():
     with pytest.raises(ValueError, match="unknown decoder"):
         WeakAug(32, decode="nvjpeg")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_batched_decode_matches_cpu(jpegs, tmp_path):
-    for i, path in enumerate(jpegs):
-        os.makedirs(tmp_path / "c", exist_ok=True)
-        os.link(path, tmp_path / "c" / f"{i}.jpg")
-    crops = DD.EncodedCrops(IndexedImageFolder(str(tmp_path), seed=5))
-    batch = DD.collate_encoded([crops[(i, 7)] for i in range(4)])
-    cpu = DD.decode_crop_resize_batch(batch[0], batch[1], batch[2], SIZE, torch.device("cpu"))
-    gpu = DD.decode_crop_resize_batch(batch[0], batch[1], batch[2], SIZE, torch.device("cuda")).cpu()
-    diff = (cpu.float() - gpu.float()).abs()
-    assert diff.mean() <= 1.0 and diff.max() <= 16  # nvJPEG's IDCT and upsampling differ slightly from libjpeg

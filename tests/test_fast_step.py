@@ -16,8 +16,7 @@ from models.fold import compile_frozen, count_batchnorms, fold_batchnorm
 from models.loss import regression_loss
 from models.student import Student
 from models.teachers import Teacher
-from tools.bench.baseline import OriginalStep, build_original_pair
-from tools.benchmark import normalised_pair
+from tools.bench.baseline import OriginalStep, build_original_pair, normalised_pair
 from tools.engine.distributed import DistInfo
 from tools.engine.step import StepConfig, build_optimizer, distill_step
 

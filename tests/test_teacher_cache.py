@@ -96,11 +96,12 @@ class Counting(torch.nn.Module):
         return self.teacher(x)
 
 
-def test_plan_gives_each_pending_index_to_one_rank_in_equal_full_batches():
+def test_plan_gives_each_pending_index_to_one_rank_in_the_same_number_of_steps():
     pending = np.array([0, 2, 3, 5, 6, 7, 9])
     parts = [plan_rank(pending, r, 2, 2) for r in range(2)]
-    assert parts[0][1] == parts[1][1] == 2
-    assert parts[0][0].tolist() == [0, 2, 6, 7] and parts[1][0].tolist() == [3, 5, 9, 9]
+    assert [p.tolist() for p in parts[0]] == [[0, 2], [6, 7]]
+    assert [p.tolist() for p in parts[1]] == [[3, 5], [9]]  # nothing padded: no row is computed twice
+    assert [p.tolist() for p in plan_rank(np.array([4]), 1, 2, 2)] == [[]]  # a step with no rows for rank 1
 
 
 def _cache_rank(rank: int, argv: list[str], port: int) -> None:
@@ -154,7 +155,7 @@ def test_interrupted_build_resumes_with_only_the_missing_rows(data, weights, tmp
         CachedTeacher(out)
     second = Counting(teacher)
     build_cache(second, dataset, out, MANIFEST, **kwargs)
-    assert (second.calls, second.images) == (3, 6)  # the 5 missing rows, padded to full batches of 2
+    assert (second.calls, second.images) == (3, 5)  # exactly the 5 missing rows, in batches of 2
     live = live_features(weights, dataset)
     np.testing.assert_allclose(np.load(out).astype(np.float32), live, rtol=2e-3, atol=2e-3 * np.abs(live).max())
     again = Counting(teacher)

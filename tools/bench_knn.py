@@ -14,23 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
+from models.errors import UserError
+from models.io import write_json
+from tools.bench.eval_stages import clustered_features
+from tools.engine import cli
+from tools.engine.distributed import pick_device
+from tools.engine.logs import setup_logging
 from tools.eval.knn import faiss_module, knn_classify, knn_search
-from tools.eval.linear_probe import LinearProbe, feature_statistics, step_lr, train_epoch_cached
+from tools.eval.linear_probe import LinearProbe, feature_statistics, probe_optimizer, step_lr, train_epoch_cached
 
-
-def clustered_features(n: int, dim: int, classes: int, seed: int, centres: torch.Tensor | None = None):
-    """(features (n, dim) unit rows, labels (n,), centres (classes, dim))."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(0)) if centres is None else centres
-    labels = torch.randint(0, classes, (n,), generator=g)
-    feats = centres[labels] + 3.5 * torch.randn(n, dim, generator=g)  # noise: ~50% 1-NN on 200k x 512
-    return F.normalize(feats, dim=1), labels, centres
+log = logging.getLogger("simreg.bench_knn")
+BACKENDS = ("torch", "faiss")
 
 
 def sync(device: torch.device) -> None:
@@ -39,7 +39,7 @@ def sync(device: torch.device) -> None:
 
 
 def bench_search(train, train_y, test, test_y, args, device) -> list[dict]:
-    backends = [b for b in args.backends.split(",") if b != "faiss" or faiss_module() is not None]
+    backends = args.backends
     times = {b: [] for b in backends}
     results, neighbours = {}, {}
     for _ in range(args.repeats):
@@ -80,7 +80,7 @@ def bench_linear_probe(train, train_y, classes: int, device: torch.device, epoch
     """Seconds for the cached probe's ``epochs`` epochs (batch 256, SGD 0.01, x0.1 at 15 and 30)."""
     feats, labels = train.to(device, torch.float16), train_y.to(device)
     probe = LinearProbe(*feature_statistics(train), classes).to(device)
-    opt = torch.optim.SGD(probe.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    opt = probe_optimizer(probe.parameters())  # eval_linear's SGD
     sync(device)
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -97,21 +97,49 @@ def bench_linear_probe(train, train_y, classes: int, device: torch.device, epoch
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n_train", type=int, default=200_000)
-    p.add_argument("--n_test", type=int, default=2_000)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("-k", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--backends", default="torch,faiss")
-    p.add_argument("--chunk", type=int, default=None, help="torch backend: query rows per block (default: auto)")
-    p.add_argument("--device", default="cpu")
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("k-NN search benchmark", description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--n_train", type=cli.positive_int, default=200_000, help="train feature rows")
+    p.add_argument("--n_test", type=cli.positive_int, default=2_000, help="query rows")
+    p.add_argument("--dim", type=cli.positive_int, default=512, help="feature dimension")
+    p.add_argument("--classes", type=cli.positive_int, default=1000, help="number of classes (clusters)")
+    p.add_argument("-k", type=cli.positive_int, default=20, help="neighbours per query (at most --n_train)")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="interleaved repeats per backend")
+    p.add_argument("--backends", default="torch,faiss", help="comma-separated: torch, faiss")
+    p.add_argument("--chunk", type=cli.positive_int, default=None, help="torch backend: query rows per block")
+    p.add_argument("--device", type=cli.device_name, default="cpu", help="cpu, cuda or cuda:N (auto: cuda if any)")
     p.add_argument("--linear_probe", action="store_true", help="also time the cached 40-epoch linear probe")
     p.add_argument("--json", default=None, help="write the rows to this file")
-    args = p.parse_args()
-    device = torch.device(args.device)
+    cli.add_debug_flag(p)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> torch.device:
+    """Every flag against what this machine can do, before any features are drawn; returns the device."""
+    device = pick_device(args.device)
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise UserError(f"--backends {args.backends}: choose from {', '.join(BACKENDS)}, comma-separated")
+    if "faiss" in names and faiss_module() is None:
+        log.warning("--backends: faiss is not installed (pip install faiss-cpu); timing %s only", "torch")
+        names.remove("faiss")
+    if not names:
+        raise UserError("--backends faiss needs the faiss package: pip install faiss-cpu, or add torch")
+    if args.k > args.n_train:
+        raise UserError(f"-k {args.k} is more than --n_train {args.n_train}; choose k <= the train rows")
+    # train and test features, their clusters' noise, one float32 similarity block: a few copies of each
+    need = 4 * (3 * (args.n_train + args.n_test) * args.dim + args.classes * args.dim)
+    cli.check_fits(need, f"--n_train {args.n_train} x --dim {args.dim}", "the features", "choose fewer rows")
+    cli.check_output_file("--json", args.json)
+    args.backends = names
+    return device
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    setup_logging(None, True, args.debug)
+    device = check_args(args)
     train, train_y, centres = clustered_features(args.n_train, args.dim, args.classes, seed=1)
     test, test_y, _ = clustered_features(args.n_test, args.dim, args.classes, seed=2, centres=centres)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; device {device}", flush=True)
@@ -121,9 +149,9 @@ def main() -> None:
     for row in rows:
         print(json.dumps(row), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, rows)
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_cli(main, get_args_parser().parse_args())

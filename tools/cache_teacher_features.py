@@ -1,4 +1,4 @@
-"""Build a teacher feature cache: one float16 row per training image, in dataset order.
+"""Build a teacher feature cache: one float16 row per training image (and view), in dataset order.
 
 The paper's cached runs (SimCLR-x4, BYOL, SwAV teachers) regressed one fixed centre-crop feature per
 image (Resize 256, CenterCrop 224, the teacher's own normalisation). One process:
@@ -11,6 +11,13 @@ All GPUs of a machine (rows still land in dataset order; an interrupted build re
     torchrun --nproc_per_node=gpu -m tools.cache_teacher_features /path/to/imagenet ...same flags...
 
 Then train with ``train_student.py ... --use_cache --teacher_feats cache/simclr_r50x4_train.npy``.
+
+``--views K`` instead stores, for every image and v = 1..K, the teacher's feature of exactly the crop
+the training loader gives that image in epoch v; give it training's ``--seed``, ``--image_size``,
+view flags and ``--decode`` (training refuses a cache whose crops are not its own):
+
+    python -m tools.cache_teacher_features /path/to/imagenet --teacher_weights moco_v2_800ep_pretrain.pth.tar \
+        --views 10 --single_aug --weak_weak --image_size 224 --seed 0 --out cache/moco_10views.npy
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import os
 import torch
 
 from data.datasets import IndexedImageFolder, select_classes, split_folder
-from data.transforms import CenterCrop
+from data.device_decode import resolve_decode
+from data.transforms import CenterCrop, TeacherView, TrainViews
 from models.errors import UserError
 from models.io import file_sha256
 from models.teachers import load_teacher, teacher_arch_names
@@ -40,14 +48,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     cli.add_dataset_args(g, "cache")
     g.add_argument("--resize_size", type=cli.image_size_int, default=256, help="shorter side before the centre crop")
     g.add_argument("--crop_size", type=cli.image_size_int, default=224, help="centre crop size (the cached view)")
-    g.add_argument("--batch_size", type=cli.positive_int, default=256, help="images per batch and process")
+    g.add_argument(
+        "--views",
+        type=cli.nonneg_int,
+        default=0,
+        help="0: one centre crop per image (the paper's cached mode); K: the training crops of epochs 1..K",
+    )
+    cli.add_view_args(g)  # with --views K: the run's views, as train_student.py takes them
+    g.add_argument("--batch_size", type=cli.positive_int, default=256, help="rows (crops) per batch and process")
     g.add_argument("--num_workers", type=cli.nonneg_int, default=8, help="data loading processes per process")
     g = p.add_argument_group("teacher")
     cli.add_teacher_args(g, teacher_arch_names(), weights_required=True)
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out", required=True, help="output FILE.npy (FILE.json manifest is written beside it)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished cache built with other settings")
-    cli.add_runtime_args(g, seed=False)
+    cli.add_runtime_args(g)  # --seed: with --views K, the training run's seed (its crops)
     return p
 
 
@@ -59,15 +74,47 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--out '{args.out}' is a folder; give the FILE.npy to write")
     if args.crop_size > args.resize_size:
         raise UserError(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}")
+    if not args.views and (args.single_aug or args.weak_weak or args.weak_strong):
+        cli.note_ignored("--single_aug/--weak_weak/--weak_strong", "they choose the crops of --views K; without it "
+                         "the cache holds centre crops")  # fmt: skip
     split_folder(args.data, "train")
     cli.check_paths(files={"--teacher_weights": args.teacher_weights, "--class_list": args.class_list})
-    cli.check_batch_fits(args.batch_size, args.crop_size)
+    cli.check_batch_fits(args.batch_size, args.image_size if args.views else args.crop_size)
 
 
-def build_dataset(args) -> IndexedImageFolder:
-    """The training images in train_student.py's order and class subset, as uint8 centre crops."""
+def build_dataset(args, device: torch.device) -> IndexedImageFolder:
+    """The training images in train_student.py's order and class subset: uint8 centre crops, or with
+    ``--views`` the teacher's view of the training transform (key ``(index, v)``: its crop in epoch v)."""
     classes = select_classes(args.data, args.class_list, args.dataset)
-    return IndexedImageFolder(split_folder(args.data, "train"), CenterCrop(args.resize_size, args.crop_size), classes)
+    dataset = IndexedImageFolder(split_folder(args.data, "train"), None, classes, seed=args.seed)
+    if args.views:  # the decoder chosen as training chooses it, so the crops (and the record) are the run's
+        single_weak = args.single_aug and args.weak_weak and not args.weak_strong
+        decode = resolve_decode(args.decode, device, [path for path, _ in dataset.samples], single_weak)
+        views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, decode)
+        dataset.transform = TeacherView(views)
+    else:
+        dataset.transform = CenterCrop(args.resize_size, args.crop_size)
+    return dataset
+
+
+def describe(args, teacher, dataset: IndexedImageFolder, is_main: bool) -> dict:
+    """The manifest's teacher, preprocessing and views sections (the fingerprint and shape come later)."""
+    sha = file_sha256(args.teacher_weights) if is_main else ""
+    teacher_id = {"arch": teacher.arch, "format": teacher.fmt, "use_fc": args.teacher_fc, "pool": teacher.pool,
+                  "weights_sha256": sha}  # fmt: skip
+    norms = {"imagenet": "ImageNet mean/std", "none": "none ([0, 1] pixels)"}
+    preprocessing = {
+        "input": "uint8 / 255, then the teacher's normalisation",
+        "normalisation": norms.get(teacher.input_norm, teacher.input_norm),
+    }
+    if args.views:
+        views = {**dataset.transform.views.record(args.seed), "n_views": args.views}
+        preprocessing["crops"] = "the training loader's: view v of image i is its crop in epoch v"
+    else:
+        views = {"mode": "centre crop", "n_views": 1}
+        preprocessing.update(resize_size=args.resize_size, crop_size=args.crop_size, interpolation="bilinear")
+    files = {"weights_file": os.path.abspath(args.teacher_weights), "data_root": os.path.abspath(dataset.root)}
+    return {"teacher": teacher_id, "preprocessing": preprocessing, "views": views, **files}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -78,37 +125,19 @@ def main(args: argparse.Namespace) -> None:
         torch.backends.cudnn.benchmark = True
 
     # ============ data and teacher ============
-    dataset = build_dataset(args)
+    dataset = build_dataset(args, dist_info.device)
     teacher = load_teacher(
         args.teacher_weights,
         args.arch_teacher,
         args.teacher_format,
         use_fc=args.teacher_fc,
         pool=args.teacher_pool,
-        input_size=args.crop_size,
+        input_size=args.image_size if args.views else args.crop_size,
     )
     teacher = teacher.to(dist_info.device)
-    log.info("caching %d images of %d classes from %s", len(dataset), len(dataset.classes), dataset.root)
-    manifest = {
-        "teacher": {
-            "arch": teacher.arch,
-            "format": teacher.fmt,
-            "use_fc": args.teacher_fc,
-            "pool": teacher.pool,
-            "weights_sha256": file_sha256(args.teacher_weights) if dist_info.is_main else "",
-        },
-        "preprocessing": {
-            "resize_size": args.resize_size,
-            "crop_size": args.crop_size,
-            "interpolation": "bilinear",
-            "input": "uint8 / 255, then the teacher's normalisation",
-            "normalisation": {"imagenet": "ImageNet mean/std", "none": "none ([0, 1] pixels)"}.get(
-                teacher.input_norm, teacher.input_norm
-            ),
-        },
-        "weights_file": os.path.abspath(args.teacher_weights),
-        "data_root": os.path.abspath(dataset.root),
-    }
+    what = f"{args.views} views ({dataset.transform.views.name}, seed {args.seed})" if args.views else "centre crops"
+    log.info("caching %s of %d images of %d classes from %s", what, len(dataset), len(dataset.classes), dataset.root)
+    manifest = describe(args, teacher, dataset, dist_info.is_main)
 
     # ============ extraction ============
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -121,6 +150,7 @@ def main(args: argparse.Namespace) -> None:
         num_workers=args.num_workers,
         dist_info=dist_info,
         overwrite=args.overwrite,
+        n_views=args.views,
     )
     distributed.barrier()
     distributed.cleanup()

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from data.device_decode import DECODE_CHOICES
 from models.errors import UserError
 from models.formats import FORMATS
 
@@ -75,6 +76,18 @@ positive_float = _number(float, 1e-300, float("inf"), "a number > 0")
 momentum_float = _number(float, 0.0, 0.999999, "a number in [0, 1)")
 image_size_int = _number(int, 8, 4096, "an image size in pixels between 8 and 4096")
 crop_scale = _number(float, 1e-6, 1.0, "an area fraction in (0, 1]")
+fraction_float = _number(float, 1e-6, 1.0, "a fraction in (0, 1]")
+
+
+def width_x_height(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` in pixels, each between 8 and 8192 (e.g. ``500x375``)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels (e.g. 500x375), got {text!r}") from None
+    if not (8 <= width <= 8192 and 8 <= height <= 8192):
+        raise argparse.ArgumentTypeError(f"expected a width and height between 8 and 8192 pixels, got {text}")
+    return width, height
 
 
 def device_name(text: str) -> str:
@@ -85,6 +98,25 @@ def device_name(text: str) -> str:
 
 
 # ============ checking paths before work starts ============
+def check_output_file(flag: str, path: str | None) -> None:
+    """A UserError when a file to be written is a folder or lies under an existing file."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a folder; give the file to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} '{path}' lies under '{parent}', which is a file; give another path")
+
+
+def check_output_folder(flag: str, path: str | None) -> None:
+    """A UserError when a folder to be written into (created if missing) is an existing file."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} '{path}' is a file; give a folder")
+
+
 def check_paths(*, files: dict[str, str | None] = (), folders: dict[str, str | None] = ()) -> None:
     """A UserError naming the first flag whose path is not an existing file (``files``) or folder."""
     for flag, path in dict(files).items():
@@ -100,11 +132,16 @@ def check_paths(*, files: dict[str, str | None] = (), folders: dict[str, str | N
 def check_batch_fits(batch: int, size: int, flag: str = "--batch_size") -> None:
     """Refuse a batch whose uint8 images alone would not fit in this machine's memory."""
     need = batch * 3 * size * size * 4  # the float32 copy of one batch, before any activation
+    check_fits(need, f"{flag} {batch} at {size} px", "one float batch", "choose a smaller batch or image size")
+
+
+def check_fits(need: int, what: str, holds: str, fix: str) -> None:
+    """Refuse ``what`` when the ``need`` bytes it takes (``holds``) exceed this machine's memory."""
     total = _memory_bytes()
     if total and need > total:
         raise UserError(
-            f"{flag} {batch} at {size} px needs {need / 2**30:.0f} GiB for one float batch, more than this "
-            f"machine's {total / 2**30:.0f} GiB of memory; choose a smaller batch or image size"
+            f"{what} needs {need / 2**30:.0f} GiB for {holds}, more than this machine's "
+            f"{total / 2**30:.0f} GiB of memory; {fix}"
         )
 
 
@@ -191,6 +228,17 @@ def add_dataset_args(g: argparse._ArgumentGroup, what: str = "train on") -> None
         "imagenet-lt: the folders as given (accepted from the original's k-NN script)",
     )
     g.add_argument("--class_list", default=None, help=f"file of class folder names to {what}, one per line")
+
+
+def add_view_args(g: argparse._ArgumentGroup) -> None:
+    """The training views (crop size, view mode, decoder): training and the K-view cache builder share them."""
+    g.add_argument("--image_size", type=image_size_int, default=224, help="training crop size in pixels")
+    g.add_argument("--single_aug", action="store_true", help="one view fed to both networks (the paper's best)")
+    g.add_argument("--weak_weak", action="store_true", help="weak augmentation for teacher and student")
+    g.add_argument("--weak_strong", action="store_true", help="weak view for the teacher, strong for the student")
+    g.add_argument("--decode", default="auto", choices=DECODE_CHOICES,
+                   help="JPEG decoding of the single weak view: gpu (batched, on the device), cpu (in the workers), "
+                   "pil, draft, tv; auto = gpu on CUDA for JPEG files, else cpu")  # fmt: skip
 
 
 def add_teacher_args(

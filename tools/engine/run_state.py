@@ -58,9 +58,11 @@ def teacher_fingerprint(teacher, weights: str | None, use_fc: bool) -> str:
     teacher it came from)."""
     manifest = getattr(teacher, "manifest", None)
     if manifest is not None:
-        t = manifest["teacher"]
+        t, views = manifest["teacher"], manifest.get("views", {})
         pool = f"/pool={t['pool']}" if t.get("pool") else ""
-        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}{pool}/{t['weights_sha256']}"
+        # A K-view cache's targets follow its views: resuming on another K would change them.
+        per_view = f"/{views['n_views']} views" if views.get("mode", "centre crop") != "centre crop" else ""
+        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}{pool}/{t['weights_sha256']}{per_view}"
     pool = f"/pool={teacher.pool}" if getattr(teacher, "pool", None) else ""  # CNN fingerprints unchanged
     return f"{teacher.arch}/{teacher.fmt}/fc={use_fc}{pool}/{file_sha256(weights)}"
 

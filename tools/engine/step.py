@@ -1,8 +1,9 @@
 """The distillation step: what one optimisation step computes, apart from how the loop runs it.
 
 ``distill_step`` is the function ``train_student.py`` calls and the benchmark times: images to the
-device as float in [0, 1], the teacher's targets under inference mode, the student under autocast,
-the regression loss in fp32, one optimizer step, no host synchronisation.
+device as float in [0, 1] (decoded there first with ``--decode gpu``), the teacher's targets under
+inference mode, the student under autocast, the regression loss in fp32, one optimizer step, no host
+synchronisation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data.device_decode import EncodedBatch
 from models.loss import multi_teacher_loss, regression_loss
 from tools.engine.distributed import DistInfo
 from tools.engine.signals import StopRequest
@@ -47,9 +49,13 @@ class StepConfig:
         return self.dist_info.device
 
 
-def to_device_images(batch: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [0, 1] on the device; the networks normalise inside."""
-    x = batch.to(cfg.device, non_blocking=True)
+def to_device_images(batch: torch.Tensor | EncodedBatch, cfg: StepConfig) -> torch.Tensor:
+    """uint8 (B, 3, H, W), or encoded JPEGs decoded here on the device (``--decode gpu``) -> float in [0, 1]
+    on the device; the networks normalise inside."""
+    if isinstance(batch, EncodedBatch):
+        x = batch.decode(cfg.device)
+    else:
+        x = batch.to(cfg.device, non_blocking=True)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x.float().div_(255.0)

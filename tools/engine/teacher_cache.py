@@ -1,10 +1,16 @@
 """Building a teacher feature cache (the reader is :mod:`models.cached_teacher`).
 
-:func:`build_cache` runs the teacher over every training image (all ranks of a torchrun job share the
-work) and rank 0 writes the rows in dataset order. It is resumable: rows go into ``FILE.npy.partial``
-with a done-mask ``FILE.npy.done.npy`` saved after every flush; the final file appears by an atomic
-rename, then the manifest. Only rank 0 touches these files, so no shared filesystem between nodes is
-needed.
+:func:`build_cache` runs the teacher once over every row of the cache (all ranks of a torchrun job
+share the work) and rank 0 writes the rows in the file's order. A centre-crop cache has one row per
+training image, (N, D); a K-view cache one per image and view, (K, N, D), row [v - 1, i] computed on
+the crop the training loader gives image i in epoch v. The work is ordered image by image (the K views
+of an image follow each other, so its file is read once from disk and then from the page cache) and cut
+into batches of rows: one teacher forward per stored row, nothing recomputed, whatever the views.
+
+It is resumable: rows go into ``FILE.npy.partial`` with a done-mask ``FILE.npy.done.npy`` (in work
+order) saved after every flush, so a rerun computes only the missing rows; the final file appears by an
+atomic rename, then the manifest. Only rank 0 touches these files, so no shared filesystem between
+nodes is needed.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets import dataset_fingerprint
-from models.cached_teacher import MANIFEST_VERSION, manifest_path, read_manifest
+from data.device_decode import EncodedBatch
+from models.cached_teacher import CENTRE_CROP, MANIFEST_VERSION, manifest_path, read_manifest
 from models.errors import UserError
 from models.io import atomic_npy, read_json, write_json
 from tools.engine.distributed import DistInfo
@@ -28,6 +35,7 @@ from tools.engine.distributed import DistInfo
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 60.0  # at most this much work is lost when a build is interrupted
+BUILD_KEYS = ("teacher", "preprocessing", "views", "n_images", "paths_sha256", "classes", "shape")
 
 
 def _partial_paths(npy_path: str) -> tuple[str, str, str]:
@@ -44,7 +52,7 @@ def _gather(t: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def _broadcast_pending(done: np.ndarray | None, n: int, device: torch.device, world_size: int) -> np.ndarray:
-    """Rank 0's done-mask sent to every rank; returns the sorted indices still to compute."""
+    """Rank 0's done-mask sent to every rank; returns the sorted work positions still to compute."""
     mask = torch.from_numpy(done.astype(np.uint8)) if done is not None else torch.zeros(n, dtype=torch.uint8)
     if world_size > 1:
         mask = mask.to(device)
@@ -52,20 +60,45 @@ def _broadcast_pending(done: np.ndarray | None, n: int, device: torch.device, wo
     return np.flatnonzero(mask.cpu().numpy() == 0)
 
 
-def plan_rank(pending: np.ndarray, rank: int, world_size: int, batch: int) -> tuple[np.ndarray, int]:
-    """This rank's indices, padded so every rank runs the same number of full batches.
+def plan_rank(pending: np.ndarray, rank: int, world_size: int, batch: int) -> list[np.ndarray]:
+    """This rank's work positions, step by step; every rank gets the same number of steps.
 
-    Step s covers ``pending[s*W*B : (s+1)*W*B]``, rank r its r-th block of B; the tail is padded by
-    repeating the last pending index (those rows are recomputed but not written twice). Returns the
-    rank's (steps * B,) indices and the number of steps.
+    Step s covers ``pending[s*W*B : (s+1)*W*B]``, rank r its r-th block of up to B. Nothing is padded
+    (no row is computed twice): in the last step a rank may get fewer rows than B, or none.
     """
     per_step = world_size * batch
     steps = -(-len(pending) // per_step)
-    padded = np.concatenate([pending, np.full(steps * per_step - len(pending), pending[-1] if len(pending) else 0)])
-    return padded.reshape(steps, world_size, batch)[:, rank, :].reshape(-1), steps
+    return [pending[s * per_step + rank * batch : s * per_step + (rank + 1) * batch] for s in range(steps)]
 
 
-def _prepare(npy_path: str, shape: tuple[int, int], build_info: dict, overwrite: bool) -> np.ndarray | None:
+class WorkOrder:
+    """Work position p <-> image ``p // K``, view ``p % K + 1`` <-> file row ``(p % K) * N + p // K``."""
+
+    def __init__(self, n_images: int, n_views: int) -> None:
+        self.n, self.k = n_images, max(n_views, 1)
+
+    def keys(self, positions: np.ndarray) -> list[tuple[int, int]]:
+        """Dataset keys ``(index, epoch)``: view v of image i is its crop in epoch v."""
+        return [(int(p) // self.k, int(p) % self.k + 1) for p in positions]
+
+    def file_rows(self, positions: np.ndarray) -> np.ndarray:
+        return (positions % self.k) * self.n + positions // self.k
+
+
+class _Batches:
+    """The loader's batch sampler: this rank's non-empty steps as lists of dataset keys."""
+
+    def __init__(self, steps: list[np.ndarray], order: WorkOrder) -> None:
+        self.steps, self.order = [s for s in steps if len(s)], order
+
+    def __iter__(self):
+        return (self.order.keys(s) for s in self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def _prepare(npy_path: str, shape: tuple[int, ...], build_info: dict, overwrite: bool) -> np.ndarray | None:
     """Rank 0: create or resume the partial file; returns the done-mask (None when already complete)."""
     data, done_path, info_path = _partial_paths(npy_path)
     if os.path.exists(npy_path) and os.path.exists(manifest_path(npy_path)) and not overwrite:
@@ -84,7 +117,7 @@ def _prepare(npy_path: str, shape: tuple[int, int], build_info: dict, overwrite:
             return done
         log.warning("discarding %s: it was started with other settings", data)
     np.lib.format.open_memmap(data, mode="w+", dtype=np.float16, shape=shape).flush()
-    done = np.zeros(shape[0], dtype=bool)
+    done = np.zeros(int(np.prod(shape[:-1])), dtype=bool)
     atomic_npy(done_path, done)
     write_json(info_path, build_info)
     return done
@@ -99,19 +132,29 @@ def _finish(npy_path: str, manifest: dict) -> None:
 
 
 @torch.inference_mode()
-def _extract(teacher, loader, steps: int, writer, dist_info: DistInfo) -> None:
-    """Run the teacher over this rank's batches; rank 0 gathers every rank's rows and hands them to ``writer``."""
-    device = dist_info.device
-    bar = tqdm(total=steps, desc="teacher features", disable=not dist_info.is_main, dynamic_ncols=True)
-    for images, _, index in loader:
-        x = images.to(device, non_blocking=True).float().div_(255.0)
-        feats = teacher(x).to(torch.float16)  # (B, D)
-        feats = _gather(feats, dist_info.world_size)
-        index = _gather(index.to(device), dist_info.world_size)
+def _extract(teacher, loader, steps: list[np.ndarray], batch: int, writer, dist_info: DistInfo) -> None:
+    """Run the teacher over this rank's steps; rank 0 gathers every rank's rows and hands them to ``writer``.
+
+    With several ranks each step's features are padded to ``batch`` rows (position -1) for the gather;
+    the padding is zeros, never a teacher forward.
+    """
+    device, world_size = dist_info.device, dist_info.world_size
+    batches = iter(loader)
+    for rows in tqdm(steps, desc="teacher features", disable=not dist_info.is_main, dynamic_ncols=True):
+        width = batch if world_size > 1 else len(rows)
+        feats = torch.zeros(width, int(teacher.feat_dim), dtype=torch.float16, device=device)  # (B, D)
+        position = torch.full((width,), -1, dtype=torch.int64, device=device)
+        if len(rows):
+            images, _, _ = next(batches)
+            if isinstance(images, EncodedBatch):  # --decode gpu: the crops are decoded here, as training does
+                images = images.decode(device)
+            x = images.to(device, non_blocking=True).float().div_(255.0)
+            feats[: len(rows)] = teacher(x).to(torch.float16)
+            position[: len(rows)] = torch.from_numpy(rows).to(device)
+        feats, position = _gather(feats, world_size), _gather(position, world_size)
         if dist_info.is_main:
-            writer(index.cpu().numpy(), feats.cpu().numpy())
-        bar.update(1)
-    bar.close()
+            keep = position >= 0
+            writer(position[keep].cpu().numpy(), feats[keep].cpu().numpy())
 
 
 def _agree_to_start(npy_path: str, shape, build_info: dict, overwrite: bool, dist_info: DistInfo):
@@ -131,6 +174,11 @@ def _agree_to_start(npy_path: str, shape, build_info: dict, overwrite: bool, dis
     return done, status.item() == 1
 
 
+def cache_shape(n_images: int, feat_dim: int, n_views: int = 0) -> tuple[int, ...]:
+    """(N, D) for a centre-crop cache (``n_views`` 0), (K, N, D) for K views."""
+    return (n_images, feat_dim) if n_views == 0 else (n_views, n_images, feat_dim)
+
+
 def build_cache(
     teacher: torch.nn.Module,
     dataset,
@@ -141,59 +189,74 @@ def build_cache(
     num_workers: int,
     dist_info: DistInfo,
     overwrite: bool = False,
+    n_views: int = 0,
 ) -> None:
-    """Write ``teacher``'s features of every image of ``dataset`` (uint8 centre crops) to ``npy_path``.
+    """Write ``teacher``'s features of every row to ``npy_path``: one forward per row, in batches of rows.
 
-    ``manifest`` describes the teacher and preprocessing; the dataset fingerprint and shape are added
-    here. All ranks call this with the same arguments; rows land in dataset order whatever the padding.
+    ``dataset`` gives the crops: uint8 centre crops (``n_views`` 0, key = index) or, for K views, the
+    training transform reduced to the teacher's view (``data.transforms.TeacherView``), whose key
+    ``(index, v)`` gives view v. ``manifest`` describes the teacher, preprocessing and views (a
+    centre-crop cache gets ``CENTRE_CROP``); the dataset fingerprint and shape are added here. All ranks
+    call this with the same arguments; rows land in file order whatever the split.
     """
     n, device, world_size = len(dataset), dist_info.device, dist_info.world_size
-    shape = (n, int(teacher.feat_dim))
-    manifest = {"version": MANIFEST_VERSION, **manifest, **dataset_fingerprint(dataset), "shape": list(shape)}
-    build_info = {k: manifest[k] for k in ("teacher", "preprocessing", "n_images", "paths_sha256", "classes", "shape")}
+    shape = cache_shape(n, int(teacher.feat_dim), n_views)
+    views = {**manifest.get("views", CENTRE_CROP), "n_views": max(n_views, 1)}
+    if (views["mode"] == CENTRE_CROP["mode"]) != (n_views == 0):
+        raise ValueError(f"a cache of {n_views} views cannot be described as {views['mode']}")
+    manifest = {"version": MANIFEST_VERSION, **manifest, "views": views}
+    manifest = {**manifest, **dataset_fingerprint(dataset), "shape": list(shape)}
+    build_info = {k: manifest[k] for k in BUILD_KEYS}
     done, finished = _agree_to_start(npy_path, shape, build_info, overwrite, dist_info)
     if finished:
         return
-    pending = _broadcast_pending(done, n, device, world_size)
-    indices, steps = plan_rank(pending, dist_info.rank, world_size, batch_size)
+    order = WorkOrder(n, n_views)
+    pending = _broadcast_pending(done, n * order.k, device, world_size)
+    steps = plan_rank(pending, dist_info.rank, world_size, batch_size)
     loader = DataLoader(
-        dataset, batch_size, sampler=indices.tolist(), num_workers=num_workers, pin_memory=device.type == "cuda"
+        dataset,
+        batch_sampler=_Batches(steps, order),
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=getattr(dataset.transform, "collate", None),
     )
-    writer = _RowWriter(npy_path, done, len(pending)) if dist_info.is_main else None
+    writer = _RowWriter(npy_path, done, order) if dist_info.is_main else None
     teacher.eval()
-    _extract(teacher, loader, steps, writer, dist_info)
+    started = time.monotonic()
+    _extract(teacher, loader, steps, batch_size, writer, dist_info)
     if dist_info.is_main:
         writer.close()
-        _finish(npy_path, {**manifest, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": world_size})
-        log.info("teacher cache written: %s %s float16 and %s", npy_path, shape, manifest_path(npy_path))
+        seconds = time.monotonic() - started
+        stamp = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": world_size}
+        _finish(npy_path, {**manifest, **stamp, "build_seconds": round(seconds, 3), "rows_built": len(pending)})
+        log.info("teacher cache written: %s %s float16 and %s (%d rows in %.1f s)", npy_path, shape,
+                 manifest_path(npy_path), len(pending), seconds)  # fmt: skip
 
 
 class _RowWriter:
     """Rank 0's writer: rows into the memory-mapped partial file, the done-mask saved after each flush."""
 
-    def __init__(self, npy_path: str, done: np.ndarray, n_pending: int) -> None:
+    def __init__(self, npy_path: str, done: np.ndarray, order: WorkOrder) -> None:
         data, self.done_path, _ = _partial_paths(npy_path)
-        self.rows = np.load(data, mmap_mode="r+")
-        self.done, self.last_flush = done, time.monotonic()
-        self.todo = n_pending
+        self.file = np.load(data, mmap_mode="r+")
+        self.rows = self.file.reshape(-1, self.file.shape[-1])  # (K * N, D), a view of the mapped file
+        self.done, self.order, self.last_flush = done, order, time.monotonic()
 
-    def __call__(self, index: np.ndarray, feats: np.ndarray) -> None:
-        keep = ~self.done[index]  # padding repeats rows already written in this step
-        index, feats = index[keep], feats[keep]
-        index, first = np.unique(index, return_index=True)
-        self.rows[index] = feats[first]
-        self.done[index] = True
-        self.todo -= len(index)
+    def __call__(self, position: np.ndarray, feats: np.ndarray) -> None:
+        keep = ~self.done[position]  # never write a row twice
+        position, feats = position[keep], feats[keep]
+        self.rows[self.order.file_rows(position)] = feats
+        self.done[position] = True
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
-        self.rows.flush()  # rows reach the file before the mask says they are done
+        self.file.flush()  # rows reach the file before the mask says they are done
         atomic_npy(self.done_path, self.done)
         self.last_flush = time.monotonic()
 
     def close(self) -> None:
         self.flush()
-        if self.todo or not self.done.all():
+        if not self.done.all():
             raise RuntimeError(f"teacher cache build ended with {int((~self.done).sum())} rows missing")
-        del self.rows
+        del self.rows, self.file

@@ -106,9 +106,9 @@ def build_one(spec: TeacherSpec, device: torch.device, fingerprint: dict, option
     """The live frozen teacher, or the cached one (same ``targets(images, indices)`` call)."""
     if spec.feats:
         teacher = {"arch": spec.arch, "weights": spec.weights, "use_fc": spec.use_fc, "pool": spec.pool}
-        return open_cached_teacher(
-            spec.feats, fingerprint, device, options["cache_on_device"], options["image_size"], teacher=teacher
-        )
+        views, epochs = options.get("views"), options.get("epochs")
+        return open_cached_teacher(spec.feats, fingerprint, device, options["cache_on_device"], options["image_size"],
+                                   teacher=teacher, views=views, epochs=epochs)  # fmt: skip
     teacher = load_teacher(spec.weights, spec.arch, spec.fmt, use_fc=spec.use_fc, pool=spec.pool,
                            input_size=options["image_size"]).to(device)  # fmt: skip
     if options["channels_last"]:
@@ -121,7 +121,8 @@ def build_one(spec: TeacherSpec, device: torch.device, fingerprint: dict, option
 def build_teachers(specs: list[TeacherSpec], device: torch.device, fingerprint: dict, weights=None, **options):
     """One teacher as itself; several as a :class:`TeacherSet` with the (normalised) loss weights.
 
-    ``options``: ``channels_last``, ``compile_teacher``, ``cache_on_device``, ``image_size``.
+    ``options``: ``channels_last``, ``compile_teacher``, ``cache_on_device``, ``image_size``, and for K-view
+    caches ``views`` (the run's ``TrainViews.record(seed)``, checked against each cache) and ``epochs``.
     """
     teachers = [build_one(spec, device, fingerprint, options) for spec in specs]
     if len(teachers) == 1:
@@ -136,3 +137,14 @@ def build_teachers(specs: list[TeacherSpec], device: torch.device, fingerprint: 
 def members(teacher) -> list:
     """The teachers behind ``teacher`` (itself, or a TeacherSet's)."""
     return list(teacher.teachers) if isinstance(teacher, TeacherSet) else [teacher]
+
+
+def view_period(teacher) -> int:
+    """K of the run's K-view caches (0: none), after which the loader's crops repeat; one K for all of them."""
+    periods = {getattr(t, "view_period", 0) for t in members(teacher)} - {0}
+    if len(periods) > 1:
+        raise UserError(
+            f"the teacher caches hold different numbers of views ({', '.join(map(str, sorted(periods)))}); the "
+            "loader can repeat only one period of crops: build every K-view cache with the same --views K"
+        )
+    return periods.pop() if periods else 0

@@ -38,6 +38,13 @@ class LinearProbe(nn.Module):
         return self.linear((x - self.mean) * self.inv_std)
 
 
+def probe_optimizer(
+    params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4
+) -> torch.optim.Optimizer:
+    """The probe's SGD (the paper's: lr 0.01, momentum 0.9, weight decay 1e-4), PyTorch's default kernel."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 def feature_statistics(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased variance (D,) of the L2-normalised rows of feats (N, D), in float64."""
     x = F.normalize(feats.double(), dim=1)

@@ -1,0 +1,123 @@
+"""tools/gpu_check.sh rehearsed on the CPU (DRY=1), the main-job check's parts, and the projection to hours."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+
+import pytest
+import torch
+
+from models.io import write_json
+from tests.conftest import ROOT
+from tools import bench_hours as H
+from tools import main_job_check as M
+from tools.bench import projection as P
+from tools.engine.cli import run_cli
+
+
+@pytest.mark.slow
+def test_dry_run_rehearses_every_part(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "DRY": "1", "OUT": str(out), "WORK": str(work)}
+    done = subprocess.run(["bash", "tools/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1800)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["bench_gpu.json", "bench_gpu.log", "env.txt", "gpu_tests.log", "main_job.json",
+                                       "main_job.log", "projection.md"]  # fmt: skip
+    parts = {r["part"]: r for r in json.loads((out / "main_job.json").read_text())}
+    assert list(parts) == ["data", "train_gpu", "train_cpu", "resume", "knn_torch", "knn_faiss", "cache",
+                           "train_cached"]  # fmt: skip
+    assert all(r["ok"] for r in parts.values()), parts
+    assert parts["train_gpu"]["epochs"] == 3 and parts["train_gpu"]["images_per_s"] > 0
+    resume = parts["resume"]
+    assert resume["signalled"] and "steps into the next" in resume["resumed"]
+    assert resume["weights_equal"]  # on the CPU the stopped and resumed run ends bit for bit where train_gpu ended
+    assert parts["train_cached"]["epochs"] == 1 and parts["knn_torch"]["top1_majority"]
+    rows = json.loads((out / "bench_gpu.json").read_text())
+    assert {r["profile"] for r in rows} == {"gpu (dry run)"} and not any(r.get("failed") for r in rows)
+    assert "| R50 -> R18, live teacher | 8 | gpu |" in (out / "projection.md").read_text()
+
+
+def rows_of(**rates) -> list[dict]:
+    rows = [{"key": k.replace("_", ".", 1), "img_s": v} for k, v in rates.items()]
+    for r in rows:
+        if r["key"] == "data.cpu":
+            r["img_s_per_core"] = r["img_s"] / 16
+    return rows
+
+
+def test_projection_takes_the_smaller_rate_and_names_the_bound():
+    rows = rows_of(**{"step_bf16": 5000.0, "step_compiled": 7000.0, "data_cpu": 4800.0, "e2e_gpu_loader": 21000.0,
+                      "cached_mmap": 12000.0})  # fmt: skip
+    got = {(p["run"], p["gpus"], p["decode"]): p for p in P.project(rows, P.Assumptions(cores_per_gpu=16))}
+    live_cpu = got[("R50 -> R18, live teacher", 1, "cpu")]
+    assert live_cpu["step_per_gpu"] == 7000.0 and live_cpu["loader_per_gpu"] == 4800.0  # 300 per core x 16
+    assert live_cpu["bound"] == "CPU decoding" and live_cpu["images_per_s"] == 4800.0
+    assert live_cpu["hours"] == pytest.approx(130 * 5004 * 256 / 4800 / 3600)  # 9.64 h
+    live_gpu = got[("R50 -> R18, live teacher", 8, "gpu")]
+    assert live_gpu["images_per_s"] == pytest.approx(8 / (1 / 6300 + 1 / 21000))  # step and decoding share the GPU
+    cached = [p for p in P.project(rows) if p["run"].startswith("R50 -> R18, cached") and p["decode"] == "cpu"]
+    assert [p["bound"] for p in cached] == ["CPU decoding", "CPU decoding"]
+    assert not any(p["run"].startswith("SimCLR") for p in P.project(rows))  # not measured: not projected
+
+
+def test_anchor_is_the_papers_26_minutes_per_epoch():
+    assert P.anchor_hours() == pytest.approx(56.33, abs=0.01)  # 130 x 26 min
+    assert P.hours(P.EPOCH_IMAGES / (26 * 60)) == pytest.approx(P.anchor_hours())
+
+
+# ============ flags of the two commands ============
+def exit_with(module, argv: list[str], capsys, caplog) -> tuple[int, str]:
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        run_cli(module.main, module.get_args_parser().parse_args(argv))
+    return stop.value.code, capsys.readouterr().err + caplog.text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["{missing}"], "rows '{missing}' does not exist"),
+        (["{rows}", "--cores_per_gpu", "0"], "--cores_per_gpu: expected a positive integer"),
+        (["{rows}", "--ddp_efficiency", "1.5"], "--ddp_efficiency: expected a fraction in (0, 1]"),
+        (["{rows}", "--main_job", "{dir}"], "--main_job '{dir}' is a folder"),
+        (["{rows}", "--out", "{dir}"], "--out '{dir}' is a folder; give the file to write"),
+        (["{not_rows}"], "is not a JSON list of rows"),
+        (["{no_steps}"], "has no step or data rows to project from"),
+    ],
+)
+def test_bench_hours_flag_mistakes(argv, message, tmp_path, capsys, caplog):
+    paths = {"missing": str(tmp_path / "none.json"), "rows": str(tmp_path / "rows.json"), "dir": str(tmp_path),
+             "not_rows": str(tmp_path / "obj.json"), "no_steps": str(tmp_path / "knn.json")}  # fmt: skip
+    write_json(paths["rows"], rows_of(step_bf16=100.0))
+    write_json(paths["not_rows"], {"stage": "step"})
+    write_json(paths["no_steps"], rows_of(knn_ours=100.0))
+    code, text = exit_with(H, [a.format(**paths) for a in argv], capsys, caplog)
+    assert code == 2 and message.format(**paths) in text and "Traceback" not in text
+
+
+def test_bench_hours_writes_the_table(tmp_path, capsys):
+    write_json(str(tmp_path / "rows.json"), rows_of(step_bf16=6000.0, data_cpu=4800.0))
+    text = H.main(H.get_args_parser().parse_args([str(tmp_path / "rows.json"), "--out", str(tmp_path / "p.md")]))
+    assert (tmp_path / "p.md").read_text() == text and "| R50 -> R18, live teacher | 1 | cpu | 6000 | 4800 |" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--parts", "train_gpu,fly"], "unknown part(s) fly in --parts"),
+        (["--out", "{file}"], "--out '{file}' is a file; give a folder"),
+        (["--work_dir", "{file}", "--dry_run"], "--work_dir '{file}' is a file; give a folder"),
+        *([] if torch.cuda.is_available() else [([], "needs a CUDA GPU; add --dry_run")]),
+    ],
+)
+def test_main_job_check_flag_mistakes(argv, message, tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(M, "run_job", lambda *a: pytest.fail("work started before the flags were checked"))
+    (tmp_path / "f").write_text("x")
+    paths = {"file": str(tmp_path / "f")}
+    argv = [a.format(**paths) for a in argv]
+    argv = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "out")]
+    code, text = exit_with(M, argv, capsys, caplog)
+    assert code == 2 and message.format(**paths) in text and "Traceback" not in text
