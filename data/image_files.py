@@ -51,7 +51,8 @@ class ImageFiles:
     def targets(self) -> list[int]:
         return [-1] * len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index = key[0] if isinstance(key, tuple) else key  # the cache builder's keys are (index, view)
         opener = getattr(self.transform, "loader", None) or load_rgb
         img = opener(os.path.join(self.root, self.samples[index][0]))
         return (self.transform(img, None) if self.transform else img), -1, index
