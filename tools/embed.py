@@ -64,12 +64,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Paths and sizes, before any work starts."""
-    if not args.out.endswith(".npy"):
-        raise UserError(f"--out '{args.out}' must end in .npy (a NumPy array file)")
-    if os.path.isdir(args.out):
-        raise UserError(f"--out '{args.out}' is a folder; give the FILE.npy to write")
-    if args.crop_size > args.resize_size:
-        raise UserError(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}")
+    cli.check_npy_output(args.out, args.crop_size, args.resize_size)
     if not os.path.isdir(args.data):
         what = "is a file" if os.path.exists(args.data) else "does not exist"
         raise UserError(f"image folder '{args.data}' {what}; give the folder holding the images")
