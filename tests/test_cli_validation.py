@@ -16,7 +16,7 @@ import pytest
 import torch
 import torchvision
 
-from tests.conftest import write_image_folder
+from tests.conftest import ROOT, write_image_folder
 from tests.vit_reference import dinov2_file
 from tools.engine.cli import run_cli
 
@@ -26,6 +26,9 @@ SCRIPTS = {
     "linear": "eval_linear",
     "cache": "tools.cache_teacher_features",
     "pretrain": "tools.pretrain_teacher",
+    "export": "tools.export",
+    "embed": "tools.embed",
+    "submit": "tools.submit",
 }
 
 
@@ -60,6 +63,10 @@ def base_argv(script: str, p: dict) -> list[str]:
         "cache": [p["data"], "--teacher_weights", p["teacher"], "--out", f"{tmp}/c.npy", "--device", "cpu",
                   "--crop_size", "32", "--resize_size", "32", "--num_workers", "0"],
         "pretrain": [p["data"], "--out", f"{tmp}/t.pth", "--epochs", "1", "--num_workers", "0"],
+        "export": [p["teacher"], "--format", "torchvision", "--out", f"{tmp}/e.pth", "--image_size", "32"],
+        "embed": [p["data"], "--weights", p["teacher"], "--out", f"{tmp}/emb.npy", "--device", "cpu", "--crop_size",
+                  "32", "--resize_size", "32", "-j", "0"],
+        "submit": ["--cluster", "local"],  # the command follows the options: each case adds its own
     }[script]  # fmt: skip
 
 
@@ -114,6 +121,19 @@ PARSE = [
     ("pretrain", ["--epochs", "0"], "--epochs", "expected a positive integer"),
     ("pretrain", ["--learning_rate", "0"], "--learning_rate", "expected a number > 0"),
     ("pretrain", ["--image_size", "2"], "--image_size", "between 8 and 4096"),
+    ("export", ["--format", "pdf"], "--format", "invalid choice"),
+    ("export", ["--image_size", "4"], "--image_size", "between 8 and 4096, got 4"),
+    ("export", ["--opset", "0"], "--opset", "expected a positive integer, got 0"),
+    ("export", ["--head", "0"], "--head", "expected a positive integer, got 0"),
+    ("embed", ["-b", "0"], "-b/--batch_size", "expected a positive integer, got 0"),
+    ("embed", ["-j", "-1"], "-j/--workers", "expected an integer >= 0"),
+    ("embed", ["--crop_size", "3"], "--crop_size", "between 8 and 4096, got 3"),
+    ("embed", ["--amp", "fp8"], "--amp", "invalid choice"),
+    ("submit", ["--nodes", "0"], "--nodes", "expected a positive integer, got 0"),
+    ("submit", ["--timeout", "0"], "--timeout", "expected a number > 0, got 0"),
+    ("submit", ["--gpus_per_node", "-1"], "--gpus_per_node", "expected an integer >= 0, got -1"),
+    ("submit", ["--signal_delay_s", "0"], "--signal_delay_s", "expected a positive integer, got 0"),
+    ("submit", ["--cluster", "pbs"], "--cluster", "invalid choice"),
 ]
 
 
@@ -210,6 +230,34 @@ MAIN = {
     "pretrain: out is a folder": ("pretrain", lambda a, p: _set(a, "--out", p["data"]), "is a folder"),
     "pretrain: unknown arch": ("pretrain", lambda a, p: a + ["--arch", "resnet7"], "unknown architecture 'resnet7'"),
     "pretrain: no train/": ("pretrain", lambda a, p: [p["tmp"], *a[1:]], "has no train/ sub-folder"),
+    "export: checkpoint missing": ("export", lambda a, p: ["c.pth", *a[1:]], "CKPT 'c.pth' does not exist"),
+    "export: out is a folder": ("export", lambda a, p: _set(a, "--out", p["tmp"]), "is a folder; give the file"),
+    "export: safetensors name": (
+        "export",
+        lambda a, p: _set(_set(a, "--format", "safetensors"), "--out", "s.pth"),
+        "must end in .safetensors",
+    ),
+    "export: opset without onnx": ("export", lambda a, p: a + ["--opset", "17"], "--opset is an ONNX setting"),
+    "export: head alone": ("export", lambda a, p: a + ["--head", "2"], "--head 2 selects a prediction head"),
+    "embed: out not .npy": ("embed", lambda a, p: _set(a, "--out", "f.txt"), "must end in .npy"),
+    "embed: out is a folder": ("embed", lambda a, p: _set(a, "--out", p["tmp"] + "/d.npy"), "is a folder"),
+    "embed: no image folder": ("embed", lambda a, p: [p["tmp"] + "/nope", *a[1:]], "image folder '.*' does not"),
+    "embed: no images": ("embed", lambda a, p: [p["tmp"] + "/only_train", *a[1:]], "holds no images"),
+    "embed: weights missing": ("embed", lambda a, p: _set(a, "--weights", "w.pth"), "--weights 'w.pth' does not"),
+    "embed: head alone": ("embed", lambda a, p: a + ["--head", "2"], "--head 2 selects a prediction head"),
+    "embed: crop above resize": ("embed", lambda a, p: _set(a, "--crop_size", "64"), "is larger than --resize_size"),
+    "submit: no command": ("submit", lambda a, p: a, "no command to run: give it after --"),
+    "submit: missing script": ("submit", lambda a, p: a + ["--", "nope.py"], "script 'nope.py' does not exist"),
+    "submit: resume in a requeueable job": (
+        "submit",
+        lambda a, p: a + ["--", os.path.join(ROOT, "train_student.py"), p["data"], "--resume", "x.pth"],
+        "--resume in a requeueable job would undo the resume after every preemption",
+    ),
+    "submit: several nodes locally": (
+        "submit",
+        lambda a, p: a + ["--nodes", "2", "--", os.path.join(ROOT, "train_student.py")],
+        "--nodes 2 needs --cluster slurm",
+    ),
 }
 if not torch.cuda.is_available():
     MAIN["train: no CUDA"] = ("train", lambda a, p: _set(a, "--device", "cuda"), "no CUDA GPU is visible")

@@ -87,6 +87,7 @@ def test_preemption_signal_saves_and_exits_cleanly(data8, resnet18_teacher_file,
     assert_same_weights(final_state(straight), final_state(stopped))
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_and_other_seed_differs(data8, resnet18_teacher_file, tmp_path):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -144,7 +145,14 @@ def test_corrupt_latest_falls_back_to_previous(data8, resnet18_teacher_file, tmp
     assert torch.load(paths["latest"], weights_only=True)["epoch"] == 2
 
 
-@pytest.mark.parametrize("flag", ["--teacher_weights", "--weights", "--resume"])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--teacher_weights",
+        pytest.param("--weights", marks=pytest.mark.slow),
+        pytest.param("--resume", marks=pytest.mark.slow),
+    ],
+)
 def test_code_running_pickles_are_refused_everywhere(data8, resnet18_teacher_file, tmp_path, flag):
     marker = tmp_path / "marker"
     evil = str(tmp_path / "evil.pth")

@@ -29,6 +29,7 @@ def test_paper_command_line_is_accepted_verbatim():
     train_student.get_args_parser().parse_args(argv + more.split())
 
 
+@pytest.mark.slow
 def test_help_needs_no_files():
     out = subprocess.run([sys.executable, "train_student.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "--teacher_weights" in out.stdout

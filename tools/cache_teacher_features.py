@@ -31,7 +31,6 @@ import torch
 from data.datasets import IndexedImageFolder, select_classes, split_folder
 from data.device_decode import resolve_decode
 from data.transforms import CenterCrop, TeacherView, TrainViews
-from models.errors import UserError
 from models.io import file_sha256
 from models.teachers import load_teacher, teacher_arch_names
 from tools.engine import cli, distributed
@@ -68,12 +67,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Paths and sizes, before any work starts."""
-    if not args.out.endswith(".npy"):
-        raise UserError(f"--out '{args.out}' must end in .npy (a NumPy array file)")
-    if os.path.isdir(args.out):
-        raise UserError(f"--out '{args.out}' is a folder; give the FILE.npy to write")
-    if args.crop_size > args.resize_size:
-        raise UserError(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}")
+    cli.check_npy_output(args.out, args.crop_size, args.resize_size)
     if not args.views and (args.single_aug or args.weak_weak or args.weak_strong):
         cli.note_ignored("--single_aug/--weak_weak/--weak_strong", "they choose the crops of --views K; without it "
                          "the cache holds centre crops")  # fmt: skip

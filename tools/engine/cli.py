@@ -117,6 +117,16 @@ def check_output_folder(flag: str, path: str | None) -> None:
         raise UserError(f"{flag} '{path}' is a file; give a folder")
 
 
+def check_npy_output(out: str, crop_size: int, resize_size: int) -> None:
+    """``--out`` of a command writing FILE.npy (and its JSON beside it), and its centre-crop sizes."""
+    if not out.endswith(".npy"):
+        raise UserError(f"--out '{out}' must end in .npy (a NumPy array file)")
+    if os.path.isdir(out):
+        raise UserError(f"--out '{out}' is a folder; give the FILE.npy to write")
+    if crop_size > resize_size:
+        raise UserError(f"--crop_size {crop_size} is larger than --resize_size {resize_size}")
+
+
 def check_paths(*, files: dict[str, str | None] = (), folders: dict[str, str | None] = ()) -> None:
     """A UserError naming the first flag whose path is not an existing file (``files``) or folder."""
     for flag, path in dict(files).items():

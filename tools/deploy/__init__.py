@@ -1,0 +1,1 @@
+"""Shipping a network and running beyond one machine: exports (``tools.export``) and SLURM jobs (``tools.submit``)."""
