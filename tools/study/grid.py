@@ -100,7 +100,7 @@ def rows(scale: Scale) -> list[Row]:
             "the backbone (head dropped) is the better representation, though only the head mimics the teacher",
             (Variant("backbone (paper)", paper), Variant("prediction head output", paper, use_pred=True))),
         Row("student", "student architecture", "distillation works for other student networks",
-            (Variant(f"{s} (paper's setting)", paper),
+            (Variant(f"{s} (the grid's default)", paper),
              *(Variant(a, replace(paper, student=a)) for a in ("resnet18", "mobilenet_v2") if a != s))),
     ]  # fmt: skip
 
