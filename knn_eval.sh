@@ -26,9 +26,12 @@ EXTRA=${EXTRA:-}                     # any further flags, e.g. "--use_pred" or "
 DEMO_DIR=${DEMO_DIR:-demo_data}
 DEMO_EXP=${DEMO_EXP:-exp/demo}
 DEMO_SIZE=${DEMO_SIZE:-32}           # the digits are 32x32: no resize, no crop
-DEMO_WORKERS=${DEMO_WORKERS:-2}
+DEMO_WORKERS=${DEMO_WORKERS:-0}       # in-process loading: fastest on 2 cores
+DEMO_STUDENT=${DEMO_STUDENT:-timm/resnet10t}  # the demo student of run.sh (its random-init baseline)
 
 if [ -z "$DATA" ]; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  ARCH_STUDENT=$DEMO_STUDENT
   TEACHER_FILE="$DEMO_EXP/teacher/demo_teacher_resnet18.pth"
   if [ ! -f "$DEMO_EXP/checkpoints/checkpoint_latest.pth" ] || [ ! -f "$TEACHER_FILE" ]; then
     echo "error: no finished demo in $DEMO_EXP; run 'bash run.sh' first" >&2

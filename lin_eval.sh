@@ -30,12 +30,15 @@ DEMO_SIZE=${DEMO_SIZE:-32}           # the digits are 32x32: no resize, no centr
 # Random crops of at least 60% of a 32 px digit and no flip (a mirrored digit is another glyph);
 # the paper's 0.08 minimum on 224 px ImageNet images would often crop the digit away.
 DEMO_AUG=${DEMO_AUG:---min_crop_scale 0.6 --no_flip}
-DEMO_WORKERS=${DEMO_WORKERS:-2}
-DEMO_USE_CACHE=${DEMO_USE_CACHE:-$USE_CACHE}
+DEMO_WORKERS=${DEMO_WORKERS:-0}       # in-process loading: fastest on 2 cores
+DEMO_STUDENT=${DEMO_STUDENT:-timm/resnet10t}  # the demo student of run.sh (its random-init baseline)
+DEMO_USE_CACHE=${DEMO_USE_CACHE:-1}  # the demo probes cached features (seconds); 0: augmented crops (minutes)
 
 CACHE_FLAG=""
 LINEAR_DIR=linear                    # cached-feature probes go to linear_cached/ (another protocol)
 if [ -z "$DATA" ]; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  ARCH_STUDENT=$DEMO_STUDENT
   TEACHER_FILE="$DEMO_EXP/teacher/demo_teacher_resnet18.pth"
   if [ ! -f "$DEMO_EXP/checkpoints/checkpoint_latest.pth" ] || [ ! -f "$TEACHER_FILE" ]; then
     echo "error: no finished demo in $DEMO_EXP; run 'bash run.sh' first" >&2

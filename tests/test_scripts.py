@@ -45,7 +45,8 @@ def test_wrong_data_path_is_one_clear_line(tmp_path):
 @pytest.mark.slow
 def test_run_sh_demo_end_to_end(tmp_path):
     env = dict(os.environ, DEMO_DIR=str(tmp_path / "demo_data"), DEMO_EXP=str(tmp_path / "exp"),
-               DEMO_TEACHER_EPOCHS="1", DEMO_EPOCHS="2", DEMO_WORKERS="0")  # fmt: skip
+               DEMO_TEACHER_EPOCHS="1", DEMO_EPOCHS="2", DEMO_WORKERS="0",
+               DEMO_STUDENT="resnet18")  # fmt: skip
     out = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "demo finished" in out.stdout
