@@ -53,3 +53,25 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small CPU models (``pytestmark = pytest.mark.usefixtures(...)``):
+    on a busy 2-core machine two spinning threads are far slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_random_resnet18(path) -> str:
+    """A seeded random ResNet-18 in torchvision's layout, BatchNorm statistics away from 0 and 1."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.save(net.state_dict(), path)
+    return str(path)

@@ -20,14 +20,7 @@ from tools.bench.baseline import OriginalStep, build_original_pair, normalised_p
 from tools.engine.distributed import DistInfo
 from tools.engine.step import StepConfig, build_optimizer, distill_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small CPU models: one thread is as fast and immune to oversubscription stalls on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU models: one thread is fastest
 
 
 HP0 = SimpleNamespace(learning_rate=0.0, sgd_momentum=0.9, weight_decay=1e-4)  # lr 0: grads stay, weights too

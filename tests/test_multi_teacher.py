@@ -24,13 +24,7 @@ from tools.engine.distributed import DistInfo
 from tools.engine.step import StepConfig, build_optimizer, distill_step
 from tools.engine.teacher_cache import build_cache
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU models: one thread is fastest
 
 
 def test_loss_is_the_weighted_mean_of_the_per_teacher_losses():

@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 from data.datasets import IndexedImageFolder, dataset_fingerprint
@@ -21,6 +20,7 @@ from models.cached_teacher import CachedTeacher, manifest_path, open_cached_teac
 from models.errors import UserError
 from models.io import safe_load
 from models.teachers import load_teacher
+from tests.conftest import write_random_resnet18
 from tools.engine import teacher_cache
 from tools.engine.distributed import DistInfo
 from tools.engine.teacher_cache import build_cache, plan_rank
@@ -29,12 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES = 11  # odd: two ranks with batches of 2 need padding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two spinning threads on a busy 2-core machine are far slower than one
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU models: one thread is fastest
 
 
 def write_images(root, n: int = N_IMAGES, classes=("ant", "bee", "cat")) -> None:
@@ -55,15 +50,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("teacher") / "r18.pth"
-    torch.save(net.state_dict(), path)
-    return str(path)
+    return write_random_resnet18(tmp_path_factory.mktemp("teacher") / "r18.pth")
 
 
 def crops(data_root) -> IndexedImageFolder:

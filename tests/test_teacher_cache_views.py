@@ -20,6 +20,7 @@ from data.transforms import TeacherView, TrainViews
 from models.cached_teacher import CachedTeacher, manifest_path, open_cached_teacher, read_manifest
 from models.errors import UserError
 from models.teachers import load_teacher
+from tests.conftest import write_random_resnet18
 from tests.test_teacher_cache import Counting, free_port
 from tools import cache_teacher_features
 from tools.engine import teacher_cache
@@ -42,12 +43,7 @@ def write_jpegs(root, n: int = N_IMAGES, classes=("ant", "bee", "cat")) -> None:
         coarse.resize((w, h), Image.BICUBIC).save(folder / f"img{i:02d}.jpg", quality=92)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two spinning threads on a busy 2-core machine are far slower than one
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU models: one thread is fastest
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +56,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> str:
     """A random ResNet-18 teacher in torchvision's layout (BatchNorm statistics away from 0 and 1)."""
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("teacher") / "r18.pth"
-    torch.save(net.state_dict(), path)
-    return str(path)
+    return write_random_resnet18(tmp_path_factory.mktemp("teacher") / "r18.pth")
 
 
 def build_argv(data, weights: str, out, views: int = 0, *extra: str, modes=SINGLE_WEAK) -> list[str]:
