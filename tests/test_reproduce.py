@@ -45,7 +45,7 @@ def test_tiny_row_records_skips_and_reproduces(tmp_path):
     tiny_folder(tmp_path / "data")
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "a.pth")
-    (tmp_path / "README.md").write_text(f"intro\n{report.START}\nold\n{report.END}\nrest\n")
+    (tmp_path / "README.md").write_text(f"intro\n{report.START}\nSTALE STUDY TEXT\n{report.END}\nrest\n")
     first = reproduce(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -60,7 +60,7 @@ def test_tiny_row_records_skips_and_reproduces(tmp_path):
     assert (tmp_path / "out" / "features.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "paper_curves.png").exists()
     readme = (tmp_path / "README.md").read_text()
-    assert readme.startswith("intro\n") and readme.endswith("rest\n") and "old" not in readme
+    assert readme.startswith("intro\n") and readme.endswith("rest\n") and "STALE STUDY TEXT" not in readme
     assert f"{row['variants'][0]['mean']['knn1']:.1f} ± 0.0" in readme
 
     result = next((tmp_path / "out" / "runs").glob("*/seed0/result.json"))
