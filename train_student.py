@@ -169,7 +169,15 @@ def build_dataset(args, device: torch.device) -> IndexedImageFolder:
     dataset = IndexedImageFolder(train_dir, None, classes, seed=args.seed, skip_bad=args.skip_bad_images)
     single_weak = args.single_aug and args.weak_weak and not args.weak_strong
     decode = resolve_decode(args.decode, device, [path for path, _ in dataset.samples], single_weak)
-    views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, decode)
+    views = TrainViews(
+        args.image_size,
+        args.single_aug,
+        args.weak_weak,
+        args.weak_strong,
+        decode,
+        args.min_crop_scale,
+        not args.no_flip,
+    )
     dataset.transform = views
     log.info("data: %d images in %d classes from %s; %s, %d px; %s", len(dataset), len(dataset.classes), train_dir,
              views.name, args.image_size, describe(decode, device))  # fmt: skip

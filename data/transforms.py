@@ -46,6 +46,9 @@ def rrc_box(width: int, height: int, rng: random.Random, scale=(0.2, 1.0), ratio
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+PAPER_MIN_SCALE = 0.2  # RandomResizedCrop's smallest area fraction in the paper's (MoCo-v2's) training views
+
+
 class WeakAug:
     """RandomResizedCrop(size, scale) + horizontal flip (the paper's weak view).
 
@@ -57,7 +60,7 @@ class WeakAug:
     with the same box and flip.
     """
 
-    def __init__(self, size: int = 224, scale=(0.2, 1.0), flip: bool = True, decode: str = "pil") -> None:
+    def __init__(self, size: int = 224, scale=(PAPER_MIN_SCALE, 1.0), flip: bool = True, decode: str = "pil") -> None:
         if decode not in DECODERS and decode != DEVICE_DECODE:
             raise ValueError(f"unknown decoder '{decode}'; choose one of {', '.join([*DECODERS, DEVICE_DECODE])}")
         self.size, self.scale, self.flip, self.decode = size, scale, flip, decode
@@ -100,7 +103,7 @@ class StrongAug(WeakAug):
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
         if rng.random() < 0.5:
             img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
-        if rng.random() < 0.5:
+        if self.flip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return to_uint8_tensor(img)
 
@@ -138,8 +141,18 @@ class TrainViews:
     and the single view uses the student's augmentation.
     """
 
-    def __init__(self, size: int, single: bool, weak_weak: bool, weak_strong: bool, decode: str = "auto") -> None:
-        weak, strong = WeakAug(size, decode=decode), StrongAug(size)
+    def __init__(
+        self,
+        size: int,
+        single: bool,
+        weak_weak: bool,
+        weak_strong: bool,
+        decode: str = "auto",
+        min_scale: float = PAPER_MIN_SCALE,
+        flip: bool = True,
+    ) -> None:
+        scale = (min_scale, 1.0)
+        weak, strong = WeakAug(size, scale, flip, decode=decode), StrongAug(size, scale, flip)
         if weak_strong:
             self.student, self.teacher = strong, weak
         elif weak_weak:
@@ -165,15 +178,21 @@ class TrainViews:
         return self.student.decode if self.single else "pil"
 
     def record(self, seed: int) -> dict:
-        """What fixes a sample's pixels besides (epoch, index): mode, crop size, seed and decoder."""
+        """What fixes a sample's pixels besides (epoch, index): mode (crop scale and flip included), crop
+        size, seed and decoder."""
         return {"mode": self.name, "image_size": self.student.size, "seed": seed, "decode": self.decoder}
 
     @property
     def name(self) -> str:
         kind = {WeakAug: "weak", StrongAug: "strong"}
         if self.single:
-            return f"single {kind[type(self.student)]} view"
-        return f"teacher {kind[type(self.teacher)]} / student {kind[type(self.student)]}"
+            name = f"single {kind[type(self.student)]} view"
+        else:
+            name = f"teacher {kind[type(self.teacher)]} / student {kind[type(self.student)]}"
+        # The paper's crops keep the names runs and caches were recorded with; other crops say how they differ.
+        changes = [f"crop scale {self.student.scale[0]:g}-1"] if self.student.scale[0] != PAPER_MIN_SCALE else []
+        changes += [] if self.student.flip else ["no flip"]
+        return f"{name} ({', '.join(changes)})" if changes else name
 
     def __call__(self, img: Image.Image, rng: random.Random):
         if self.single:

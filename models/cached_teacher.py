@@ -186,7 +186,10 @@ def _check_teacher(built: dict, teacher: dict, npy_path: str) -> None:
 
 
 VIEW_FIELDS = {  # what a K-view cache must share with the run: the difference in words, the flags that set it
-    "mode": ("holds {c} crops, but this run uses {r}", "--single_aug/--weak_weak/--weak_strong"),
+    "mode": (
+        "holds {c} crops, but this run uses {r}",
+        "--single_aug/--weak_weak/--weak_strong/--min_crop_scale/--no_flip",
+    ),
     "image_size": ("holds {c} px crops, but this run's --image_size is {r}", "--image_size"),
     "seed": ("holds the crops of --seed {c}, but this run's --seed is {r}", "--seed"),
     "decode": ("holds crops decoded with --decode {c}, but this run decodes with --decode {r}", "--decode"),

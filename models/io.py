@@ -205,5 +205,11 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            diffs.append(f"{prefix}{key}: {str(a)[:20]} -> {str(b)[:20]}")
+            diffs.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
     return diffs
+
+
+def _short(value: object, width: int = 48) -> str:
+    """``value`` as text, cut to ``width`` characters (hashes and fingerprints) with '...' when cut."""
+    text = str(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 
 from data import decode as D
+from data import transforms
 from data.datasets import DataError, IndexedImageFolder, load_rgb
 from data.synthetic import textured_image
-from data.transforms import TrainViews, WeakAug, rrc_box
+from data.transforms import StrongAug, TrainViews, WeakAug, rrc_box
 
 SIZE = 32  # output crop; 203x149 images then allow DCT reductions of 2 and 4
 
@@ -165,3 +166,28 @@ def test_dataset_opens_files_the_way_its_transform_asks(jpegs, tmp_path):
 def test_unknown_decoder_is_refused():
     with pytest.raises(ValueError, match="unknown decoder"):
         WeakAug(32, decode="nvjpeg")
+
+
+@pytest.mark.parametrize("cls", [WeakAug, StrongAug])
+def test_crop_scale_and_no_flip_draw_the_box_from_the_scale_and_never_flip(jpegs, cls, monkeypatch):
+    boxes, flipped = [], []
+    monkeypatch.setattr(transforms, "rrc_box", lambda *a, **k: boxes.append(rrc_box(*a, **k)) or boxes[-1])
+    monkeypatch.setattr(Image.Image, "transpose", lambda img, op: flipped.append(op) or img)
+    img = load_rgb(jpegs[0])
+    for seed in range(40):
+        cls(SIZE, (0.6, 1.0), flip=False, decode="pil")(img, random.Random(seed))
+    assert not flipped and len(boxes) == 40
+    assert min(w * h for _, _, w, h in boxes) >= 0.6 * img.width * img.height * 0.98  # rounding of w and h
+    for seed in range(40):  # the default views flip about half the time
+        cls(SIZE, decode="pil")(img, random.Random(seed))
+    assert 10 <= len(flipped) <= 30
+
+
+def test_views_name_other_crops_and_keep_the_papers_names():
+    assert TrainViews(SIZE, True, True, False).name == "single weak view"
+    assert TrainViews(SIZE, False, False, True, min_scale=0.2, flip=True).name == "teacher weak / student strong"
+    views = TrainViews(SIZE, True, True, False, min_scale=0.6, flip=False)
+    assert views.name == "single weak view (crop scale 0.6-1, no flip)"
+    assert views.record(3) == {"mode": views.name, "image_size": SIZE, "seed": 3, "decode": "auto"}
+    assert TrainViews(SIZE, False, True, False, flip=False).name == "teacher weak / student weak (no flip)"
+    assert views.student.scale == views.teacher.scale == (0.6, 1.0) and not views.student.flip

@@ -74,8 +74,8 @@ def build(data, weights: str, out, views: int = 0, *extra: str, modes=SINGLE_WEA
 
 def training_crops(data, epoch: int, seed: int = 0, decode: str = "auto", **views) -> torch.Tensor:
     """The crops the training loader gives every image in ``epoch`` (single weak view unless told), (N, 3, S, S)."""
-    modes = {"single": True, "weak_weak": True, "weak_strong": False, **views}
-    transform = TrainViews(SIZE, modes["single"], modes["weak_weak"], modes["weak_strong"], decode)
+    modes = {"single": True, "weak_weak": True, "weak_strong": False, "min_scale": 0.2, "flip": True, **views}
+    transform = TrainViews(SIZE, modes.pop("single"), modes.pop("weak_weak"), modes.pop("weak_strong"), decode, **modes)
     dataset = IndexedImageFolder(str(data / "train"), TeacherView(transform), seed=seed)
     return torch.stack([dataset[(i, epoch)][0] for i in range(len(dataset))])
 
@@ -103,6 +103,15 @@ def test_each_row_is_the_live_teacher_on_the_loaders_crop_of_that_epoch(three_vi
     assert manifest["n_images"] == N_IMAGES and manifest["classes"] == ["ant", "bee", "cat"]
     assert manifest["teacher"]["arch"] == "resnet18" and manifest["rows_built"] == 3 * N_IMAGES
     assert manifest["paths_sha256"] == dataset_fingerprint(IndexedImageFolder(str(data / "train")))["paths_sha256"]
+
+
+def test_other_crop_scale_and_no_flip_cache_the_crops_training_draws(data, weights, tmp_path):
+    out = build(data, weights, tmp_path / "s06.npy", 2, "--min_crop_scale", "0.6", "--no_flip")
+    teacher = load_teacher(weights)
+    for v in (1, 2):
+        crops = training_crops(data, v, min_scale=0.6, flip=False)
+        assert_fp16_rounding(np.load(out)[v - 1], teacher(crops.float() / 255).numpy())
+    assert read_manifest(out)["views"]["mode"] == "single weak view (crop scale 0.6-1, no flip)"
 
 
 def test_pair_modes_cache_the_teachers_view(data, weights, tmp_path):
@@ -144,6 +153,10 @@ def test_loader_crops_repeat_with_the_cache_period(data):
         ({"image_size": 48}, r"holds 32 px crops, but this run's --image_size is 48"),
         ({"decode": "pil"}, r"holds crops decoded with --decode auto, but this run decodes with --decode pil"),
         ({"mode": "single strong view"}, r"holds single weak view crops, but this run uses single strong view"),
+        (
+            {"mode": "single weak view (no flip)"},
+            r"holds single weak view crops, but this run uses single weak view \(no flip\)",
+        ),
     ],
 )
 def test_cache_of_other_crops_is_refused(three_views, data, run, message):

@@ -134,6 +134,13 @@ def test_resume_into_a_different_run_is_refused(tiny_data, resnet18_teacher_file
         train_student.main(args_for(tiny_data, resnet18_teacher_file, exp, 2, n_mlp_layers=2))
 
 
+def test_resume_with_other_crops_is_refused(tiny_data, resnet18_teacher_file, tmp_path):
+    exp = str(tmp_path / "e")
+    train_student.main(args_for(tiny_data, resnet18_teacher_file, exp, 1))
+    with pytest.raises(train_student.UserError, match=r"different run.*crop scale 0.5-1, no flip"):
+        train_student.main(args_for(tiny_data, resnet18_teacher_file, exp, 2, min_crop_scale=0.5, no_flip=True))
+
+
 def test_linear_pred_alias_sets_zero_layers(tiny_data, resnet18_teacher_file, tmp_path):
     exp = str(tmp_path / "e")
     train_student.main(args_for(tiny_data, resnet18_teacher_file, exp, 1, linear_pred=True))

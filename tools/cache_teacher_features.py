@@ -30,7 +30,7 @@ import torch
 
 from data.datasets import IndexedImageFolder, select_classes, split_folder
 from data.device_decode import resolve_decode
-from data.transforms import CenterCrop, TeacherView, TrainViews
+from data.transforms import PAPER_MIN_SCALE, CenterCrop, TeacherView, TrainViews
 from models.io import file_sha256
 from models.teachers import load_teacher, teacher_arch_names
 from tools.engine import cli, distributed
@@ -68,9 +68,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Paths and sizes, before any work starts."""
     cli.check_npy_output(args.out, args.crop_size, args.resize_size)
-    if not args.views and (args.single_aug or args.weak_weak or args.weak_strong):
-        cli.note_ignored("--single_aug/--weak_weak/--weak_strong", "they choose the crops of --views K; without it "
-                         "the cache holds centre crops")  # fmt: skip
+    view_flags = (
+        args.single_aug or args.weak_weak or args.weak_strong or args.no_flip or args.min_crop_scale != PAPER_MIN_SCALE
+    )
+    if not args.views and view_flags:
+        cli.note_ignored("--single_aug/--weak_weak/--weak_strong/--min_crop_scale/--no_flip", "they choose the "
+                         "crops of --views K; without it the cache holds centre crops")  # fmt: skip
     split_folder(args.data, "train")
     cli.check_paths(files={"--teacher_weights": args.teacher_weights, "--class_list": args.class_list})
     cli.check_batch_fits(args.batch_size, args.image_size if args.views else args.crop_size)
@@ -84,7 +87,15 @@ def build_dataset(args, device: torch.device) -> IndexedImageFolder:
     if args.views:  # the decoder chosen as training chooses it, so the crops (and the record) are the run's
         single_weak = args.single_aug and args.weak_weak and not args.weak_strong
         decode = resolve_decode(args.decode, device, [path for path, _ in dataset.samples], single_weak)
-        views = TrainViews(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, decode)
+        views = TrainViews(
+            args.image_size,
+            args.single_aug,
+            args.weak_weak,
+            args.weak_strong,
+            decode,
+            args.min_crop_scale,
+            not args.no_flip,
+        )
         dataset.transform = TeacherView(views)
     else:
         dataset.transform = CenterCrop(args.resize_size, args.crop_size)

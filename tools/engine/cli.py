@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from data.device_decode import DECODE_CHOICES
+from data.transforms import PAPER_MIN_SCALE
 from models.errors import UserError
 from models.formats import FORMATS
 
@@ -241,11 +242,16 @@ def add_dataset_args(g: argparse._ArgumentGroup, what: str = "train on") -> None
 
 
 def add_view_args(g: argparse._ArgumentGroup) -> None:
-    """The training views (crop size, view mode, decoder): training and the K-view cache builder share them."""
+    """The training views (crop size, view mode, crop scale, flip, decoder): training and the K-view cache
+    builder share them."""
     g.add_argument("--image_size", type=image_size_int, default=224, help="training crop size in pixels")
     g.add_argument("--single_aug", action="store_true", help="one view fed to both networks (the paper's best)")
     g.add_argument("--weak_weak", action="store_true", help="weak augmentation for teacher and student")
     g.add_argument("--weak_strong", action="store_true", help="weak view for the teacher, strong for the student")
+    g.add_argument("--min_crop_scale", type=crop_scale, default=PAPER_MIN_SCALE,
+                   help="RandomResizedCrop's smallest area fraction in the training views (0.2: the paper's; small "
+                   "centred objects such as the demo's digits want a larger one)")  # fmt: skip
+    g.add_argument("--no_flip", action="store_true", help="no horizontal flip in the training views (text, digits)")
     g.add_argument("--decode", default="auto", choices=DECODE_CHOICES,
                    help="JPEG decoding of the single weak view: gpu (batched, on the device), cpu (in the workers), "
                    "pil, draft, tv; auto = gpu on CUDA for JPEG files, else cpu")  # fmt: skip
