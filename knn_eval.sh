@@ -27,23 +27,25 @@ DEMO_DIR=${DEMO_DIR:-demo_data}
 DEMO_EXP=${DEMO_EXP:-exp/demo}
 DEMO_SIZE=${DEMO_SIZE:-32}           # the digits are 32x32: no resize, no crop
 DEMO_WORKERS=${DEMO_WORKERS:-0}       # in-process loading: fastest on 2 cores
+DEMO_TEACHER=${DEMO_TEACHER:-timm/resnet10t}  # the demo teacher's network of run.sh
 DEMO_STUDENT=${DEMO_STUDENT:-timm/resnet10t}  # the demo student of run.sh (its random-init baseline)
 
 if [ -z "$DATA" ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   ARCH_STUDENT=$DEMO_STUDENT
-  TEACHER_FILE="$DEMO_EXP/teacher/demo_teacher_resnet18.pth"
+  TEACHER_FILE="$DEMO_EXP/teacher/demo_teacher_${DEMO_TEACHER//\//_}.pth"
   if [ ! -f "$DEMO_EXP/checkpoints/checkpoint_latest.pth" ] || [ ! -f "$TEACHER_FILE" ]; then
     echo "error: no finished demo in $DEMO_EXP; run 'bash run.sh' first" >&2
     exit 2
   fi
   DEMO_FLAGS="$DEMO_DIR --resize_size $DEMO_SIZE --crop_size $DEMO_SIZE -k $K --batch-size 256 --workers $DEMO_WORKERS --backend $BACKEND --device cpu"
-  echo "== k-NN 1/3: distilled student ($DEMO_EXP) =="
-  python eval_knn.py $DEMO_FLAGS --exp_dir "$DEMO_EXP" $EXTRA
-  echo "== k-NN 2/3: the demo teacher ($TEACHER_FILE) =="
-  python eval_knn.py $DEMO_FLAGS --teacher --weights "$TEACHER_FILE" --save "$DEMO_EXP/teacher/features" $EXTRA
-  echo "== k-NN 3/3: $ARCH_STUDENT at random initialisation =="
-  python eval_knn.py $DEMO_FLAGS --random_init --arch "$ARCH_STUDENT" --save "$DEMO_EXP/random_init/features" $EXTRA
+  # The three evaluations in one process (torch and timm start once); each run is eval_knn.py's command line.
+  python -m tools.run_many eval_knn.py \
+    :: "distilled student ($DEMO_EXP)" $DEMO_FLAGS --exp_dir "$DEMO_EXP" $EXTRA \
+    :: "the demo teacher ($TEACHER_FILE)" $DEMO_FLAGS --teacher --arch "$DEMO_TEACHER" --weights "$TEACHER_FILE" \
+      --save "$DEMO_EXP/teacher/features" $EXTRA \
+    :: "$ARCH_STUDENT at random initialisation" $DEMO_FLAGS --random_init --arch "$ARCH_STUDENT" \
+      --save "$DEMO_EXP/random_init/features" $EXTRA
   python -m tools.eval_summary "teacher=$DEMO_EXP/teacher" "distilled student=$DEMO_EXP" \
     "random init=$DEMO_EXP/random_init"
   exit 0

@@ -31,6 +31,7 @@ DEMO_SIZE=${DEMO_SIZE:-32}           # the digits are 32x32: no resize, no centr
 # the paper's 0.08 minimum on 224 px ImageNet images would often crop the digit away.
 DEMO_AUG=${DEMO_AUG:---min_crop_scale 0.6 --no_flip}
 DEMO_WORKERS=${DEMO_WORKERS:-0}       # in-process loading: fastest on 2 cores
+DEMO_TEACHER=${DEMO_TEACHER:-timm/resnet10t}  # the demo teacher's network of run.sh
 DEMO_STUDENT=${DEMO_STUDENT:-timm/resnet10t}  # the demo student of run.sh (its random-init baseline)
 DEMO_USE_CACHE=${DEMO_USE_CACHE:-1}  # the demo probes cached features (seconds); 0: augmented crops (minutes)
 
@@ -39,19 +40,20 @@ LINEAR_DIR=linear                    # cached-feature probes go to linear_cached
 if [ -z "$DATA" ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   ARCH_STUDENT=$DEMO_STUDENT
-  TEACHER_FILE="$DEMO_EXP/teacher/demo_teacher_resnet18.pth"
+  TEACHER_FILE="$DEMO_EXP/teacher/demo_teacher_${DEMO_TEACHER//\//_}.pth"
   if [ ! -f "$DEMO_EXP/checkpoints/checkpoint_latest.pth" ] || [ ! -f "$TEACHER_FILE" ]; then
     echo "error: no finished demo in $DEMO_EXP; run 'bash run.sh' first" >&2
     exit 2
   fi
   if [ "$DEMO_USE_CACHE" = "1" ]; then CACHE_FLAG="--use_cache"; LINEAR_DIR=linear_cached; fi
   DEMO_FLAGS="$DEMO_DIR --resize_size $DEMO_SIZE --crop_size $DEMO_SIZE $DEMO_AUG --epochs $EPOCHS --lr $LR --batch-size 256 --workers $DEMO_WORKERS --device cpu $CACHE_FLAG"
-  echo "== linear 1/3: distilled student ($DEMO_EXP) =="
-  python eval_linear.py $DEMO_FLAGS --exp_dir "$DEMO_EXP" $EXTRA
-  echo "== linear 2/3: the demo teacher ($TEACHER_FILE) =="
-  python eval_linear.py $DEMO_FLAGS --teacher --weights "$TEACHER_FILE" --save "$DEMO_EXP/teacher/$LINEAR_DIR" $EXTRA
-  echo "== linear 3/3: $ARCH_STUDENT at random initialisation =="
-  python eval_linear.py $DEMO_FLAGS --random_init --arch "$ARCH_STUDENT" --save "$DEMO_EXP/random_init/$LINEAR_DIR" $EXTRA
+  # The three probes in one process (torch and timm start once); each run is eval_linear.py's command line.
+  python -m tools.run_many eval_linear.py \
+    :: "distilled student ($DEMO_EXP)" $DEMO_FLAGS --exp_dir "$DEMO_EXP" $EXTRA \
+    :: "the demo teacher ($TEACHER_FILE)" $DEMO_FLAGS --teacher --arch "$DEMO_TEACHER" --weights "$TEACHER_FILE" \
+      --save "$DEMO_EXP/teacher/$LINEAR_DIR" $EXTRA \
+    :: "$ARCH_STUDENT at random initialisation" $DEMO_FLAGS --random_init --arch "$ARCH_STUDENT" \
+      --save "$DEMO_EXP/random_init/$LINEAR_DIR" $EXTRA
   python -m tools.eval_summary "teacher=$DEMO_EXP/teacher" "distilled student=$DEMO_EXP" \
     "random init=$DEMO_EXP/random_init"
   exit 0

@@ -18,16 +18,20 @@ NUM_WORKERS=${NUM_WORKERS:-8}        # per GPU
 EXP_DIR=${EXP_DIR:-exp/r50_to_r18}
 EXTRA=${EXTRA:-}                     # any further flags, e.g. "--channels_last --compile"
 
-# Demo settings (used only when DATA is unset). Sized for 2 CPU cores: one torch thread and in-process
-# data loading (two spinning threads plus loader workers ran up to 4x slower on 2 shared cores), a
-# ResNet-18 teacher trained with AdamW (it leaves chance level in fewer epochs than SGD at 32 px) and a
-# timm ResNet-10-T student (one block per stage: 2.4x ResNet-18's training rate at 32 px, where the backward
-# of the dense 3x3 convolutions on 1x1 maps dominates ResNet-18's step); see README "What the demo does".
+# Demo settings (used only when DATA is unset). Sized for 2 CPU cores without AVX-512: one torch thread
+# and in-process data loading (two spinning threads plus loader workers ran up to 4x slower on 2 shared
+# cores), and timm's ResNet-10-T (one block per stage: 2.4x ResNet-18's training rate at 32 px) as teacher
+# and student. The teacher is supervised (AdamW: it leaves chance level in fewer epochs than SGD at 32 px);
+# the student sees the teacher's own crops (at least 60% of the digit, never mirrored: the paper's 0.2
+# minimum often crops a 32 px digit away, and a mirrored digit is another glyph). See README "What the demo does".
 DEMO_DIR=${DEMO_DIR:-demo_data}
 DEMO_EXP=${DEMO_EXP:-exp/demo}
 DEMO_TEACHER_EPOCHS=${DEMO_TEACHER_EPOCHS:-6}
 DEMO_EPOCHS=${DEMO_EPOCHS:-6}
+DEMO_TEACHER=${DEMO_TEACHER:-timm/resnet10t}  # the demo teacher's network (torchvision or timm/<name>)
 DEMO_STUDENT=${DEMO_STUDENT:-timm/resnet10t}
+DEMO_AUG=${DEMO_AUG:---min_crop_scale 0.6 --no_flip}
+DEMO_LR=${DEMO_LR:-0.2}
 DEMO_BATCH=${DEMO_BATCH:-32}
 DEMO_WORKERS=${DEMO_WORKERS:-0}
 DEMO_THREADS=${DEMO_THREADS:-1}
@@ -36,23 +40,23 @@ if [ -z "$DATA" ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$DEMO_THREADS}
   echo "== SimReg demo: digits on a 32x32 canvas (set DATA and TEACHER to distil on your data) =="
   python -m data.demo "$DEMO_DIR"
-  TEACHER_FILE="$DEMO_EXP/teacher/demo_teacher_resnet18.pth"
+  TEACHER_FILE="$DEMO_EXP/teacher/demo_teacher_${DEMO_TEACHER//\//_}.pth"
   if [ -z "$TEACHERS" ] && [ ! -f "$TEACHER_FILE" ]; then
-    echo "== 1/2 training the demo teacher (supervised ResNet-18, saved in torchvision layout) =="
-    python -m tools.pretrain_teacher "$DEMO_DIR" --arch resnet18 --epochs "$DEMO_TEACHER_EPOCHS" \
+    echo "== 1/2 training the demo teacher (supervised $DEMO_TEACHER, saved in its public layout) =="
+    python -m tools.pretrain_teacher "$DEMO_DIR" --arch "$DEMO_TEACHER" --epochs "$DEMO_TEACHER_EPOCHS" \
       --batch_size "$DEMO_BATCH" --optimizer adamw --learning_rate 0.002 --num_workers "$DEMO_WORKERS" \
       --out "$TEACHER_FILE"
   fi
-  TEACHER_FLAGS="--arch_teacher resnet18 --teacher_weights $TEACHER_FILE"
+  TEACHER_FLAGS="--arch_teacher $DEMO_TEACHER --teacher_weights $TEACHER_FILE"
   if [ -n "$TEACHERS" ]; then TEACHER_FLAGS="--teacher_weights $TEACHERS"; fi  # one head per teacher
   echo "== 2/2 distilling a $DEMO_STUDENT student with the paper's 4-layer head =="
   python train_student.py "$DEMO_DIR" $TEACHER_FLAGS --arch_student "$DEMO_STUDENT" \
-    --n_mlp_layers "$N_MLP_LAYERS" --single_aug --weak_weak --image_size 32 \
-    --epochs "$DEMO_EPOCHS" --batch_size "$DEMO_BATCH" --learning_rate "$LR" --save_freq 10 --print_freq 20 \
+    --n_mlp_layers "$N_MLP_LAYERS" --single_aug --weak_weak --image_size 32 $DEMO_AUG \
+    --epochs "$DEMO_EPOCHS" --batch_size "$DEMO_BATCH" --learning_rate "$DEMO_LR" --save_freq 10 --print_freq 20 \
     --num_workers "$DEMO_WORKERS" --device cpu --exp_dir "$DEMO_EXP" $EXTRA
   echo "== demo finished: $DEMO_EXP (checkpoints/, logs/, checkpoints/student_backbone.pth) =="
   echo "training curves:"
-  python -m tools.plot "$DEMO_EXP" --title "SimReg demo: ResNet-18 teacher -> $DEMO_STUDENT student"
+  python -m tools.plot "$DEMO_EXP" --title "SimReg demo: $DEMO_TEACHER teacher -> $DEMO_STUDENT student"
   exit 0
 fi
 

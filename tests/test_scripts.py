@@ -57,3 +57,18 @@ def test_run_sh_demo_end_to_end(tmp_path):
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
     assert len((tmp_path / "exp" / "logs" / "train_log.jsonl").read_text().splitlines()) == 2
     assert len(list((tmp_path / "demo_data" / "train").glob("*/*.png"))) == 1442
+    assert (tmp_path / "exp" / "teacher" / "demo_teacher_timm_resnet10t.pth").is_file()
+    # The demo's evaluations: three networks each, in one process per script, then the side-by-side table.
+    for script, python_script, column in [("knn_eval.sh", "eval_knn.py", "1-NN"),
+                                          ("lin_eval.sh", "eval_linear.py", "cached linear")]:  # fmt: skip
+        done = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        headers = [line for line in done.stdout.splitlines() if line.startswith("== ")]
+        assert [h.split(":")[0] for h in headers] == [f"== {python_script} {i}/3" for i in (1, 2, 3)]
+        lines = done.stdout.splitlines()
+        top = next(i for i, line in enumerate(lines) if line.startswith(" ") and column in line)  # the table
+        assert [row.split("  ")[0] for row in lines[top + 1 : top + 4]] == [
+            "teacher",
+            "distilled student",
+            "random init",
+        ]
