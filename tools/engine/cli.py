@@ -14,10 +14,10 @@ import os
 import sys
 from collections.abc import Callable
 
-from data.device_decode import DECODE_CHOICES
-from data.transforms import PAPER_MIN_SCALE
 from models.errors import UserError
-from models.formats import FORMATS
+
+# The argument groups import the data and model packages when they are built: a command that needs
+# none of them (tools.plot, tools.eval_summary) starts without torch, torchvision and timm (2-5 s).
 
 log = logging.getLogger("simreg")
 
@@ -244,6 +244,9 @@ def add_dataset_args(g: argparse._ArgumentGroup, what: str = "train on") -> None
 def add_view_args(g: argparse._ArgumentGroup) -> None:
     """The training views (crop size, view mode, crop scale, flip, decoder): training and the K-view cache
     builder share them."""
+    from data.device_decode import DECODE_CHOICES
+    from data.transforms import PAPER_MIN_SCALE
+
     g.add_argument("--image_size", type=image_size_int, default=224, help="training crop size in pixels")
     g.add_argument("--single_aug", action="store_true", help="one view fed to both networks (the paper's best)")
     g.add_argument("--weak_weak", action="store_true", help="weak augmentation for teacher and student")
@@ -262,6 +265,8 @@ def add_teacher_args(
 ) -> None:
     """The teacher flags of training (``several``: one value for all teachers or one per teacher) and of
     the cache builder (one teacher)."""
+    from models.formats import FORMATS
+
     many = {"nargs": "+", "action": OneOrMany} if several else {}
     each = " (one for all teachers, or one per teacher)" if several else ""
     g.add_argument(
