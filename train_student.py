@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classes, split_folder
-from data.device_decode import describe, resolve_decode
+from data.device_decode import describe
 from data.loaders import build_loader
-from data.transforms import TrainViews
+from data.transforms import training_views
 from models.backbones import canonical_arch
 from models.errors import UserError
 from models.heads import HEAD_LAYERS
@@ -167,20 +167,12 @@ def build_dataset(args, device: torch.device) -> IndexedImageFolder:
     classes = select_classes(args.data, args.class_list, args.dataset)
     train_dir = split_folder(args.data, "train")
     dataset = IndexedImageFolder(train_dir, None, classes, seed=args.seed, skip_bad=args.skip_bad_images)
-    single_weak = args.single_aug and args.weak_weak and not args.weak_strong
-    decode = resolve_decode(args.decode, device, [path for path, _ in dataset.samples], single_weak)
-    views = TrainViews(
-        args.image_size,
-        args.single_aug,
-        args.weak_weak,
-        args.weak_strong,
-        decode,
-        args.min_crop_scale,
-        not args.no_flip,
-    )
+    paths = [path for path, _ in dataset.samples]
+    views = training_views(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode, device,
+                           paths, args.min_crop_scale, not args.no_flip)  # fmt: skip
     dataset.transform = views
     log.info("data: %d images in %d classes from %s; %s, %d px; %s", len(dataset), len(dataset.classes), train_dir,
-             views.name, args.image_size, describe(decode, device))  # fmt: skip
+             views.name, args.image_size, describe(views.decoder, device))  # fmt: skip
     if len(dataset) < args.batch_size:
         raise UserError(f"the training set has {len(dataset)} images, fewer than --batch_size {args.batch_size}")
     return dataset

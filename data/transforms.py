@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 
 from data.datasets import load_rgb
 from data.decode import DECODERS, EncodedImage, open_image
-from data.device_decode import DEVICE_DECODE, EncodedCrop, collate_encoded
+from data.device_decode import DEVICE_DECODE, EncodedCrop, collate_encoded, resolve_decode
 
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -198,6 +198,25 @@ class TrainViews:
         if self.single:
             return self.student(img, rng)
         return self.student(img, rng), self.teacher(img, rng)
+
+
+def training_views(
+    size: int,
+    single: bool,
+    weak_weak: bool,
+    weak_strong: bool,
+    decode: str,
+    device: torch.device,
+    paths: list[str],
+    min_scale: float = PAPER_MIN_SCALE,
+    flip: bool = True,
+) -> TrainViews:
+    """The training run's :class:`TrainViews`, with ``--decode`` resolved as training resolves it for these
+    files on ``device`` (training and the K-view cache builder must draw the very same crops)."""
+    single_weak = single and weak_weak and not weak_strong
+    return TrainViews(
+        size, single, weak_weak, weak_strong, resolve_decode(decode, device, paths, single_weak), min_scale, flip
+    )
 
 
 class TeacherView:

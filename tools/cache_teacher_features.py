@@ -29,8 +29,7 @@ import os
 import torch
 
 from data.datasets import IndexedImageFolder, select_classes, split_folder
-from data.device_decode import resolve_decode
-from data.transforms import PAPER_MIN_SCALE, CenterCrop, TeacherView, TrainViews
+from data.transforms import PAPER_MIN_SCALE, CenterCrop, TeacherView, training_views
 from models.io import file_sha256
 from models.teachers import load_teacher, teacher_arch_names
 from tools.engine import cli, distributed
@@ -85,17 +84,9 @@ def build_dataset(args, device: torch.device) -> IndexedImageFolder:
     classes = select_classes(args.data, args.class_list, args.dataset)
     dataset = IndexedImageFolder(split_folder(args.data, "train"), None, classes, seed=args.seed)
     if args.views:  # the decoder chosen as training chooses it, so the crops (and the record) are the run's
-        single_weak = args.single_aug and args.weak_weak and not args.weak_strong
-        decode = resolve_decode(args.decode, device, [path for path, _ in dataset.samples], single_weak)
-        views = TrainViews(
-            args.image_size,
-            args.single_aug,
-            args.weak_weak,
-            args.weak_strong,
-            decode,
-            args.min_crop_scale,
-            not args.no_flip,
-        )
+        paths = [path for path, _ in dataset.samples]
+        views = training_views(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode,
+                               device, paths, args.min_crop_scale, not args.no_flip)  # fmt: skip
         dataset.transform = TeacherView(views)
     else:
         dataset.transform = CenterCrop(args.resize_size, args.crop_size)
