@@ -68,7 +68,7 @@ log = logging.getLogger("simreg.eval_linear")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SimReg linear evaluation", add_help=add_help)
+    p = cli.ArgumentParser("SimReg linear evaluation", add_help=add_help)
     add_common_args(p)
     g = p.add_argument_group("linear probe")
     g.add_argument("--epochs", type=positive_int, default=40)

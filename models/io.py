@@ -148,11 +148,14 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], object], keep_previous:
     A crash at any moment leaves either the old file or the new one, never a half-written file. With
     ``keep_previous``, the file being replaced is first renamed there (the fallback if ``path`` is
     later found corrupt). A full disk raises a UserError and leaves the existing files untouched.
+    The file gets the mode ``open()`` would give it (0666 less the user's umask), not the temporary
+    file's private 0600, so teammates and serving processes read what the umask lets them read.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -170,6 +173,20 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], object], keep_previous:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def current_umask() -> int:
+    """This process's umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj: object, path: str, keep_previous: str | None = None) -> None:

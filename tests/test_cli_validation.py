@@ -284,7 +284,8 @@ def test_bad_paths_devices_and_sizes_get_one_sentence_before_any_work(paths, cap
 def test_summary_entries_are_checked(tmp_path, capsys):
     from tools import eval_summary
 
-    for bad, message in (("student", "expected NAME=DIR"), (f"s={tmp_path}/none", "does not exist")):
+    for bad, message in (("student=", "expected NAME=DIR or DIR"), (f"s={tmp_path}/none", "of 's' does not exist"),
+                         (f"{tmp_path}/none", f"folder '{tmp_path}/none' does not exist")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             eval_summary.main([bad])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -39,13 +39,13 @@ log = logging.getLogger("simreg.embed")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("features of every image of a folder", add_help=add_help)
+    p = cli.ArgumentParser("features of every image of a folder", add_help=add_help)
     g = p.add_argument_group("data")
     g.add_argument("data", metavar="DIR", help="folder of images in any layout (searched recursively)")
     g.add_argument("--resize_size", type=cli.image_size_int, default=256, help="shorter side before the centre crop")
     g.add_argument("--crop_size", type=cli.image_size_int, default=224, help="centre crop size")
     g.add_argument("-b", "--batch_size", type=cli.positive_int, default=256, help="images per batch and process")
-    g.add_argument("-j", "--workers", type=cli.nonneg_int, default=8, help="loader processes per process")
+    cli.add_workers_arg(g, "workers")
     g = p.add_argument_group("network")
     g.add_argument("--weights", required=True, help="checkpoint (any student or teacher format eval_knn.py reads)")
     g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")
@@ -130,6 +130,7 @@ def main(args: argparse.Namespace) -> None:
         num_workers=args.workers,
         dist_info=dist_info,
         overwrite=args.overwrite,
+        desc="embedding",
     )
     if dist_info.is_main:
         log.info("features: %s (float16, %d rows), file list: %s", args.out, len(files), manifest_path(args.out))

@@ -9,9 +9,11 @@ one-sentence answer through :func:`run_cli`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from models.errors import UserError
@@ -33,8 +35,44 @@ def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespa
     except UserError as exc:
         if getattr(args, "debug", False):
             raise
-        logging.getLogger("simreg").error("error: %s", user_message(exc))
+        report_error(user_message(exc))
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside training's save-and-exit (start-up, evaluation, caching)
+        report_error("interrupted (Ctrl-C); rerun the same command to start again (or resume where it saves)")
+        sys.exit(130)
+
+
+def report_error(message: str) -> None:
+    """``error: <message>`` as one line on stderr (rank 0 only under several processes, where every rank
+    finds the same mistake), and into the log file when one is open."""
+    if os.environ.get("RANK", "0") == "0" or not _record_for_launcher(message):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    logger = logging.getLogger("simreg")
+    if logger.hasHandlers():  # else logging's last resort would print it to the console a second time
+        logger.error("error: %s", message, extra={"file_only": True})
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's answer to a wrong command line: one line ``error: argument --x: ...``,
+    exit status 2 (argparse's usage block is left to ``--help``; under several processes rank 0 prints it)."""
+
+    def error(self, message: str):
+        report_error(f"{message} (see --help)")
+        sys.exit(2)
+
+
+def _record_for_launcher(message: str) -> bool:
+    """Under torchrun, a rank other than 0 leaves its sentence in the error file its launcher reads
+    (``tools.launch`` prints it when rank 0 did not fail); False when there is no such file."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:
+        return False
+    return True
 
 
 def user_message(exc: BaseException) -> str:
@@ -183,7 +221,7 @@ def as_list(value: object) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
-class DataLastParser(argparse.ArgumentParser):
+class DataLastParser(ArgumentParser):
     """An ArgumentParser whose ``data`` positional may follow a flag that takes several values.
 
     argparse gives every value after ``--teacher_weights`` to that flag, so the original's command line
@@ -306,6 +344,26 @@ def add_pool_arg(g: argparse._ArgumentGroup, several: bool = False) -> None:
                        help=f"{what}; one for all teachers or one per teacher")  # fmt: skip
     else:
         g.add_argument("--teacher_pool", default="auto", choices=TEACHER_POOLS, help=what)
+
+
+def default_workers(most: int = 8) -> int:
+    """Loader processes by default: ``most``, or fewer on a machine with fewer CPU cores for this process."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(most, cores))
+
+
+def add_workers_arg(g: argparse._ArgumentGroup, dest: str, default: int | None = None, what: str = "per process"):
+    """The loader-process count under both of its names: ``--num_workers`` (training, the cache builder) and
+    ``--workers``/``-j`` (the evaluation scripts, PyTorch's ImageNet example); ``dest`` keeps each command's
+    attribute name. The default is 8, capped at this process's CPU cores."""
+    names = ("--num_workers", "--workers", "-j") if dest == "num_workers" else ("-j", "--workers", "--num_workers")
+    why = f"{default}" if default is not None else f"{default_workers()}: 8, at most the CPU cores"
+    help_text = f"data loading processes {what} (default {why}; 0: in the main process)"
+    default = default_workers() if default is None else default
+    g.add_argument(*names, dest=dest, type=nonneg_int, default=default, metavar="N", help=help_text)
 
 
 def add_runtime_args(g: argparse._ArgumentGroup, seed: bool = True) -> None:

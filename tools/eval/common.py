@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from data.datasets import dataset_fingerprint, select_classes, split_folder
+from data.datasets import (
+    DataError,
+    dataset_fingerprint,
+    list_class_folders,
+    scan_image_folder,
+    select_classes,
+    split_folder,
+)
 from models.errors import UserError
 from models.formats import FORMATS
 from models.pretrained import EvalModel, load_eval_model, random_init_model
@@ -36,7 +43,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     cli.add_dataset_args(g, "evaluate on")
     g.add_argument("--resize_size", type=cli.image_size_int, default=256, help="shorter side before the centre crop")
     g.add_argument("--crop_size", type=cli.image_size_int, default=224, help="centre (and linear training) crop size")
-    g.add_argument("-j", "--workers", dest="workers", type=cli.nonneg_int, default=8, help="loader processes per rank")
+    cli.add_workers_arg(g, "workers", what="per rank")
     g.add_argument("-b", "--batch-size", dest="batch_size", type=cli.positive_int, default=256, help="GLOBAL batch")
 
     g = p.add_argument_group("network")
@@ -247,12 +254,31 @@ def _load_on_rank0(store: FeatureStore, splits: tuple[str, ...], is_main: bool):
 
 
 def eval_datasets(root: str, resize: int, crop: int, classes: list[str] | None, splits=("train", "val")) -> dict:
-    """Centre-crop datasets; val uses train's class list so labels agree."""
+    """Centre-crop datasets; val uses train's class list so labels agree.
+
+    ``classes`` is the selection (``--class_list``, ``--dataset imagenet100``; None: every folder). Without
+    one, a val/ class folder that train/ lacks is refused: its images could not be predicted and would
+    otherwise drop out of the accuracy unnoticed.
+    """
     train = build_eval_dataset(root, "train", resize, crop, classes)
     out = {"train": train}
     if "val" in splits:
+        if classes is None:
+            check_val_classes(root, train.classes)
         out["val"] = build_eval_dataset(root, "val", resize, crop, train.classes)
     return out
+
+
+def check_val_classes(root: str, train_classes: list[str]) -> None:
+    """A DataError when ``root/val`` holds class folders that ``root/train`` lacks, naming them."""
+    extra = [c for c in list_class_folders(split_folder(root, "val")) if c not in set(train_classes)]
+    if extra:
+        _, samples = scan_image_folder(os.path.join(root, "val"), extra)
+        names = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise DataError(
+            f"val/ has {len(extra)} class folder(s) that train/ lacks ({names}; {len(samples)} images), which no "
+            "train image can match; add them to train/, move them out of val/, or evaluate a subset with --class_list"
+        )
 
 
 def fingerprints(datasets: dict) -> dict:
