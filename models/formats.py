@@ -258,7 +258,12 @@ def _convert_simreg(raw: dict) -> Converted:
         head=head,
         heads=heads,
         arch=settings.get("arch_student"),
-        meta={"n_mlp_layers": settings.get("n_mlp_layers"), "epoch": raw.get("epoch")},
+        meta={
+            "n_mlp_layers": settings.get("n_mlp_layers"),
+            "epoch": raw.get("epoch"),
+            "epochs": settings.get("epochs"),
+            "steps_into_next": (raw.get("progress") or {}).get("step", 0),
+        },  # fmt: skip
         projection=head,
         projection_name="the SimReg prediction head",
     )

@@ -29,7 +29,7 @@ from models.pretrained import EvalModel, load_eval_model, random_init_model
 from tools.engine import cli, distributed
 from tools.engine.checkpoint import LATEST, epoch_checkpoint_path
 from tools.engine.distributed import DistInfo
-from tools.engine.logs import setup_logging
+from tools.engine.logs import attach_log_file, setup_logging
 from tools.engine.step import amp_dtype
 from tools.eval.features import FeatureStore, build_eval_dataset, extract_features
 
@@ -150,9 +150,10 @@ def prepare_evaluation(args: argparse.Namespace, sub: str, log_name: str) -> Eva
     check_common_args(args, dist_info.world_size)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
     out_dir = output_dir(args.save, exp_dir, sub, prediction(args))
-    setup_logging(os.path.join(out_dir, log_name), dist_info.is_main, args.debug)
+    setup_logging(None, dist_info.is_main, args.debug)  # <out_dir>/<log_name> once the inputs are read
     model = build_model_from_args(args).to(dist_info.device)
     datasets = eval_datasets(args.data, args.resize_size, args.crop_size, classes_from_args(args))
+    attach_log_file(os.path.join(out_dir, log_name), dist_info.is_main)
     dtype = amp_dtype(args.amp, dist_info.device)
     key = feature_key(model, args.resize_size, args.crop_size, dtype, fingerprints(datasets))
     return Evaluation(dist_info, exp_dir, out_dir, model, datasets, dtype, key)
@@ -183,7 +184,24 @@ def build_model_from_args(args: argparse.Namespace) -> EvalModel:
         return random_init_model(args.arch, args.seed)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
     weights = resolve_weights(args.weights, exp_dir, args.epoch)
-    return load_eval_model(weights, args.arch, args.format, prediction(args), args.teacher, args.teacher_pool)
+    model = load_eval_model(weights, args.arch, args.format, prediction(args), args.teacher, args.teacher_pool)
+    say_training_progress(model, weights)
+    return model
+
+
+def say_training_progress(model: EvalModel, weights: str) -> None:
+    """One line naming the epoch a training checkpoint holds; a warning when its run is not finished (an
+    experiment still training, or stopped), so its numbers are not taken for the final ones."""
+    training = model.identity.get("training")
+    if not training:
+        return
+    done, planned, steps = model.identity.get("epoch") or 0, training["epochs"], training["steps_into_next"]
+    where = f"epoch {done} of {planned}" + (f" and {steps} step(s) of epoch {done + 1}" if steps else "")
+    if done >= planned:
+        log.info("'%s' holds the finished run (%s)", weights, where)
+    else:
+        log.warning("'%s' holds %s: its run is not finished (still training, or stopped); these are that "
+                    "checkpoint's numbers", weights, where)  # fmt: skip
 
 
 def classes_from_args(args: argparse.Namespace) -> list[str] | None:
