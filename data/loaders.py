@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Callable
 
 import torch
@@ -14,9 +16,26 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """A loader worker's start: stop signals are the main process's to act on (it saves a checkpoint, then
-    shuts its workers down); a worker killed by one would end the run with a traceback before the save."""
+    shuts its workers down); a worker killed by one would end the run with a traceback before the save.
+
+    SIGTERM from the main process itself still ends the worker at once, as PyTorch's own worker handler
+    does (``multiprocessing`` terminates leftover workers that way at exit): a thread waits for SIGTERM
+    and tells the senders apart. Where the system cannot tell (no ``sigwaitinfo``), SIGTERM keeps
+    PyTorch's handling.
+    """
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # pending until the thread below takes it
+        threading.Thread(target=_exit_on_parents_sigterm, name="sigterm-from-parent", daemon=True).start()
+
+
+def _exit_on_parents_sigterm() -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == os.getppid():
+            os._exit(0)
 
 
 class EpochSampler(Sampler):

@@ -159,6 +159,42 @@ def test_stop_signal_to_two_ranks_and_their_workers_saves_and_resumes_exactly(da
     assert_same_weights(final_state(straight), final_state(stopped))
 
 
+WORKERS = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from data.loaders import build_loader
+
+class Rows:
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, key):
+        return torch.zeros(1), 0, key[0]
+
+batches = iter(build_loader(Rows(), 4, num_workers=2))
+next(batches), next(batches)  # one batch from each worker: both have started
+print(*[w.pid for w in batches._workers], flush=True)
+sys.stdin.readline()  # the test has sent SIGTERM to each worker from its own process
+print(all(w.is_alive() for w in batches._workers), len(list(batches)), flush=True)
+batches = iter(build_loader(Rows(), 4, num_workers=2))
+next(batches)  # left running: at exit, multiprocessing ends the workers with SIGTERM from this process
+"""
+
+
+def test_loader_workers_ignore_a_stop_signal_from_outside_but_not_their_parents():
+    proc = subprocess.Popen([sys.executable, "-c", WORKERS.format(root=ROOT)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2, proc.stderr.read()
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)  # as `kill -TERM -<group>`, SLURM or `timeout` would
+    time.sleep(0.5)
+    out, err = proc.communicate("\n", timeout=120)  # no hang at exit: the parent's SIGTERM still ends them
+    assert out.split() == ["True", "14"] and proc.returncode == 0, (out, err[-2000:])
+    assert "killed by signal" not in err and "Traceback" not in err, err[-2000:]
+
+
 SECOND_CTRL_C = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
