@@ -75,6 +75,7 @@ def main(args: argparse.Namespace) -> dict | None:
     n_train = len(ev.datasets["train"])
     if max(ks) > n_train:
         raise UserError(f"-k {max(ks)} exceeds the {n_train} training images; choose a smaller k")
+    ev.start_log()
 
     # ============ centre-crop features, in dataset order ============
     reuse = "never" if args.recompute else "require" if args.use_cache else "auto"

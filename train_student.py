@@ -152,7 +152,7 @@ def train_one_epoch(
     student.train()
     is_main = cfg.dist_info.is_main
     meters = Meters(cfg.device, progress if is_main else EpochProgress(step=progress.step))
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=None if is_main else True, leave=False, dynamic_ncols=True)
     summed = progress.loss_sum[0] if isinstance(progress.loss_sum, list) else progress.loss_sum
     logged = (progress.step, summed)  # (step, loss sum) at the last logged step
     for views, _, index in bar:

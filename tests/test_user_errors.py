@@ -30,8 +30,9 @@ MAX_CHARS = 300
 
 @dataclass
 class Mistake:
-    """One user mistake: the command (``{name}`` fields filled from the fixture's paths), what the sentence
-    must say, the paths that must not exist afterwards (a run refused at start-up writes nothing)."""
+    """One user mistake: the command (``{name}`` fields filled from the fixture's paths, ``{out}`` a folder of
+    its own that does not exist yet), what the sentence must say, the paths that must not exist afterwards
+    (a run refused at start-up writes nothing)."""
 
     argv: list[str]
     says: str  # a regular expression the error sentence must match
@@ -43,26 +44,26 @@ class Mistake:
 
 PY = [sys.executable]
 TRAIN = [*PY, "train_student.py", "{data}", "--teacher_weights", "{teacher}", "--image_size", "32", "--batch_size",
-         "2", "--epochs", "1", "-j", "0", "--device", "cpu", "--exp_dir", "{tmp}/exp_train"]  # fmt: skip
+         "2", "--epochs", "1", "-j", "0", "--device", "cpu", "--exp_dir", "{out}/exp"]  # fmt: skip
 KNN = [*PY, "eval_knn.py", "{data}", "--weights", "{teacher}", "--resize_size", "32", "--crop_size", "32", "-b", "2",
-       "--num_workers", "0", "--device", "cpu", "--save", "{tmp}/knn_out"]  # fmt: skip
+       "--num_workers", "0", "--device", "cpu", "-k", "1", "--save", "{out}/knn"]  # fmt: skip
 
 # fmt: off
 CASES: dict[str, Mistake] = {
     # ---- the shell wrappers (one process: the script itself, no launcher in between)
     "run.sh: DATA does not exist": Mistake(
         ["bash", "run.sh"], r"data folder '.*/nope' does not exist",
-        env={"DATA": "{tmp}/nope", "TEACHER": "{teacher}", "EXP_DIR": "{tmp}/exp_wrap", "NUM_WORKERS": "0"},
-        absent=("{tmp}/exp_wrap",), fast=True),
+        env={"DATA": "{tmp}/nope", "TEACHER": "{teacher}", "EXP_DIR": "{out}", "NUM_WORKERS": "0"},
+        absent=("{out}",), fast=True),
     "run.sh: DATA without TEACHER": Mistake(
         ["bash", "run.sh"], r"DATA is set but TEACHER is not; set TEACHER", env={"DATA": "{data}"}),
     "run.sh: a wrong flag in EXTRA": Mistake(
         ["bash", "run.sh"], r"unrecognized arguments: --nope",
-        env={"DATA": "{data}", "TEACHER": "{teacher}", "EXP_DIR": "{tmp}/exp_wrap", "EXTRA": "--nope"},
-        absent=("{tmp}/exp_wrap",)),
+        env={"DATA": "{data}", "TEACHER": "{teacher}", "EXP_DIR": "{out}", "EXTRA": "--nope"},
+        absent=("{out}",)),
     "knn_eval.sh: no val/": Mistake(
         ["bash", "knn_eval.sh"], r"data folder '.*/only_train' has no val/ sub-folder",
-        env={"DATA": "{tmp}/only_train", "EXP_DIR": "{tmp}/exp_wrap"}, absent=("{tmp}/exp_wrap",)),
+        env={"DATA": "{tmp}/only_train", "EXP_DIR": "{out}"}, absent=("{out}",)),
     "knn_eval.sh: no checkpoint in EXP_DIR": Mistake(
         ["bash", "knn_eval.sh"], r"'.*/empty_exp/checkpoints' has no checkpoint_latest.pth .*; train first or give",
         env={"DATA": "{data}", "EXP_DIR": "{tmp}/empty_exp"}, absent=("{tmp}/empty_exp",)),
@@ -74,43 +75,44 @@ CASES: dict[str, Mistake] = {
     # ---- training
     "train: data folder does not exist": Mistake(
         [*TRAIN[:2], "{tmp}/nope", *TRAIN[3:]], r"data folder '.*/nope' does not exist; give the dataset root",
-        absent=("{tmp}/exp_train",), fast=True),
+        absent=("{out}",), fast=True),
     "train: a flag out of range": Mistake(
         [*TRAIN, "--epochs", "0"], r"argument --epochs: expected a positive integer, got 0",
-        absent=("{tmp}/exp_train",)),
+        absent=("{out}",)),
     "train: a flag that does not exist": Mistake(
-        [*TRAIN, "--skip_bad"], r"unrecognized arguments: --skip_bad", absent=("{tmp}/exp_train",)),
+        [*TRAIN, "--nope"], r"unrecognized arguments: --nope", absent=("{out}",)),
     "train: teacher file missing": Mistake(
-        [*TRAIN, "--teacher_weights", "{tmp}/t.pth"], r"'.*/t.pth' does not exist", absent=("{tmp}/exp_train",)),
+        [*TRAIN, "--teacher_weights", "{tmp}/t.pth"], r"'.*/t.pth' does not exist", absent=("{out}",)),
     "train: an unreadable image suggests --skip_bad_images": Mistake(
         [*TRAIN[:2], "{bad_data}", *TRAIN[3:]], r"cannot read image '.*000.png'.*or pass --skip_bad_images"),
     "train: a code-running pickle as teacher": Mistake(
-        [*TRAIN, "--teacher_weights", "{pickle}"], r"needs arbitrary code to unpickle", absent=("{tmp}/exp_train",)),
+        [*TRAIN, "--teacher_weights", "{pickle}"], r"needs arbitrary code to unpickle", absent=("{out}",)),
     "train: a truncated teacher checkpoint": Mistake(
         [*TRAIN, "--teacher_weights", "{truncated}"], r"is not a readable PyTorch checkpoint",
-        absent=("{tmp}/exp_train",)),
+        absent=("{out}",)),
     # ---- evaluation and the other commands
     "eval_knn: no val/": Mistake(
-        [*KNN[:2], "{tmp}/only_train", *KNN[3:]], r"has no val/ sub-folder", absent=("{tmp}/knn_out",), fast=True),
+        [*KNN[:2], "{tmp}/only_train", *KNN[3:]], r"has no val/ sub-folder", absent=("{out}",), fast=True),
     "eval_knn: a val/ class that train/ lacks": Mistake(
         [*KNN[:2], "{extra_val}", *KNN[3:]], r"val/ has 1 class folder\(s\) that train/ lacks \(c; 2 images\)",
-        absent=("{tmp}/knn_out",)),
+        absent=("{out}",)),
     "eval_knn: an unreadable image names no flag it lacks": Mistake(
         [*KNN[:2], "{bad_data}", *KNN[3:]], r"cannot read image '.*000.png' .*delete or replace the file",
         not_says="--skip_bad_images"),
     "eval_knn: weights missing": Mistake(
-        [*KNN, "--weights", "{tmp}/w.pth"], r"--weights '.*/w.pth' does not exist", absent=("{tmp}/knn_out",)),
+        [*KNN, "--weights", "{tmp}/w.pth"], r"--weights '.*/w.pth' does not exist", absent=("{out}",)),
     "eval_knn: a training flag": Mistake([*KNN, "--skip_bad_images"], r"unrecognized arguments: --skip_bad_images"),
     "eval_linear: resume missing": Mistake(
-        [*PY, "eval_linear.py", "{data}", "--weights", "{teacher}", "--save", "{tmp}/lin_out", "--resume",
-         "{tmp}/p.pth", "--device", "cpu"], r"--resume '.*/p.pth' does not exist", absent=("{tmp}/lin_out",)),
+        [*PY, "eval_linear.py", "{data}", "--weights", "{teacher}", "--save", "{out}/linear", "--resume",
+         "{tmp}/p.pth", "--device", "cpu"], r"--resume '.*/p.pth' does not exist", absent=("{out}",)),
     "embed: out is not .npy": Mistake(
         [*PY, "-m", "tools.embed", "{data}", "--weights", "{teacher}", "--out", "{tmp}/f.txt"], r"must end in .npy"),
     "cache: out is a folder": Mistake(
         [*PY, "-m", "tools.cache_teacher_features", "{data}", "--teacher_weights", "{teacher}", "--out", "{tmp}/d.npy"],
         r"is a folder"),
     "export: checkpoint missing": Mistake(
-        [*PY, "-m", "tools.export", "{tmp}/c.pth", "--out", "{tmp}/o.pth"], r"'.*/c.pth' does not exist"),
+        [*PY, "-m", "tools.export", "{tmp}/c.pth", "--format", "torchvision", "--out", "{out}/o.pth"],
+        r"'.*/c.pth' does not exist", absent=("{out}",)),
     "eval_summary: a folder that does not exist": Mistake(
         [*PY, "-m", "tools.eval_summary", "{tmp}/nope"], r"folder '.*/nope' does not exist"),
     "plot: a folder that never trained": Mistake(
@@ -150,6 +152,7 @@ def fill(text: str, values: dict) -> str:
 
 
 def run_mistake(case: Mistake, values: dict) -> subprocess.CompletedProcess:
+    """Run the case's command line with its environment, in the repository root as a user would."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **{k: fill(v, values) for k, v in case.env.items()}}
     argv = [fill(a, values) for a in case.argv]
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -169,6 +172,7 @@ def error_line(out: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if c.fast else pytest.mark.slow) for n, c in CASES.items()])
 def test_a_user_mistake_is_one_sentence_with_exit_status_2(inputs, name):
     case = CASES[name]
+    inputs = {**inputs, "out": os.path.join(inputs["tmp"], re.sub(r"\W+", "_", name))}
     out = run_mistake(case, inputs)
     line = error_line(out)
     assert len(line) <= MAX_CHARS, f"{len(line)} characters: {line}"

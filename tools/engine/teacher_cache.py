@@ -141,7 +141,7 @@ def _extract(teacher, loader, steps: list[np.ndarray], batch: int, writer, dist_
     """
     device, world_size = dist_info.device, dist_info.world_size
     batches = iter(loader)
-    for rows in tqdm(steps, desc=desc, disable=not dist_info.is_main, dynamic_ncols=True):
+    for rows in tqdm(steps, desc=desc, disable=None if dist_info.is_main else True, dynamic_ncols=True):
         width = batch if world_size > 1 else len(rows)
         feats = torch.zeros(width, int(teacher.feat_dim), dtype=torch.float16, device=device)  # (B, D)
         position = torch.full((width,), -1, dtype=torch.int64, device=device)

@@ -139,24 +139,30 @@ class Evaluation:
     datasets: dict
     dtype: torch.dtype | None
     key: dict
+    log_name: str
+
+    def start_log(self) -> None:
+        """Write the log to ``<out_dir>/<log_name>`` from now on (the lines so far included): called once the
+        script's own checks passed, so a run refused at start-up leaves no output folder behind."""
+        attach_log_file(os.path.join(self.out_dir, self.log_name), self.dist_info.is_main)
 
 
 def prepare_evaluation(args: argparse.Namespace, sub: str, log_name: str) -> Evaluation:
     """Flags checked, logging to ``<out_dir>/<log_name>``, the network on its device, the data, the key.
 
-    ``sub`` is the output folder under the experiment (``features``, ``linear``, ``linear_cached``).
+    ``sub`` is the output folder under the experiment (``features``, ``linear``, ``linear_cached``). The log
+    file is opened by :meth:`Evaluation.start_log`.
     """
     dist_info = distributed.init_distributed(args.device)
     check_common_args(args, dist_info.world_size)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
     out_dir = output_dir(args.save, exp_dir, sub, prediction(args))
-    setup_logging(None, dist_info.is_main, args.debug)  # <out_dir>/<log_name> once the inputs are read
+    setup_logging(None, dist_info.is_main, args.debug)
     model = build_model_from_args(args).to(dist_info.device)
     datasets = eval_datasets(args.data, args.resize_size, args.crop_size, classes_from_args(args))
-    attach_log_file(os.path.join(out_dir, log_name), dist_info.is_main)
     dtype = amp_dtype(args.amp, dist_info.device)
     key = feature_key(model, args.resize_size, args.crop_size, dtype, fingerprints(datasets))
-    return Evaluation(dist_info, exp_dir, out_dir, model, datasets, dtype, key)
+    return Evaluation(dist_info, exp_dir, out_dir, model, datasets, dtype, key, log_name)
 
 
 def features_from_args(ev: Evaluation, args: argparse.Namespace, folder: str, splits: dict, reuse: str = "auto"):
