@@ -18,6 +18,7 @@ import torch
 
 from tests.conftest import ROOT, write_image_folder
 from tools import submit
+from tools.deploy import slurm
 from tools.deploy.slurm import JobSpec, TrainingTask, rank_env, rendezvous_port
 from tools.engine.cli import run_cli
 
@@ -47,7 +48,7 @@ def test_only_the_spec_travels_in_submitits_pickle():
 def test_the_command_after_the_separator_is_kept_whole():
     args = submit.get_args_parser().parse_args(["--nodes", "2", "--", "train_student.py", "/d", "--nodes", "5"])
     assert args.nodes == 2 and submit.command_of(args) == ["train_student.py", "/d", "--nodes", "5"]
-    assert submit.flag_value(["x.py", "--exp_dir=exp/a"], "--exp_dir") == "exp/a"
+    assert slurm.flag_value(["x.py", "--exp_dir=exp/a"], "--exp_dir") == "exp/a"
     args = submit.get_args_parser().parse_args(["--", "train_student.py", "--exp_dir", "exp/b"])
     assert submit.job_folder(args) == os.path.join("exp/b", "submitit", "%j")
 

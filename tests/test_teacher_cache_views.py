@@ -17,15 +17,15 @@ from PIL import Image
 import train_student
 from data.datasets import IndexedImageFolder, dataset_fingerprint
 from data.transforms import TeacherView, TrainViews
-from models.cached_teacher import CachedTeacher, manifest_path, open_cached_teacher, read_manifest
 from models.errors import UserError
 from models.teachers import load_teacher
 from tests.conftest import write_random_resnet18
 from tests.test_teacher_cache import Counting, free_port
 from tools import cache_teacher_features
-from tools.engine import teacher_cache
 from tools.engine.distributed import DistInfo
-from tools.engine.teacher_cache import build_cache
+from tools.teacher_cache import builder as teacher_cache
+from tools.teacher_cache.builder import build_cache
+from tools.teacher_cache.reader import CachedTeacher, manifest_path, open_cached_teacher, read_manifest
 
 N_IMAGES, SIZE = 12, 32
 SINGLE_WEAK = ("--single_aug", "--weak_weak")  # the paper's views

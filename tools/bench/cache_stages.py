@@ -19,13 +19,13 @@ import torch
 from data.datasets import IndexedImageFolder, dataset_fingerprint
 from data.loaders import build_loader
 from data.transforms import TeacherView, TrainViews
-from models.cached_teacher import CachedTeacher
 from models.teachers import load_teacher
 from tools.bench.harness import Context, measure, random_teacher_file, steps_variant, timed, with_repeat
 from tools.bench.train_stages import OursStep
 from tools.engine.distributed import DistInfo
 from tools.engine.step import amp_dtype
-from tools.engine.teacher_cache import build_cache
+from tools.teacher_cache.builder import build_cache
+from tools.teacher_cache.reader import CachedTeacher
 
 IMAGENET_TRAIN = 1_281_167
 WIDE_DIM = 8192  # SimCLR ResNet-50x4's feature size

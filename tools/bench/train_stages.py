@@ -3,7 +3,7 @@
 Every "ours" row runs what ``train_student.py`` runs: ``build_loader`` over an ``IndexedImageFolder``
 with ``TrainViews`` (the decoders of :mod:`data.decode`, or ``--decode gpu``'s batched decoding of
 :mod:`data.device_decode`), ``distill_step`` with ``build_optimizer`` (:mod:`tools.engine.step`), and
-the cached teacher opened by ``open_cached_teacher`` (:mod:`models.cached_teacher`) from a cache file in
+the cached teacher opened by ``open_cached_teacher`` (:mod:`tools.teacher_cache.reader`) from a cache file in
 the builder's format. The baselines are the original recipe (:mod:`tools.bench.baseline`).
 """
 
@@ -20,10 +20,9 @@ from data.device_decode import DEVICE_DECODE
 from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.backbones import build_encoder
-from models.cached_teacher import CENTRE_CROP, MANIFEST_VERSION, manifest_path, open_cached_teacher
 from models.fold import compile_frozen
 from models.io import atomic_write, read_json, write_json
-from models.student import Student
+from models.simreg import Student
 from models.teachers import Teacher
 from tools.bench.baseline import OriginalFolder, OriginalStep, build_original_pair, normalised_pair, original_loader
 from tools.bench.dali import dali_available, dali_iterator
@@ -40,6 +39,7 @@ from tools.bench.harness import (
 )
 from tools.engine.distributed import DistInfo
 from tools.engine.step import StepConfig, build_optimizer, distill_step
+from tools.teacher_cache.reader import CENTRE_CROP, MANIFEST_VERSION, manifest_path, open_cached_teacher
 
 SIMCLR_X4_DIM = 8192  # SimCLR ResNet-50x4's pooled feature: the paper's cached SimCLR-x4 -> ResNet-50 run
 
@@ -255,7 +255,7 @@ def cached_variants(p, ctx: Context, best: str) -> tuple[list[Variant], dict]:
 
 
 def stage_cached(p, ctx: Context) -> list[dict]:
-    """Images/s of the step when the targets come from a cached teacher (models.cached_teacher)."""
+    """Images/s of the step when the targets come from a cached teacher (tools.teacher_cache.reader)."""
     variants, teachers = cached_variants(p, ctx, best_step(p, ctx))
     rows = measure("cached", with_repeat(variants), p.rounds, ctx.device, "images")
     for row in rows:
