@@ -64,6 +64,14 @@ def test_gpu_profile_dry_run_covers_every_stage_and_path(tmp_path):
     assert by["probe.ours"]["forty_epochs_s"] > 0
 
 
+def test_a_profile_is_one_registry_entry_the_demo_students(tmp_path):
+    argv = ["demo", "--dry_run", "--set", "students=resnet18,mobilenet_v3_small", "--json", str(tmp_path / "d.json")]
+    rows = B.main(B.get_args_parser().parse_args(argv))
+    assert [r["key"] for r in rows] == ["students.resnet18", "students.mobilenet_v3_small", "students.repeat"]
+    assert rows[0]["ratio_vs_baseline"] == 1.0 and all(r["img_s"] > 0 and len(r["rounds"]) == 1 for r in rows)
+    assert {r["profile"] for r in rows} == {"demo (dry run)"} and set(PROFILES["demo"]) >= {"help", "stages", "sizes"}
+
+
 def test_measure_interleaves_and_computes_ratio_and_spread(monkeypatch):
     clock = {"t": 0.0}
     monkeypatch.setattr("tools.bench.harness.time.perf_counter", lambda: clock["t"])

@@ -24,7 +24,7 @@ from tools.bench.eval_stages import knn_backends, stage_knn, stage_knn_backends,
 from tools.bench.main_job import STAGES as MAIN_JOB_STAGES
 from tools.bench.main_job import format_job_table
 from tools.bench.projection import assumptions, format_hours_table, project, split_rows, stage_hours
-from tools.bench.train_stages import stage_cached, stage_data, stage_e2e, stage_step
+from tools.bench.train_stages import stage_cached, stage_data, stage_e2e, stage_step, stage_students
 from tools.engine import cli
 from tools.eval.knn import faiss_module
 
@@ -191,6 +191,22 @@ MAIN_JOB_TOY = {  # every part on the CPU at toy sizes (--decode gpu decodes on 
         "train_cached": 160,
     },
 }
+DEMO = {  # the demo's students at its 32 px (bash run.sh on a CPU)
+    "students": (
+        "resnet18",
+        "mobilenet_v2",
+        "timm/resnet10t",
+        "regnet_x_400mf",
+        "mobilenet_v3_small",
+        "shufflenet_v2_x1_0",
+    ),
+    "teacher_dim": 512,  # the demo teacher's (timm/resnet10t) feature size
+    "step_size": 32,
+    "step_batch": 64,
+    "step_iters": 2,  # steps per timed round
+    "rounds": 3,
+    "threads": 1,
+}
 # How a --set value is read, where the default's type is not enough (ints are positive, floats > 0 otherwise).
 SIZE_TYPES = {
     "jpeg_size": cli.width_x_height,
@@ -289,6 +305,12 @@ PROFILES: dict[str, dict] = {
         "sizes": KNN,
         "dry_run": {"knn_train": 300, "knn_queries": 20, "knn_dim": 16, "knn_classes": 10, "knn_k": 5, "rounds": 1},
         "check": check_knn,
+    },
+    "demo": {
+        "help": "the demo's students at 32 px on a CPU: training images/s of each (forward, backward, SGD step)",
+        "stages": {"students": stage_students},
+        "sizes": DEMO,
+        "dry_run": {"students": ("resnet18", "mobilenet_v3_small"), "step_size": 16, "step_batch": 4, "rounds": 1},
     },
     "main_job": {
         "help": "the main job for real: torchrun train_student.py (GPU and CPU decoding), a mid-run stop and "

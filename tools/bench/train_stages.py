@@ -310,3 +310,32 @@ def stage_e2e(p, ctx: Context) -> list[dict]:
             if step_rate:
                 row["bound"] = "data" if alone["img_s"] < step_rate else "step"
     return rows
+
+
+# ============ stage: students alone (the demo's choice of student) ============
+class FixedTargets:
+    """A stand-in teacher that gives the same targets (B, D) for every batch: the step times the student alone."""
+
+    weights = None
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target, self.feat_dim = target, target.shape[1]
+
+    def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return self.target
+
+
+def stage_students(p, ctx: Context) -> list[dict]:
+    """Images/s of each student's training step (forward, backward, SGD; ``distill_step`` with fixed targets).
+
+    The first student is the baseline, so the ratios compare the students with each other.
+    """
+    u8 = synthetic_batches(p, ctx.device)
+    index = torch.arange(p.step_batch)
+    teacher = FixedTargets(torch.randn(p.step_batch, p.teacher_dim, generator=torch.Generator().manual_seed(0)))
+    variants = []
+    for i, arch in enumerate(p.students):
+        step = OursStep(teacher, arch, ctx.device, None, channels_last=False)
+        role = "baseline" if i == 0 else "variant"
+        variants.append(steps_variant(arch, step, [(x, index) for x in u8], p.step_iters, role, arch))
+    return measure("students", with_repeat(variants), p.rounds, ctx.device, "images")
