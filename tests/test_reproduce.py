@@ -4,6 +4,7 @@ from scratch reproduces its recorded numbers exactly, and the Markdown section c
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import torchvision
 from PIL import Image
 
 from models.errors import UserError
-from tools.study import grid, report
+from tools.study import grid, report, verify
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -75,8 +76,19 @@ def test_tiny_row_records_skips_and_reproduces(tmp_path):
     verified = reproduce(tmp_path, "--verify_seed", "0")
     assert verified.returncode == 0, verified.stderr[-3000:]
     assert "reproduced their recorded numbers exactly" in verified.stdout
-    (check,) = json.loads((tmp_path / "out" / "verify.json").read_text())["runs"].values()
-    assert check["match"] and check["rerun_backbone"] == check["recorded_backbone"]
+    record = json.loads((tmp_path / "out" / "verify.json").read_text())
+    (check,) = record["runs"].values()
+    assert record["exact_expected"] and record["ok"] and check["exact"]
+    assert set(check["numbers"]) == {f"{p}.{m}" for p in ("backbone", "pred") for m in report.METRICS} | {"loss"}
+    assert record["conclusions"]["features"]["agrees"]
+
+    # A fresh clone holds summary.json only: the check reads the recorded numbers from it.
+    shutil.rmtree(tmp_path / "out" / "runs")
+    from_clone = reproduce(tmp_path, "--verify_seed", "0")
+    assert from_clone.returncode == 0, from_clone.stderr[-3000:]
+    assert "reproduced their recorded numbers exactly" in from_clone.stdout
+    missing = reproduce(tmp_path, "--verify_seed", "1")
+    assert missing.returncode == 2 and "seed 1 of resnet18-h4" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_shared_runs_and_rows():
@@ -105,3 +117,37 @@ def test_verdicts_follow_the_numbers():
     assert report.verdict(row, {}).startswith("Within noise") and "it ties with 2" in report.verdict(row, {})
     row["variants"][1] = v("2", 85.0, 1.0)
     assert report.verdict(row, {}).startswith("Not reproduced") and "it loses to 2" in report.verdict(row, {})
+
+
+def test_verification_bands_and_machine_kinds():
+    seeds = {"0": {"backbone.knn1": 64.8, "loss": 0.41}, "1": {"backbone.knn1": 57.5, "loss": 0.416},
+             "2": {"backbone.knn1": 59.7, "loss": 0.424}}  # fmt: skip
+    lo, hi = verify.band([64.8, 57.5, 59.7], "backbone.knn1")
+    std = float(np.std([64.8, 57.5, 59.7], ddof=1))
+    assert (lo, hi) == pytest.approx((np.mean([64.8, 57.5, 59.7]) - 3 * std, np.mean([64.8, 57.5, 59.7]) + 3 * std))
+    assert verify.band([50.0], "backbone.knn1") == (49.0, 51.0)  # one seed: the floor, 1 point
+    assert verify.band([0.4], "loss") == pytest.approx((0.39, 0.41))
+    got = verify.compare(seeds["0"], {"backbone.knn1": 59.72, "loss": 0.4332}, seeds)
+    assert got["backbone.knn1"]["within_band"] and not got["backbone.knn1"]["exact"]
+    assert got["loss"]["within_band"]  # 0.4332 against 0.4168 +- 3 x 0.0070
+    far = verify.compare(seeds["0"], {"backbone.knn1": 40.0, "loss": 0.41}, seeds)
+    assert not far["backbone.knn1"]["within_band"] and far["loss"]["exact"]
+    here = {"cpu": "AMD EPYC", "avx2": True, "avx512f": True, "torch": "2.14.1", "threads_per_run": 1}
+    assert verify.same_machine_kind(dict(here, threads_per_run=2), here)
+    assert not verify.same_machine_kind(dict(here, avx512f=False), here)
+    assert not verify.same_machine_kind(dict(here, cpu="Intel(R) Xeon(R) Processor"), here)
+
+
+def test_rerun_conclusion_is_the_verdict_of_the_rerun_seed():
+    def v(run, use_pred, m):
+        return {"label": run + ("/head" if use_pred else ""), "run": run, "use_pred": use_pred,
+                "mean": {"knn1": m}, "std": {"knn1": 1.0}, "config": {"student": "resnet18"}}  # fmt: skip
+
+    row = {"name": "features", "variants": [v("p", False, 60.0), v("p", True, 53.0)]}
+    row["verdict"] = report.verdict(row, {})
+    summary = {"rows": [row]}
+    agree = verify.conclusions(summary, {"p": {"backbone.knn1": 59.7, "pred.knn1": 53.2}})
+    assert agree["features"]["agrees"] and agree["features"]["rerun_seed"].startswith("Reproduced")
+    flipped = verify.conclusions(summary, {"p": {"backbone.knn1": 50.0, "pred.knn1": 53.2}})
+    assert not flipped["features"]["agrees"] and flipped["features"]["rerun_seed"].startswith("Not reproduced")
+    assert verify.conclusions(summary, {"other": {}}) == {}  # a row whose runs were not all rerun
