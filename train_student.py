@@ -8,7 +8,7 @@ All GPUs of one machine (``--batch_size`` is the global batch, split across the 
     torchrun --nproc_per_node=gpu train_student.py /path/to/imagenet ...same flags...
 
 Several machines: the same command on each node with ``--nnodes N --node_rank R
---rdzv_backend c10d --rdzv_endpoint HOST:PORT``; under SLURM, ``srun torchrun ...`` (see README).
+--rdzv_backend c10d --rdzv_endpoint HOST:PORT``; under SLURM, ``srun torchrun ...`` (see docs/distributed.md).
 """
 
 from __future__ import annotations
