@@ -26,21 +26,19 @@ from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classe
 from data.device_decode import describe
 from data.loaders import build_loader
 from data.transforms import training_views
-from models.backbones import canonical_arch
+from models.backbones import canonical_arch, teacher_arch_names
 from models.errors import UserError
-from models.heads import HEAD_LAYERS
 from models.io import write_json
-from models.student import Student
-from models.teachers import teacher_arch_names
+from models.simreg import HEAD_LAYERS, Student
 from tools.engine import cli, distributed
 from tools.engine.cli import nonneg_float, nonneg_int, positive_int
 from tools.engine.logs import ScalarWriter, append_json_line, setup_logging
 from tools.engine.meters import EpochProgress, Meters, stop_agreed
 from tools.engine.run_state import Run, export_backbone, resume, run_identity, save_checkpoint, teacher_fingerprint
+from tools.engine.run_teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
 from tools.engine.schedules import cosine_lr, set_lr
 from tools.engine.signals import Interrupted, StopRequest
 from tools.engine.step import AMP_CHOICES, StepConfig, amp_dtype, build_optimizer, default_dtype, distill_step
-from tools.engine.teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
 from tools.eval.monitor import knn_monitor, monitor_datasets
 
 log = logging.getLogger("simreg.train")

@@ -30,11 +30,12 @@ import torch
 
 from data.datasets import IndexedImageFolder, select_classes, split_folder
 from data.transforms import PAPER_MIN_SCALE, CenterCrop, TeacherView, training_views
+from models.backbones import teacher_arch_names
 from models.io import file_sha256
-from models.teachers import load_teacher, teacher_arch_names
+from models.teachers import load_teacher
 from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
-from tools.engine.teacher_cache import build_cache
+from tools.teacher_cache.builder import build_cache
 
 log = logging.getLogger("simreg.cache")
 

@@ -24,7 +24,7 @@ from models.errors import UserError
 from models.formats import FORMATS
 from models.io import atomic_write, write_json
 from models.pretrained import EvalModel, load_eval_model
-from tools.deploy.export import (
+from tools.deploy.exporters import (
     EXPORT_FORMATS,
     STATE_DICT_FORMATS,
     Exported,

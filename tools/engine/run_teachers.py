@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from models.cached_teacher import open_cached_teacher
 from models.errors import UserError
 from models.fold import compile_frozen
 from models.teachers import TeacherSet, load_teacher
 from tools.engine.cli import TEACHER_POOLS, as_list, check_paths
+from tools.teacher_cache.reader import open_cached_teacher
 
 log = logging.getLogger(__name__)
 
