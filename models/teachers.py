@@ -24,7 +24,9 @@ from models.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Encoder, bu
 from models.errors import UserError
 from models.formats import FORMATS, Converted, convert, detect_format, infer_arch
 from models.frozen import FrozenExtractor, out_dim
-from models.io import CheckpointError, load_strict, safe_load
+from models.hf_checkpoints import read_weights
+from models.hf_networks import load_hf_network
+from models.io import CheckpointError, load_strict
 from models.resnet_same import byol_resnet50
 from models.resnet_wide import wide_resnet50
 from models.timm_models import TIMM_PREFIX, build_timm, is_timm_arch, split_classifier, timm_mean_std
@@ -244,6 +246,9 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
         if "vit" in conv.meta:
             net, arch = _vit_network(conv, arch, path, fmt, pool)
             return net, arch, fmt, conv
+        if "hf" in conv.meta:  # Hugging Face snapshots: models/hf_layouts.py, models/hf_networks.py
+            net, arch = load_hf_network(conv.meta["hf"], arch, path, pool)
+            return net, arch, fmt, conv
         net, arch = _cnn_network(conv, arch, path, fmt)
     if pool != "auto":
         raise UserError(
@@ -256,6 +261,8 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
 def _normalisation(net: nn.Module, conv: Converted, fmt: str) -> tuple:
     if fmt == "timm":
         return timm_mean_std(net)
+    if "hf" in conv.meta:  # preprocessor_config.json, or the model type's published mean/std
+        return conv.meta["hf"].mean, conv.meta["hf"].std
     return (IMAGENET_MEAN, IMAGENET_STD) if conv.input_norm == "imagenet" else (None, None)
 
 
@@ -289,9 +296,9 @@ def load_teacher(
     if pool not in ("auto", *POOLS):
         raise UserError(f"--teacher_pool {pool!r}: choose auto, {', '.join(POOLS)}")
     arch = arch or None  # an empty --arch_teacher (run.sh's default) means: read it from the file
-    net, arch, fmt, conv = _network(safe_load(weights, "teacher"), arch, fmt, weights, pool)
+    net, arch, fmt, conv = _network(read_weights(weights, "teacher"), arch, fmt, weights, pool)
     vit_pool = getattr(net, "pool_mode", None)
-    if use_fc and vit_pool not in (None, "cls"):
+    if use_fc and vit_pool not in (None, "cls", "head"):  # head: SigLIP's pooling, which no projection follows
         raise UserError(f"--teacher_fc projects the class token; it cannot follow --teacher_pool {pool}")
     head = _projection_head(conv, fmt, weights) if use_fc else None
     if conv.dropped:
