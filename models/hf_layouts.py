@@ -155,15 +155,18 @@ def _pack_swiglu(sd: dict) -> dict:
     return out
 
 
-def canonical(family: str, sd: dict) -> tuple[dict, list[str]]:
-    """(the tensors under the published names with prefixes removed, keys dropped on purpose)."""
+def canonical(family: str, sd: dict) -> tuple[dict, list[str], str]:
+    """(the tensors under the published names with the prefix removed, keys dropped on purpose, that prefix)."""
     dropped = [k for k in sd if k.startswith(TOWER_DROPS) or k.endswith("position_ids")]
     sd = {k: v for k, v in sd.items() if k not in dropped}
+    found = ""
     for prefix in BASE_PREFIXES:  # a classification file: the backbone under its base-model prefix
         if any(k.startswith(prefix) for k in sd):
             dropped += [k for k in sd if k.startswith("classifier.")]
             sd = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items() if k not in dropped}
+            found = prefix
     if family in ("clip", "siglip"):
+        found = "vision_model." if any(k.startswith("vision_model.") for k in sd) else ""
         sd = _strip(sd, "vision_model.")
     elif family.startswith("dinov2"):
         sd = _pack_swiglu(_rename(sd, DINOV2_RENAMES))
@@ -173,7 +176,7 @@ def canonical(family: str, sd: dict) -> tuple[dict, list[str]]:
         sd = _rename(sd, DINOV3_RENAMES)
     elif family == "dinov3_convnext":
         sd = _strip(sd, "model.")
-    return sd, dropped
+    return sd, dropped, found
 
 
 def _ln(name: str, d: int) -> dict:
@@ -306,17 +309,25 @@ def _convnext_expected(s: HFSpec) -> dict:
 OPTIONAL = ("embeddings.mask_token", "pooler.dense.weight", "pooler.dense.bias", "rope_embeddings.periods")
 
 
-def check_tensors(s: HFSpec, sd: dict) -> tuple[list[str], list[str]]:
-    """(keys dropped on purpose, unknown keys), or a CheckpointError naming a missing or misshapen tensor."""
+def check_tensors(s: HFSpec, sd: dict, prefix: str = "") -> tuple[list[str], list[str]]:
+    """(keys dropped on purpose, unknown keys), or a CheckpointError naming a missing or misshapen tensor.
+
+    Names are shown as the file spells them: under ``prefix`` (``vision_model.``, ``dinov2.``) when it had one.
+    """
     want = expected(s)
-    missing = [k for k in want if k not in sd]
+    name = lambda k: (
+        prefix + k
+        if k.split(".")[0] in ("embeddings", "encoder", "post_layernorm", "pre_layrnorm", "head", "layernorm")
+        else k
+    )  # noqa: E731
+    missing = [name(k) for k in want if k not in sd]
     if missing:
         more = f" ... and {len(missing) - 6} more" if len(missing) > 6 else ""
         raise CheckpointError(
             f"it lacks {len(missing)} tensor(s) the {LABELS[s.model_type]} backbone {s.name} needs: "
             f"{', '.join(missing[:6])}{more}; the download is incomplete or config.json belongs to another model"
         )
-    bad = [f"{k} {tuple(sd[k].shape)} (needs {v})" for k, v in want.items() if tuple(sd[k].shape) != v]
+    bad = [f"{name(k)} {tuple(sd[k].shape)} (needs {v})" for k, v in want.items() if tuple(sd[k].shape) != v]
     if bad:
         raise CheckpointError(
             f"{len(bad)} of its tensor(s) do not have the shapes config.json gives: {', '.join(bad[:4])}; "
@@ -325,7 +336,7 @@ def check_tensors(s: HFSpec, sd: dict) -> tuple[list[str], list[str]]:
     rest = [k for k in sd if k not in want]
     empty_reg = lambda k: k == "embeddings.register_tokens" and sd[k].numel() == 0  # noqa: E731
     dropped = [k for k in rest if k in OPTIONAL or k == "visual_projection.weight" or empty_reg(k)]
-    return dropped, [k for k in rest if k not in dropped]
+    return [name(k) for k in dropped], [name(k) for k in rest if k not in dropped]
 
 
 # ---------------------------------------------------------------- timm's names
@@ -514,12 +525,12 @@ def convert(raw: object) -> HFConverted:
     """A read snapshot or a bare tensor dict -> the network's weights, what was dropped, and preprocessing."""
     ckpt = raw if isinstance(raw, HFCheckpoint) else HFCheckpoint(dict(raw))
     family = _family(ckpt)
-    sd, dropped = canonical(family, ckpt.tensors)
+    sd, dropped, prefix = canonical(family, ckpt.tensors)
     try:
         spec = spec_from_config(family, ckpt.config) if ckpt.config else spec_from_shapes(family, sd)
     except KeyError as exc:  # a bare file without a tensor its shapes are read from
         raise CheckpointError(f"it lacks the tensor {exc} a {LABELS[family]} backbone needs") from exc
-    more, unknown = check_tensors(spec, sd)
+    more, unknown = check_tensors(spec, sd, prefix)
     if spec.model_type == "dinov3_vit":  # the key bias a config may still carry must be zero (timm keeps it at 0)
         more += [k for k in unknown if k.endswith("attention.k_proj.bias")]
         unknown = [k for k in unknown if not k.endswith("attention.k_proj.bias")]
