@@ -567,6 +567,10 @@ def convert(raw: object, fmt: str = "auto", path: str = "", arch: str | None = N
         fmt = detect_format(raw, path, arch)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format '{fmt}'; choose one of: auto, {', '.join(FORMATS)}")
+    if fmt != "huggingface" and hf_layouts.is_hf(raw):  # a snapshot named as a hub format: say what it is
+        raise CheckpointError(
+            f"'{path}' is a Hugging Face checkpoint, not a '{fmt}' file: pass --teacher_format auto (or huggingface)"
+        )
     try:
         converted = FORMATS[fmt].convert(raw)
     except CheckpointError as exc:  # a layout's own sentence, about this file

@@ -153,7 +153,7 @@ def read_weights(path: str, what: str = "teacher") -> object:
     folder = os.path.dirname(os.path.abspath(path))
     config = _read_json(os.path.join(folder, "config.json"), "config.json")
     keyed = isinstance(raw, dict) and all(isinstance(k, str) for k in raw)
-    if config is None or not keyed or family_of_keys(raw) is None:
+    if config is None or "model_type" not in config or not keyed or family_of_keys(raw) is None:
         return raw
     log.info("%s: reading config.json (and preprocessor_config.json, if any) beside it", path)
     pre = _read_json(os.path.join(folder, "preprocessor_config.json"), "preprocessor_config.json")

@@ -293,42 +293,44 @@ def spec_from_shapes(family: str, sd: dict) -> HFSpec:
         dims = tuple(sd[f"stages.{s}.layers.0.gamma"].shape[0] for s in range(_depth(sd, "stages.")))
         depths = tuple(_depth(sd, f"stages.{s}.layers.") for s in range(len(dims)))
         return spec_from_config(family, {"hidden_sizes": list(dims), "depths": list(depths)})
-    if family == "siglip":
-        width, patch = (
-            sd["embeddings.patch_embedding.weight"].shape[0],
-            sd["embeddings.patch_embedding.weight"].shape[-1],
-        )
-        cfg = {
-            "hidden_size": width,
-            "patch_size": patch,
-            "num_hidden_layers": _depth(sd, "encoder.layers."),
-            "intermediate_size": sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
-            "image_size": math.isqrt(sd["embeddings.position_embedding.weight"].shape[0]) * patch,
-            "num_attention_heads": _heads(family, width),
-            "vision_use_head": "head.probe" in sd,
-        }
-        return spec_from_config(family, cfg)
-    width = sd["embeddings.cls_token"].shape[-1]
-    if family == "dinov3_vit":
-        gated = "layer.0.mlp.gate_proj.weight" in sd
-        cfg = {
-            "hidden_size": width,
-            "patch_size": sd["embeddings.patch_embeddings.weight"].shape[-1],
-            "num_hidden_layers": _depth(sd, "layer."),
-            "num_attention_heads": _heads(family, width),
-            "intermediate_size": sd["layer.0.mlp.up_proj.weight"].shape[0],
-            "use_gated_mlp": gated,
-            "hidden_act": "silu" if gated else "gelu",
-            "query_bias": "layer.0.attention.q_proj.bias" in sd,
-            "value_bias": "layer.0.attention.v_proj.bias" in sd,
-            "key_bias": "layer.0.attention.k_proj.bias" in sd,
-            "num_register_tokens": sd["embeddings.register_tokens"].shape[1]
-            if "embeddings.register_tokens" in sd
-            else 0,
-        }
-        return spec_from_config(family, cfg)
-    # DINOv2, with or without registers
-    proj = sd["embeddings.patch_embeddings.projection.weight"]
+    shapes = {"siglip": _siglip_shapes, "dinov3_vit": _dinov3_shapes}.get(family, _dinov2_shapes)
+    return spec_from_config(family, shapes(family, sd))
+
+
+def _siglip_shapes(family: str, sd: dict) -> dict:
+    width, patch = sd["embeddings.patch_embedding.weight"].shape[0], sd["embeddings.patch_embedding.weight"].shape[-1]
+    return {
+        "hidden_size": width,
+        "patch_size": patch,
+        "num_hidden_layers": _depth(sd, "encoder.layers."),
+        "intermediate_size": sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        "image_size": math.isqrt(sd["embeddings.position_embedding.weight"].shape[0]) * patch,
+        "num_attention_heads": _heads(family, width),
+        "vision_use_head": "head.probe" in sd,
+    }
+
+
+def _dinov3_shapes(family: str, sd: dict) -> dict:
+    width, gated = sd["embeddings.cls_token"].shape[-1], "layer.0.mlp.gate_proj.weight" in sd
+    registers = sd.get("embeddings.register_tokens")
+    return {
+        "hidden_size": width,
+        "patch_size": sd["embeddings.patch_embeddings.weight"].shape[-1],
+        "num_hidden_layers": _depth(sd, "layer."),
+        "num_attention_heads": _heads(family, width),
+        "intermediate_size": sd["layer.0.mlp.up_proj.weight"].shape[0],
+        "use_gated_mlp": gated,
+        "hidden_act": "silu" if gated else "gelu",
+        "query_bias": "layer.0.attention.q_proj.bias" in sd,
+        "value_bias": "layer.0.attention.v_proj.bias" in sd,
+        "key_bias": "layer.0.attention.k_proj.bias" in sd,
+        "num_register_tokens": registers.shape[1] if registers is not None else 0,
+    }
+
+
+def _dinov2_shapes(family: str, sd: dict) -> dict:
+    """DINOv2, with or without registers."""
+    width, proj = sd["embeddings.cls_token"].shape[-1], sd["embeddings.patch_embeddings.projection.weight"]
     swiglu = "encoder.layer.0.mlp.weights_in.weight" in sd
     hidden = sd["encoder.layer.0.mlp." + ("weights_out" if swiglu else "fc2") + ".weight"].shape[1]
     ratio = (hidden + 0.5) / width if not swiglu else _swiglu_ratio(width, hidden)  # int(width * ratio) == hidden
@@ -344,7 +346,7 @@ def spec_from_shapes(family: str, sd: dict) -> HFSpec:
     }
     if family.endswith("registers"):
         cfg["num_register_tokens"] = sd["embeddings.register_tokens"].shape[1]
-    return spec_from_config(family, cfg)
+    return cfg
 
 
 def _swiglu_ratio(width: int, hidden: int) -> float:

@@ -525,3 +525,62 @@ def test_defaults_and_head_tables_are_transformers_own():
 
 def test_read_weights_of_a_plain_file_is_the_plain_file(tmp_path, resnet18_teacher_file):
     assert isinstance(read_weights(resnet18_teacher_file), dict)
+
+
+def test_a_snapshot_named_as_a_hub_format_or_a_timm_model_is_told_what_it_is(snapshots):
+    _, folder = snapshots["dinov2"]
+    with pytest.raises(CheckpointError, match="is a Hugging Face checkpoint, not a 'dinov2' file: pass --teacher_fo"):
+        load_teacher(folder, fmt="dinov2")
+    with pytest.raises(CheckpointError, match="the file is a 'huggingface' checkpoint: leave --arch_teacher unset"):
+        load_teacher(folder, arch="timm/vit_small_patch14_dinov2")
+
+
+@pytest.mark.parametrize(
+    ("cls", "case"), [(tf.Dinov2ForImageClassification, "dinov2"), (tf.ViTForImageClassification, "vit")]
+)
+def test_classification_files_give_their_backbone_and_drop_the_classifier(tmp_path, cls, case, caplog):
+    torch.manual_seed(0)
+    from tests.hf_reference import randomized
+
+    model = randomized(cls(CASES[case][1]() if case == "vit" else tf.Dinov2Config(**_tiny_dinov2(), num_labels=3)))
+    folder = write_snapshot(model, str(tmp_path / case))
+    with caplog.at_level(logging.INFO):
+        teacher = load_teacher(folder)
+    base = getattr(model, case)
+    x01 = torch.rand(2, 3, 224, 224)
+    assert rel(teacher(x01), reference(case, base, normalised(teacher, x01))) < TOL
+    assert "classifier.* (2 keys)" in caplog.text
+
+
+def _tiny_dinov2() -> dict:
+    return dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=518, patch_size=14)
+
+
+@pytest.mark.parametrize("case", ["dinov2_swiglu", "vit"])
+def test_transformers_own_in_memory_names_read_like_the_published_ones(snapshots, tmp_path, case):
+    """torch.save(model.state_dict()) of a transformers 5 model: q_proj/o_proj, gate/up/down_proj, layers.i."""
+    model, folder = snapshots[case]
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    shutil.copy(os.path.join(folder, "config.json"), inner / "config.json")
+    sd = model.state_dict()
+    assert any(".q_proj." in k for k in sd)
+    torch.save(sd, inner / "weights.pth")
+    x01 = torch.rand(2, 3, 224, 224)
+    assert torch.equal(load_teacher(str(inner / "weights.pth"))(x01), load_teacher(folder)(x01))
+
+
+def test_sharded_pytorch_model_bin(snapshots, tmp_path):
+    model, folder = snapshots["siglip"]
+    sd = safetensors.torch.load_file(os.path.join(folder, "model.safetensors"))
+    names = sorted(sd)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    old = tmp_path / "bin_shards"
+    old.mkdir()
+    shutil.copy(os.path.join(folder, "config.json"), old / "config.json")
+    for shard, keys in halves.items():
+        torch.save({k: sd[k] for k in keys}, old / shard)
+    index = {"weight_map": {k: shard for shard, keys in halves.items() for k in keys}}
+    (old / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    x01 = torch.rand(2, 3, 224, 224)
+    assert torch.equal(load_teacher(str(old))(x01), load_teacher(folder)(x01))
