@@ -8,7 +8,7 @@ All GPUs of one machine (``--batch_size`` is the global batch, split across the 
     torchrun --nproc_per_node=gpu train_student.py /path/to/imagenet ...same flags...
 
 Several machines: the same command on each node with ``--nnodes N --node_rank R
---rdzv_backend c10d --rdzv_endpoint HOST:PORT``; under SLURM, ``srun torchrun ...`` (see README).
+--rdzv_backend c10d --rdzv_endpoint HOST:PORT``; under SLURM, ``srun torchrun ...`` (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tools.engine.meters import EpochProgress, Meters, stop_agreed
 from tools.engine.run_state import Run, export_backbone, resume, run_identity, save_checkpoint, teacher_fingerprint
 from tools.engine.schedules import cosine_lr, set_lr
 from tools.engine.signals import Interrupted, StopRequest
-from tools.engine.step import AMP_CHOICES, StepConfig, amp_dtype, build_optimizer, distill_step
+from tools.engine.step import AMP_CHOICES, StepConfig, amp_dtype, build_optimizer, default_dtype, distill_step
 from tools.engine.teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
 from tools.eval.monitor import knn_monitor, monitor_datasets
 
@@ -98,6 +98,9 @@ def add_runtime_args(g) -> None:
     g.add_argument("--channels_last", action="store_true", help="NHWC memory layout for both networks")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
     g.add_argument("--compile_teacher", action="store_true", help="torch.compile the teacher (BatchNorm folded first)")
+    g.add_argument("--float64", action="store_true",
+                   help="both networks and the loss in float64 (slow; numerical checks: rounding then stays far below "
+                        "any tolerance, whatever the CPU's kernels)")  # fmt: skip
     g.add_argument("--knn_every", type=nonneg_int, default=0, help="every N epochs (and the last) log k-NN on val/")
     g.add_argument("--knn_resize_size", type=nonneg_int, default=0, help="k-NN resize (0: image_size * 256/224)")
     cli.add_runtime_args(g)
@@ -112,6 +115,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[TeacherSpec]:
             raise UserError("--restart restarts from the weights of --resume FILE; give --resume too")
         log.info("--restart: starting a new run from the weights of %s (as --weights)", args.resume)
         args.weights, args.resume = args.resume, ""
+    if args.float64 and args.amp in ("bf16", "fp16"):
+        raise UserError(f"--float64 runs without autocast; drop --amp {args.amp} (or --float64)")
     if args.batch_size % world_size:
         raise UserError(
             f"--batch_size {args.batch_size} (global) does not divide across {world_size} "
@@ -182,7 +187,8 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
     """Student (one head per teacher), optimizer and scaler, with the run's identity (what resuming must agree on)."""
     teachers = members(teacher)
     dims = teachers[0].feat_dim if len(teachers) == 1 else [t.feat_dim for t in teachers]
-    student = Student(args.arch_student, dims, args.n_mlp_layers).to(dist_info.device)
+    with default_dtype(compute_dtype(args)):
+        student = Student(args.arch_student, dims, args.n_mlp_layers).to(dist_info.device, compute_dtype(args))
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
@@ -191,12 +197,19 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=args.amp == "fp16")
     student_id = {"arch_student": args.arch_student, "n_mlp_layers": args.n_mlp_layers,
                   "image_size": args.image_size, "views": dataset.transform.name}  # fmt: skip
+    if args.float64:  # only when set, so float32 runs keep the identities they were recorded with
+        student_id["float64"] = True
     ids = [teacher_fingerprint(t, spec.weights, spec.use_fc) for t, spec in zip(teachers, specs, strict=True)]
     if len(ids) > 1:  # every teacher, in order, and how their losses are weighted
         student_id["teacher_loss_weights"] = teacher.weights
     identity = run_identity(dataset_fingerprint(dataset), ids[0] if len(ids) == 1 else ids, student_id)
     return Run(exp_dir, student, optimizer, scaler, identity, vars(args), args.epochs, args.save_freq,
                dist_info.is_main)  # fmt: skip
+
+
+def compute_dtype(args) -> torch.dtype:
+    """The networks' precision: float32, or float64 with ``--float64``."""
+    return torch.float64 if args.float64 else torch.float32
 
 
 def wrap_model(student: Student, args, dist_info) -> torch.nn.Module:
@@ -231,7 +244,8 @@ def main(args: argparse.Namespace) -> dict:
     teacher = build_teachers(specs, dist_info.device, dataset_fingerprint(dataset), args.teacher_loss_weights,
                              channels_last=args.channels_last, compile_teacher=args.compile_teacher,
                              cache_on_device=args.cache_on_device, image_size=args.image_size,
-                             views=dataset.transform.record(args.seed), epochs=args.epochs)  # fmt: skip
+                             views=dataset.transform.record(args.seed), epochs=args.epochs,
+                             dtype=compute_dtype(args))  # fmt: skip
     dataset.epoch_period = view_period(teacher)  # the loader's crops repeat with a K-view cache's K views
     run = build_run(args, exp_dir, dataset, teacher, specs, dist_info)
     start_epoch, progress = resume(run, args.resume, args.no_resume, args.weights)
@@ -240,8 +254,9 @@ def main(args: argparse.Namespace) -> dict:
     # ============ training ============
     if dist_info.is_main:
         write_json(os.path.join(exp_dir, "logs", "train_args.json"), vars(args))
-    cfg = StepConfig(dist_info, amp_dtype(args.amp, dist_info.device), args.channels_last, args.print_freq,
-                     args.ckpt_every_steps, StopRequest().install())  # fmt: skip
+    amp = None if args.float64 else amp_dtype(args.amp, dist_info.device)
+    cfg = StepConfig(dist_info, amp, args.channels_last, args.print_freq, args.ckpt_every_steps,
+                     StopRequest().install(), compute_dtype(args))  # fmt: skip
     stats = train(args, run, model, teacher, loader, cfg, start_epoch, progress)
     if not stats.get("interrupted"):
         finish(run)

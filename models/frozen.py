@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.loss import fp32_or_wider
+
 
 def out_dim(head: nn.Module) -> int:
     """Output size of a head: the ``out_features`` of its last Linear."""
@@ -12,7 +14,7 @@ def out_dim(head: nn.Module) -> int:
 
 
 class FrozenExtractor(nn.Module):
-    """images (B, 3, H, W) in [0, 1] -> features (B, feat_dim) float32, from a frozen network.
+    """images (B, 3, H, W) in [0, 1] -> features (B, feat_dim) float32 (float64 for a float64 network).
 
     ``encoder`` maps images to a pooled feature (it has ``feat_dim``); with a ``head`` the output is the
     head's instead (a teacher's projection, a student's prediction head). No parameter requires a
@@ -35,4 +37,4 @@ class FrozenExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.encoder(x)
-        return (self.head(f) if self.head is not None else f).float()
+        return fp32_or_wider(self.head(f) if self.head is not None else f)

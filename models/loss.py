@@ -8,15 +8,20 @@ import torch
 import torch.nn.functional as F
 
 
+def fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 if it is float64: what autocast produced (bf16, fp16) goes up to fp32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ||n(pred) - n(target)||^2 = 2 - 2 cos(pred, target).
 
     pred (B, D) is the head's output, target (B, D) the teacher feature; both are cast to fp32
-    first, whatever autocast produced, so the loss and the normalisations are always fp32.
-    Range [0, 4]; about 2 for unrelated vectors.
+    first, whatever autocast produced, so the loss and the normalisations are always fp32 (fp64 in a
+    float64 run, ``train_student.py --float64``). Range [0, 4]; about 2 for unrelated vectors.
     """
-    p = F.normalize(pred.float(), dim=1)
-    t = F.normalize(target.float(), dim=1)
+    p = F.normalize(fp32_or_wider(pred), dim=1)
+    t = F.normalize(fp32_or_wider(target), dim=1)
     return (2.0 - 2.0 * (p * t).sum(dim=1)).mean()
 
 

@@ -7,7 +7,7 @@ is called with, and has no parameter that requires a gradient.
 
 Which network runs is decided by the architecture (``--arch_teacher``, or what the file holds) and the
 checkpoint format together: BYOL's weights need the "SAME"-padding ``byol_resnet50``, SimCLR's the
-widened ``resnet50x1/x2/x4``; plain torchvision names need the flag to tell those apart (README). ViT
+widened ``resnet50x1/x2/x4``; plain torchvision names need the flag to tell those apart (docs/teachers.md). ViT
 formats (DINO, DINOv2, DINOv3, MoCo v3) build the publisher's ViT from the file's shapes
 (:mod:`models.vit`); ``timm/<name>`` builds timm's network and reads timm's names.
 """

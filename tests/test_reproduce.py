@@ -1,9 +1,10 @@
 """tools.reproduce on a tiny row: the JSON's structure, a rerun skips finished runs, one seed retrained
-from scratch reproduces its recorded numbers exactly, and the README section comes from the JSON."""
+from scratch reproduces its recorded numbers exactly, and the Markdown section comes from the JSON."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import torchvision
 from PIL import Image
 
 from models.errors import UserError
-from tools.study import grid, report
+from tools.study import grid, report, verify
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,8 @@ def reproduce(tmp_path, *extra):
     cmd = [sys.executable, "-m", "tools.reproduce", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
            "--teacher_a", str(tmp_path / "a.pth"), "--only", "features", "--student", "resnet18",
            "--seeds", "1", "--epochs", "1",
-           "--batch_size", "4", "--image_size", "16", "--probe_epochs", "2", "--readme", str(tmp_path / "README.md"),
+           "--batch_size", "4", "--image_size", "16", "--probe_epochs", "2",
+           "--doc", str(tmp_path / "docs" / "study.md"),
            *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
@@ -45,7 +47,8 @@ def test_tiny_row_records_skips_and_reproduces(tmp_path):
     tiny_folder(tmp_path / "data")
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "a.pth")
-    (tmp_path / "README.md").write_text(f"intro\n{report.START}\nSTALE STUDY TEXT\n{report.END}\nrest\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "study.md").write_text(f"intro\n{report.START}\nSTALE STUDY TEXT\n{report.END}\nrest\n")
     first = reproduce(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -59,9 +62,10 @@ def test_tiny_row_records_skips_and_reproduces(tmp_path):
     assert set(summary["references"]) == {"teacher A", "random-init resnet18"}
     assert (tmp_path / "out" / "features.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "paper_curves.png").exists()
-    readme = (tmp_path / "README.md").read_text()
-    assert readme.startswith("intro\n") and readme.endswith("rest\n") and "STALE STUDY TEXT" not in readme
-    assert f"{row['variants'][0]['mean']['knn1']:.1f} ± 0.0" in readme
+    doc = (tmp_path / "docs" / "study.md").read_text()
+    assert doc.startswith("intro\n") and doc.endswith("rest\n") and "STALE STUDY TEXT" not in doc
+    assert f"{row['variants'][0]['mean']['knn1']:.1f} ± 0.0" in doc
+    assert "](../out/features.png)" in doc and "](../out/summary.json)" in doc  # links from docs/ to the study
 
     result = next((tmp_path / "out" / "runs").glob("*/seed0/result.json"))
     stamp = result.stat().st_mtime_ns
@@ -72,8 +76,19 @@ def test_tiny_row_records_skips_and_reproduces(tmp_path):
     verified = reproduce(tmp_path, "--verify_seed", "0")
     assert verified.returncode == 0, verified.stderr[-3000:]
     assert "reproduced their recorded numbers exactly" in verified.stdout
-    (check,) = json.loads((tmp_path / "out" / "verify.json").read_text())["runs"].values()
-    assert check["match"] and check["rerun_backbone"] == check["recorded_backbone"]
+    record = json.loads((tmp_path / "out" / "verify.json").read_text())
+    (check,) = record["runs"].values()
+    assert record["exact_expected"] and record["ok"] and check["exact"]
+    assert set(check["numbers"]) == {f"{p}.{m}" for p in ("backbone", "pred") for m in report.METRICS} | {"loss"}
+    assert record["conclusions"]["features"]["agrees"]
+
+    # A fresh clone holds summary.json only: the check reads the recorded numbers from it.
+    shutil.rmtree(tmp_path / "out" / "runs")
+    from_clone = reproduce(tmp_path, "--verify_seed", "0")
+    assert from_clone.returncode == 0, from_clone.stderr[-3000:]
+    assert "reproduced their recorded numbers exactly" in from_clone.stdout
+    missing = reproduce(tmp_path, "--verify_seed", "1")
+    assert missing.returncode == 2 and "seed 1 of resnet18-h4" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_shared_runs_and_rows():
@@ -102,3 +117,37 @@ def test_verdicts_follow_the_numbers():
     assert report.verdict(row, {}).startswith("Within noise") and "it ties with 2" in report.verdict(row, {})
     row["variants"][1] = v("2", 85.0, 1.0)
     assert report.verdict(row, {}).startswith("Not reproduced") and "it loses to 2" in report.verdict(row, {})
+
+
+def test_verification_bands_and_machine_kinds():
+    seeds = {"0": {"backbone.knn1": 64.8, "loss": 0.41}, "1": {"backbone.knn1": 57.5, "loss": 0.416},
+             "2": {"backbone.knn1": 59.7, "loss": 0.424}}  # fmt: skip
+    lo, hi = verify.band([64.8, 57.5, 59.7], "backbone.knn1")
+    std = float(np.std([64.8, 57.5, 59.7], ddof=1))
+    assert (lo, hi) == pytest.approx((np.mean([64.8, 57.5, 59.7]) - 3 * std, np.mean([64.8, 57.5, 59.7]) + 3 * std))
+    assert verify.band([50.0], "backbone.knn1") == (49.0, 51.0)  # one seed: the floor, 1 point
+    assert verify.band([0.4], "loss") == pytest.approx((0.39, 0.41))
+    got = verify.compare(seeds["0"], {"backbone.knn1": 59.72, "loss": 0.4332}, seeds)
+    assert got["backbone.knn1"]["within_band"] and not got["backbone.knn1"]["exact"]
+    assert got["loss"]["within_band"]  # 0.4332 against 0.4168 +- 3 x 0.0070
+    far = verify.compare(seeds["0"], {"backbone.knn1": 40.0, "loss": 0.41}, seeds)
+    assert not far["backbone.knn1"]["within_band"] and far["loss"]["exact"]
+    here = {"cpu": "AMD EPYC", "avx2": True, "avx512f": True, "torch": "2.14.1", "threads_per_run": 1}
+    assert verify.same_machine_kind(dict(here, threads_per_run=2), here)
+    assert not verify.same_machine_kind(dict(here, avx512f=False), here)
+    assert not verify.same_machine_kind(dict(here, cpu="Intel(R) Xeon(R) Processor"), here)
+
+
+def test_rerun_conclusion_is_the_verdict_of_the_rerun_seed():
+    def v(run, use_pred, m):
+        return {"label": run + ("/head" if use_pred else ""), "run": run, "use_pred": use_pred,
+                "mean": {"knn1": m}, "std": {"knn1": 1.0}, "config": {"student": "resnet18"}}  # fmt: skip
+
+    row = {"name": "features", "variants": [v("p", False, 60.0), v("p", True, 53.0)]}
+    row["verdict"] = report.verdict(row, {})
+    summary = {"rows": [row]}
+    agree = verify.conclusions(summary, {"p": {"backbone.knn1": 59.7, "pred.knn1": 53.2}})
+    assert agree["features"]["agrees"] and agree["features"]["rerun_seed"].startswith("Reproduced")
+    flipped = verify.conclusions(summary, {"p": {"backbone.knn1": 50.0, "pred.knn1": 53.2}})
+    assert not flipped["features"]["agrees"] and flipped["features"]["rerun_seed"].startswith("Not reproduced")
+    assert verify.conclusions(summary, {"other": {}}) == {}  # a row whose runs were not all rerun

@@ -2,7 +2,7 @@
 queues and optimizer state) loads, is detected, and gives the features of a reference network built
 here, independently, from the same tensors.
 
-Layouts were checked against the projects' public code (see README "Teachers"): how each training
+Layouts were checked against the projects' public code (see docs/teachers.md): how each training
 script saves and how each evaluation script strips prefixes before loading.
 """
 

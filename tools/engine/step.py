@@ -8,7 +8,8 @@ synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Networks built inside draw their initial weights in ``dtype``.
+
+    float64 matters beyond precision: PyTorch's float32 ``normal_`` takes a vectorised path whose values
+    depend on the CPU's vector width, its float64 ``normal_`` does not, so a ``--float64`` run starts from
+    the same weights on every CPU.
+    """
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 @dataclass
 class StepConfig:
     """How training steps run (not what they compute)."""
@@ -43,6 +60,7 @@ class StepConfig:
     print_freq: int
     ckpt_every_steps: int = 0  # 0: checkpoints at epoch ends only
     stop: StopRequest | None = None
+    dtype: torch.dtype = torch.float32  # the networks' parameters and the images fed to them (--float64)
 
     @property
     def device(self) -> torch.device:
@@ -51,14 +69,14 @@ class StepConfig:
 
 def to_device_images(batch: torch.Tensor | EncodedBatch, cfg: StepConfig) -> torch.Tensor:
     """uint8 (B, 3, H, W), or encoded JPEGs decoded here on the device (``--decode gpu``) -> float in [0, 1]
-    on the device; the networks normalise inside."""
+    (``cfg.dtype``) on the device; the networks normalise inside."""
     if isinstance(batch, EncodedBatch):
         x = batch.decode(cfg.device)
     else:
         x = batch.to(cfg.device, non_blocking=True)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x.float().div_(255.0)
+    return x.to(cfg.dtype).div_(255.0)
 
 
 def distill_step(model, teacher, views, index: torch.Tensor, optimizer, scaler, cfg: StepConfig) -> torch.Tensor:

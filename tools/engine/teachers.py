@@ -110,7 +110,8 @@ def build_one(spec: TeacherSpec, device: torch.device, fingerprint: dict, option
         return open_cached_teacher(spec.feats, fingerprint, device, options["cache_on_device"], options["image_size"],
                                    teacher=teacher, views=views, epochs=epochs)  # fmt: skip
     teacher = load_teacher(spec.weights, spec.arch, spec.fmt, use_fc=spec.use_fc, pool=spec.pool,
-                           input_size=options["image_size"]).to(device)  # fmt: skip
+                           input_size=options["image_size"])  # fmt: skip
+    teacher = teacher.to(device, options.get("dtype", torch.float32))
     if options["channels_last"]:
         teacher = teacher.to(memory_format=torch.channels_last)
     if options["compile_teacher"]:  # inference only: BatchNorm folds into the convs (a ViT is compiled as is)
@@ -121,7 +122,8 @@ def build_one(spec: TeacherSpec, device: torch.device, fingerprint: dict, option
 def build_teachers(specs: list[TeacherSpec], device: torch.device, fingerprint: dict, weights=None, **options):
     """One teacher as itself; several as a :class:`TeacherSet` with the (normalised) loss weights.
 
-    ``options``: ``channels_last``, ``compile_teacher``, ``cache_on_device``, ``image_size``, and for K-view
+    ``options``: ``channels_last``, ``compile_teacher``, ``cache_on_device``, ``image_size``, ``dtype`` (a live
+    teacher's parameters: float32, or float64 for ``--float64``), and for K-view
     caches ``views`` (the run's ``TrainViews.record(seed)``, checked against each cache) and ``epochs``.
     """
     teachers = [build_one(spec, device, fingerprint, options) for spec in specs]

@@ -24,6 +24,7 @@ from data.loaders import build_loader
 from data.transforms import CenterCrop
 from models.errors import UserError
 from models.io import atomic_npy, differences, write_json
+from models.loss import fp32_or_wider
 from tools.engine.distributed import DistInfo
 from tools.engine.step import autocast
 
@@ -76,13 +77,15 @@ def extract_features(
         pin_memory=device.type == "cuda",
     )
     cast = autocast(device, amp_dtype)
+    # the network's own precision: float32, or float64 for a --float64 run's k-NN monitor
+    dtype = torch.promote_types(next((p.dtype for p in model.parameters()), torch.float32), torch.float32)
     feats, indices = [], []
     bar = tqdm(loader, desc=desc, disable=None if rank == 0 else True, leave=False)  # None: off when not a TTY
     for images, _, index in bar:
-        x = images.to(device, non_blocking=True).float().div_(255.0)
+        x = images.to(device, non_blocking=True).to(dtype).div_(255.0)
         with cast:
             out = model(x)
-        feats.append(out.float())
+        feats.append(fp32_or_wider(out))
         indices.append(index.to(device, non_blocking=True))
     model.train(was_training)
     local = torch.cat(feats) if feats else torch.empty(0, 0, device=device)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from models.errors import UserError
 from models.io import read_json, write_json
@@ -57,7 +56,7 @@ class Study:
     threads: int = 1
     knn_every: int = 1  # the paper's setting logs k-NN curves every N epochs
     paper: RunConfig | None = None
-    runs_folder: str = "runs"  # "verify" for a fresh rerun checked against the recorded numbers
+    runs_folder: str = "runs"  # "verify" for a fresh rerun checked against the records (tools/study/verify.py)
     _eval_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run_dir(self, run: RunConfig, seed: int) -> str:
@@ -186,26 +185,3 @@ def run_all(study: Study, runs: list[RunConfig], pred_runs: set[RunConfig], jobs
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {(r.key(), s): pool.submit(run_student, study, r, s, r in pred_runs) for r, s in tasks}
         return {k: f.result() for k, f in futures.items()}
-
-
-def verify_seed(study: Study, runs: list[RunConfig], pred_runs: set[RunConfig], seed: int) -> dict:
-    """Retrain ``seed`` of ``runs`` from scratch in ``OUT/verify`` and compare every recorded number.
-
-    Returns {run key: {"match": bool, "recorded": ..., "rerun": ...}} (also written to verify.json);
-    a recorded run that is missing is an error: run the grid first.
-    """
-    fresh = replace(study, runs_folder="verify", _eval_lock=threading.Lock())
-    out = {}
-    for run in runs:
-        recorded = read_json(os.path.join(study.run_dir(run, seed), RESULT))
-        if recorded is None:
-            raise UserError(f"seed {seed} of {run.key()} has no recorded result; run the grid before verifying it")
-        shutil.rmtree(fresh.run_dir(run, seed), ignore_errors=True)
-        rerun = run_student(fresh, run, seed, run in pred_runs)
-        keys = ("backbone", "pred", "losses")
-        same = all(recorded.get(k) == rerun.get(k) for k in keys)
-        out[run.key()] = {"match": same, **{f"recorded_{k}": recorded.get(k) for k in keys},
-                          **{f"rerun_{k}": rerun.get(k) for k in keys}}  # fmt: skip
-        log.info("seed %d of %s rerun from scratch: %s", seed, run.key(), "identical" if same else "DIFFERENT")
-    write_json(os.path.join(study.out, "verify.json"), {"seed": seed, "runs": out})
-    return out
