@@ -9,7 +9,9 @@ Which network runs is decided by the architecture (``--arch_teacher``, or what t
 checkpoint format together: BYOL's weights need the "SAME"-padding ``byol_resnet50``, SimCLR's the
 widened ``resnet50x1/x2/x4``; plain torchvision names need the flag to tell those apart (docs/teachers.md). ViT
 formats (DINO, DINOv2, DINOv3, MoCo v3) build the publisher's ViT from the file's shapes
-(:mod:`models.vit`); ``timm/<name>`` builds timm's network and reads timm's names.
+(:mod:`models.vit`); ``timm/<name>`` builds timm's network and reads timm's names; a Hugging Face
+snapshot (a folder with ``config.json``, or its weights file) builds the network its config describes,
+exact to transformers' forward (:mod:`models.hf_layouts`, :mod:`models.hf_networks`).
 """
 
 from __future__ import annotations
@@ -285,7 +287,7 @@ def load_teacher(
     pool: str = "auto",
     input_size: int | None = None,
 ) -> Teacher:
-    """Build the frozen teacher from a checkpoint file in any registered format.
+    """Build the frozen teacher from a checkpoint file in any registered format, or a Hugging Face snapshot folder.
 
     Every backbone key must be present and fit; keys the format recognises as non-backbone parts
     (projection heads, predictors, prototypes, momentum encoders, queues, classifiers) are dropped and
