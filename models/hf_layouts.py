@@ -84,7 +84,8 @@ def family_of_keys(keys) -> str | None:
         return "clip"
     if has("embeddings.patch_embedding.weight") and has("encoder.layers.0.self_attn"):
         return "siglip"
-    if has("embeddings.cls_token") and (has("layer.0.attention.q_proj") or has("layer.0.attention.query")):
+    top = lambda *starts: any(k.startswith(starts) for k in ks)  # noqa: E731  (DINOv3's blocks: no encoder.)
+    if top("embeddings.cls_token") and top("layer.0.attention.", "model.layer.0.attention."):
         return "dinov3_vit"
     if has("stages.0.downsample_layers.0.weight") and has("layers.0.depthwise_conv"):
         return "dinov3_convnext"

@@ -294,8 +294,9 @@ def load_hf_network(hf, arch: str | None, path: str, pool: str) -> tuple[nn.Modu
     return finish(net), spec.name
 
 
+@torch.no_grad()
 def patch_tokens(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Final-norm patch tokens (B, h, w, D) of a teacher for images in [0, 1], (B, 3, H, W).
+    """Final-norm patch tokens (B, h, w, D), float32, of a frozen teacher for images in [0, 1], (B, 3, H, W).
 
     Works for every Hugging Face teacher here and for the hub ViTs (:mod:`models.vit`): the network's
     own normalisation is applied first; class token and registers / storage tokens are left out.
@@ -303,9 +304,9 @@ def patch_tokens(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     encoder = teacher.encoder if hasattr(teacher, "encoder") else teacher
     net, x = encoder.backbone, encoder.normalize(images)
     if hasattr(net, "patch_tokens"):
-        return net.patch_tokens(x)
+        return net.patch_tokens(x).float()
     if hasattr(net, "forward_features") and hasattr(net, "num_prefix_tokens") and hasattr(net, "patch"):
         check_patch_multiple(x.shape[-2], x.shape[-1], net.patch)
         t = net.forward_features(x)[:, net.num_prefix_tokens :]
-        return t.reshape(x.shape[0], x.shape[-2] // net.patch, x.shape[-1] // net.patch, -1)
+        return t.reshape(x.shape[0], x.shape[-2] // net.patch, x.shape[-1] // net.patch, -1).float()
     raise UserError(f"teacher {getattr(teacher, 'arch', type(net).__name__)} has no patch tokens (not a ViT)")

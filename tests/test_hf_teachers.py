@@ -368,6 +368,34 @@ def test_arch_flag_and_refused_types(snapshots, tmp_path):
 
 # ---------------------------------------------------------------- the published models at full size (meta tensors)
 PUBLISHED = {  # model id -> (class, config of the published checkpoint, network name, feature size)
+    "facebook/dinov2-with-registers-giant": (
+        tf.Dinov2WithRegistersModel,
+        dict(
+            hidden_size=1536,
+            num_hidden_layers=40,
+            num_attention_heads=24,
+            use_swiglu_ffn=True,
+            image_size=518,
+            patch_size=14,
+        ),
+        "hf_dinov2_vit_g14_reg4",
+        1536,
+    ),
+    "facebook/dinov3-vitl16-pretrain-lvd1689m": (
+        tf.DINOv3ViTModel,
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_register_tokens=4,
+        ),
+        "hf_dinov3_vit_l16",
+        1024,
+    ),
+    "openai/clip-vit-base-patch32": (tf.CLIPModel, dict(projection_dim=512), "hf_clip_vit_b32", 768),
+    "facebook/dino-vitb16": (tf.ViTModel, dict(layer_norm_eps=1e-6), "hf_vit_b16", 768),
+    "google/siglip-base-patch16-224": (tf.SiglipModel, dict(), "hf_siglip_vit_b16", 768),
     "facebook/dinov2-small": (
         tf.Dinov2Model,
         dict(hidden_size=384, num_attention_heads=6, image_size=518),
@@ -584,3 +612,16 @@ def test_sharded_pytorch_model_bin(snapshots, tmp_path):
     (old / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     x01 = torch.rand(2, 3, 224, 224)
     assert torch.equal(load_teacher(str(old))(x01), load_teacher(folder)(x01))
+
+
+@pytest.mark.parametrize("hub", ["dinov2_reg4", "dinov3"])
+def test_patch_tokens_of_the_hub_vits_are_what_their_avg_pool_averages(tmp_path, hub):
+    from tests.vit_reference import dinov2_file, dinov3_file
+
+    path = str(tmp_path / f"{hub}.pth")
+    torch.save(dinov2_file(n_reg=4) if hub == "dinov2_reg4" else dinov3_file(), path)
+    x01 = torch.rand(2, 3, 64 if hub == "dinov3" else 56, 48 if hub == "dinov3" else 42)
+    tokens = patch_tokens(load_teacher(path), x01)
+    patch = 16 if hub == "dinov3" else 14
+    assert tokens.shape == (2, x01.shape[2] // patch, x01.shape[3] // patch, 384)
+    assert rel(tokens.mean(dim=(1, 2)), load_teacher(path, pool="avg")(x01)) < 1e-5
