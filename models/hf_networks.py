@@ -56,7 +56,7 @@ class HFSpec:
     n_reg: int = 0
     layerscale: bool = False
     pre_norm: bool = False  # CLIP's pre_layrnorm (and no patch-embedding bias)
-    pooled: str = "cls"  # what pooler_output is: cls | head (SigLIP's attention pooling) | mean (ConvNeXt)
+    pooled: str = "cls"  # pooler_output: cls | head (SigLIP's attention pool) | mean (ConvNeXt) | none (no head)
     pos: str = "size"  # size | antialias | rope | none
     qkv_bias: bool = True
     rope_theta: float = 100.0

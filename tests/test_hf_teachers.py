@@ -181,14 +181,22 @@ def test_sharded_snapshot_loads_and_a_missing_shard_is_named(snapshots, tmp_path
         load_teacher(folder)
 
 
-def test_pytorch_model_bin_is_read_weights_only(snapshots, tmp_path):
+def test_pytorch_model_bin_is_read_weights_only(snapshots, tmp_path, caplog):
+    """transformers 4's CLIP files also saved the position_ids buffers: dropped and listed."""
     model, folder = snapshots["clip"]
     old = tmp_path / "old"
     old.mkdir()
     shutil.copy(os.path.join(folder, "config.json"), old / "config.json")
-    torch.save(safetensors.torch.load_file(os.path.join(folder, "model.safetensors")), old / "pytorch_model.bin")
+    sd = safetensors.torch.load_file(os.path.join(folder, "model.safetensors"))
+    sd["vision_model.embeddings.position_ids"] = torch.arange(197)[None]
+    torch.save(sd, old / "pytorch_model.bin")
     x01 = torch.rand(2, 3, 224, 224)
-    assert torch.equal(load_teacher(str(old))(x01), load_teacher(folder)(x01))
+    with caplog.at_level(logging.INFO):
+        assert torch.equal(load_teacher(str(old))(x01), load_teacher(folder)(x01))
+    assert "dropped 24 non-backbone key(s)" in caplog.text and "vision_model.embeddings.*" in caplog.text
+    (old / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
+        load_teacher(str(old))
 
 
 def test_clip_vision_files_with_and_without_the_vision_model_prefix(snapshots, tmp_path):
