@@ -22,18 +22,17 @@ Every network also gives its final-norm patch tokens (class token and registers 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import GELUTanh, Mlp, QuickGELU, SwiGLUPacked
+from timm.layers import GELUTanh, QuickGELU
 from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from models.errors import UserError
 from models.io import CheckpointError, load_strict
-from models.vit import POOLS, RopeViT, ViTSpec, check_patch_multiple, materialise
+from models.vit import POOLS, RopeViT, ViTSpec, check_patch_multiple, materialise, timm_vit_args
 
 ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": GELUTanh, "silu": nn.SiLU}
 
@@ -117,28 +116,12 @@ class HFViT(VisionTransformer):
     """
 
     def __init__(self, spec: HFSpec, pool: str) -> None:
-        swiglu = spec.ffn == "swiglu_packed"
         super().__init__(
-            img_size=spec.grid * spec.patch,
-            patch_size=spec.patch,
-            embed_dim=spec.width,
-            depth=spec.depth,
-            num_heads=spec.heads,
-            mlp_ratio=(spec.hidden + 0.5) / spec.width,  # timm sizes the FFN as int(width * ratio)
-            qkv_bias=spec.qkv_bias,
-            init_values=1.0 if spec.layerscale else None,  # the file's values replace it
+            **timm_vit_args(spec, ACTIVATIONS[spec.act]),
             class_token=spec.class_token,
-            reg_tokens=spec.n_reg,
-            pos_embed="none",  # the stored embedding is set below
             pre_norm=spec.pre_norm,  # CLIP: LayerNorm before the blocks, no patch bias
-            dynamic_img_size=True,
-            num_classes=0,
             global_pool="map" if spec.pooled == "head" else "token" if spec.class_token else "avg",
             fc_norm=False,  # the final norm on every token (timm would move it after an 'avg' pool)
-            weight_init="skip",
-            norm_layer=partial(nn.LayerNorm, eps=spec.eps),
-            act_layer=nn.SiLU if swiglu else ACTIVATIONS[spec.act],
-            mlp_layer=SwiGLUPacked if swiglu else Mlp,
         )
         n_pos = int(spec.class_token) + spec.grid**2
         self.pos_embed = nn.Parameter(torch.empty(1, n_pos, spec.width))
