@@ -24,7 +24,7 @@ EXTRA=${EXTRA:-}                     # any further flags, e.g. "--channels_last 
 # cores), and timm's ResNet-10-T (one block per stage: 2.4x ResNet-18's training rate at 32 px) as teacher
 # and student. The teacher is supervised (AdamW: it leaves chance level in fewer epochs than SGD at 32 px);
 # the student sees the teacher's own crops (at least 60% of the digit, never mirrored: the paper's 0.2
-# minimum often crops a 32 px digit away, and a mirrored digit is another glyph). See README "What the demo does".
+# minimum often crops a 32 px digit away, and a mirrored digit is another glyph). See docs/demo.md.
 DEMO_DIR=${DEMO_DIR:-demo_data}
 DEMO_EXP=${DEMO_EXP:-exp/demo}
 DEMO_TEACHER_EPOCHS=${DEMO_TEACHER_EPOCHS:-6}

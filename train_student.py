@@ -8,7 +8,7 @@ All GPUs of one machine (``--batch_size`` is the global batch, split across the 
     torchrun --nproc_per_node=gpu train_student.py /path/to/imagenet ...same flags...
 
 Several machines: the same command on each node with ``--nnodes N --node_rank R
---rdzv_backend c10d --rdzv_endpoint HOST:PORT``; under SLURM, ``srun torchrun ...`` (see README).
+--rdzv_backend c10d --rdzv_endpoint HOST:PORT``; under SLURM, ``srun torchrun ...`` (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -28,22 +28,19 @@ from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classe
 from data.device_decode import describe
 from data.loaders import build_loader
 from data.transforms import training_views
-from models.backbones import canonical_arch
+from models.backbones import canonical_arch, is_timm_arch, teacher_arch_names, timm_name
 from models.errors import UserError
-from models.heads import HEAD_LAYERS
 from models.io import write_json
-from models.student import Student
-from models.teachers import teacher_arch_names
-from models.timm_models import is_timm_arch, timm_name
+from models.simreg import HEAD_LAYERS, Student
 from tools.engine import cli, distributed
 from tools.engine.cli import nonneg_float, nonneg_int, positive_int
 from tools.engine.logs import ScalarWriter, append_json_line, attach_log_file, setup_logging
 from tools.engine.meters import EpochProgress, Meters, StopVote
 from tools.engine.run_state import Run, export_backbone, resume, run_identity, save_checkpoint, teacher_fingerprint
+from tools.engine.run_teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
 from tools.engine.schedules import cosine_lr, set_lr
 from tools.engine.signals import Interrupted, StopRequest
 from tools.engine.step import AMP_CHOICES, StepConfig, amp_dtype, build_optimizer, default_dtype, distill_step
-from tools.engine.teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
 from tools.eval.monitor import knn_monitor, monitor_datasets
 
 log = logging.getLogger("simreg.train")

@@ -1,4 +1,4 @@
-"""Networks: student backbones, the prediction head, the loss, teachers and checkpoint formats.
+"""Networks and their files: the method (``simreg.py``), networks by name, teachers and checkpoint formats.
 
 Ground floor: nothing here imports from ``tools/`` or the entry scripts.
 """

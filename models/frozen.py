@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.loss import fp32_or_wider
+from models.simreg import fp32_or_wider
 
 
 def out_dim(head: nn.Module) -> int:

@@ -17,14 +17,21 @@ import os
 import torch
 from torch import nn
 
-from models.backbones import ALIASES, BACKBONES, Encoder, build_encoder, canonical_arch
+from models.backbones import (
+    Encoder,
+    build_encoder,
+    canonical_arch,
+    is_student_arch,
+    is_timm_arch,
+    resolve_student_arch,
+    split_classifier,
+)
 from models.formats import FORMATS, Converted, convert, infer_arch
 from models.frozen import FrozenExtractor
-from models.heads import build_head
 from models.io import CheckpointError, file_sha256, load_strict, safe_load
 from models.schema import is_simreg_checkpoint
-from models.teachers import TEACHER_ALIASES, load_teacher
-from models.timm_models import TIMM_PREFIX, is_timm_arch, split_classifier
+from models.simreg import HEAD_LAYOUTS, head_from_layout, parameter_layout
+from models.teachers import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +54,16 @@ class EvalModel(FrozenExtractor):
 
 
 # ---------------------------------------------------------------- prediction head from its weights
-# (index, kind) sequences of the head layouts that exist in released files.
-HEAD_LAYOUTS = {
-    4: ((0, "linear"), (1, "bn"), (3, "linear"), (4, "linear"), (5, "bn"), (7, "linear")),
-    2: ((0, "linear"), (1, "bn"), (3, "linear")),
-    0: ((0, "bn"), (1, "linear")),
-    # The original's "2-layer" option: two stacked linears without non-linearity (a bug; see models/heads.py).
-    -2: ((0, "linear"), (1, "linear")),
-}
-
-
 def head_layout(head_sd: dict[str, torch.Tensor]) -> int:
-    """Which :data:`HEAD_LAYOUTS` entry a head state dict (paper indices) has; CheckpointError if none."""
+    """Which :data:`models.simreg.HEAD_LAYOUTS` entry a head state dict (paper indices) has; CheckpointError if none."""
     kinds = {}
     for key, value in head_sd.items():
         index, _, name = key.partition(".")
         if name == "weight" and index.isdigit():
             kinds[int(index)] = "linear" if value.ndim == 2 else "bn"
     found = tuple(sorted(kinds.items()))
-    for layers, layout in HEAD_LAYOUTS.items():
-        if found == layout:
+    for layers in HEAD_LAYOUTS:
+        if found == parameter_layout(layers):
             return layers
     raise CheckpointError(f"the prediction head's layers {found} match no known head layout (4, 2 or 0 layers)")
 
@@ -75,43 +72,9 @@ def build_head_from_weights(head_sd: dict[str, torch.Tensor], in_dim: int, path:
     """The prediction head (B, in_dim) -> (B, D) that ``head_sd`` was saved from, weights loaded."""
     layers = head_layout(head_sd)
     last = max(int(k.split(".")[0]) for k in head_sd)
-    out_dim = head_sd[f"{last}.weight"].shape[0]
-    if layers == -2:
-        head = nn.Sequential(nn.Linear(in_dim, 2 * in_dim), nn.Linear(2 * in_dim, out_dim))
-    else:
-        head = build_head(in_dim, out_dim, layers)
+    head = head_from_layout(HEAD_LAYOUTS[layers], in_dim, head_sd[f"{last}.weight"].shape[0])
     load_strict(head, head_sd, path, "prediction head")
     return head
-
-
-def resolve_arch(given: str | None, recorded: str | None, found: str | None, path: str) -> str:
-    """The architecture to build: ``--arch`` must agree with the weights' shapes (``found``).
-
-    A recorded ``timm/<name>`` wins over shapes that merely look like a torchvision network (timm's
-    ResNets share torchvision's names).
-    """
-    given = canonical_arch(TEACHER_ALIASES.get(given, given)) if given else None
-    if is_timm_arch(given) or (given is None and is_timm_arch(recorded)):
-        return given or canonical_arch(recorded)
-    if given and found and given != found:
-        raise CheckpointError(f"'{path}' holds a {found} backbone, but --arch is {given}; pass --arch {found}")
-    arch = given or found
-    if arch is None and recorded:
-        arch = canonical_arch(recorded)
-    if arch is None:
-        raise CheckpointError(
-            f"could not tell the architecture of '{path}'; pass --arch (a torchvision classification model, e.g. "
-            f"{', '.join(BACKBONES[:4])}, ..., or {TIMM_PREFIX}<name>)"
-        )
-    return arch
-
-
-def is_student_arch(arch: str | None) -> bool:
-    """True for registry backbones (and their aliases); other names (e.g. resnet50x4) are teachers."""
-    if arch is None:
-        return True
-    arch = TEACHER_ALIASES.get(arch, arch)
-    return arch in BACKBONES or arch in ALIASES or is_timm_arch(arch)
 
 
 def _student_layout(raw: object, path: str, fmt: str, arch: str | None) -> tuple[str, Converted]:
@@ -160,7 +123,8 @@ def load_eval_model(
     output with the head layout the file was trained with: ``True`` the (first) head, an int K >= 2
     the head of teacher K of a several-teacher student. ``pool``: a ViT teacher's feature (``--teacher_pool``).
     """
-    if as_teacher or not is_student_arch(arch) or fmt not in (*STUDENT_FORMATS, "auto"):
+    snapshot = os.path.isdir(weights)  # a Hugging Face snapshot folder is a teacher (models/hf_checkpoints.py)
+    if as_teacher or snapshot or not is_student_arch(arch) or fmt not in (*STUDENT_FORMATS, "auto"):
         return _teacher_model(weights, arch, fmt, use_pred, pool)
     raw = safe_load(weights, "--weights")
     fmt, conv = _student_layout(raw, weights, fmt, arch)
@@ -186,7 +150,7 @@ def _student_model(
         raise CheckpointError(
             f"'{weights}' (format {fmt}) has {len(conv.unknown)} unrecognised key(s): {', '.join(conv.unknown[:8])}"
         )
-    arch = resolve_arch(arch, conv.arch, infer_arch(conv.backbone), weights)
+    arch = resolve_student_arch(arch, conv.arch, infer_arch(conv.backbone), weights)
     encoder = build_encoder(arch)
     # A student's classifier (fc, classifier.1, head...) is never part of the evaluated backbone.
     backbone, _ = split_student_backbone(raw, fmt, conv, encoder.backbone)

@@ -7,59 +7,43 @@ is called with, and has no parameter that requires a gradient.
 
 Which network runs is decided by the architecture (``--arch_teacher``, or what the file holds) and the
 checkpoint format together: BYOL's weights need the "SAME"-padding ``byol_resnet50``, SimCLR's the
-widened ``resnet50x1/x2/x4``; plain torchvision names need the flag to tell those apart (README). ViT
+widened ``resnet50x1/x2/x4``; plain torchvision names need the flag to tell those apart (docs/teachers.md). ViT
 formats (DINO, DINOv2, DINOv3, MoCo v3) build the publisher's ViT from the file's shapes
-(:mod:`models.vit`); ``timm/<name>`` builds timm's network and reads timm's names.
+(:mod:`models.vit`); ``timm/<name>`` builds timm's network and reads timm's names; a Hugging Face
+snapshot (a folder with ``config.json``, or its weights file) builds the network its config describes,
+exact to transformers' forward (:mod:`models.hf_layouts`, :mod:`models.hf_networks`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from models.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Encoder, build_backbone, canonical_arch
+from models.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TEACHER_ALIASES,
+    TIMM_PREFIX,
+    Encoder,
+    build_network,
+    build_timm,
+    is_timm_arch,
+    resolve_teacher_arch,
+    split_classifier,
+    timm_mean_std,
+)
 from models.errors import UserError
 from models.formats import FORMATS, Converted, convert, detect_format, infer_arch
 from models.frozen import FrozenExtractor, out_dim
-from models.io import CheckpointError, load_strict, safe_load
-from models.resnet_same import byol_resnet50
-from models.resnet_wide import wide_resnet50
-from models.timm_models import TIMM_PREFIX, build_timm, is_timm_arch, split_classifier, timm_mean_std
+from models.hf_checkpoints import read_weights
+from models.hf_networks import load_hf_network
+from models.io import CheckpointError, load_strict
 from models.vit import POOLS, build_vit, check_patch_multiple, materialise
 from models.vit_layouts import PUBLISHER
 
 log = logging.getLogger(__name__)
-
-# The original release's teacher names that map onto a registry backbone.
-TEACHER_ALIASES = {"sup_resnet50": "resnet50", "mobilenet": "mobilenet_v2"}
-
-# Teacher networks beyond the student registry: name -> (builder, the torchvision layout of its keys).
-TEACHER_NETWORKS: dict[str, tuple[Callable[[], nn.Module], str]] = {
-    "resnet50x1": (lambda: wide_resnet50(1), "resnet50"),  # SimCLR 1x: a ResNet-50 fed [0, 1] pixels
-    "resnet50x2": (lambda: wide_resnet50(2), "resnet50x2"),
-    "resnet50x4": (lambda: wide_resnet50(4), "resnet50x4"),
-    "byol_resnet50": (byol_resnet50, "resnet50"),  # TensorFlow "SAME" padding
-}
-
-# Formats whose weights need a particular network for a key layout: format -> {layout: network}.
-FORMAT_NETWORKS = {
-    "byol": {"resnet50": "byol_resnet50"},
-    "simclr": {"resnet50": "resnet50x1", "resnet50x2": "resnet50x2", "resnet50x4": "resnet50x4"},
-}
-
-
-def teacher_arch_names() -> list[str]:
-    """What --arch_teacher accepts: any torchvision classification model, timm/<name>, the wide and SAME-padding
-    ResNets and the original's names (ViT formats need none: the file says what it holds)."""
-    shown = ["resnet50 (or any torchvision classification model)", f"{TIMM_PREFIX}<name> (any timm model)"]
-    return shown + sorted(TEACHER_NETWORKS) + sorted(TEACHER_ALIASES)
-
-
-def _layout(arch: str) -> str:
-    return TEACHER_NETWORKS[arch][1] if arch in TEACHER_NETWORKS else arch
 
 
 class Teacher(FrozenExtractor):
@@ -91,45 +75,6 @@ class Teacher(FrozenExtractor):
 
     def set_epoch(self, epoch: int) -> None:
         """The training loop's epoch: a live teacher computes every target afresh (a K-view cache picks a view)."""
-
-
-def resolve_teacher_arch(arch: str | None, found: str | None, path: str, fmt: str = "torchvision") -> str:
-    """Reconcile --arch_teacher, the architecture the file holds and the network its format needs."""
-    if arch is not None:
-        arch = TEACHER_ALIASES.get(arch, arch)
-        if arch not in TEACHER_NETWORKS and arch not in BACKBONES and not is_timm_arch(arch):
-            raise CheckpointError(
-                f"unknown teacher architecture '{arch}'; choose one of: {', '.join(teacher_arch_names())}"
-            )
-        if found is not None and _layout(arch) != found:
-            raise CheckpointError(
-                f"teacher checkpoint '{path}' holds a {found}, but --arch_teacher is {arch}; "
-                f"pass --arch_teacher {found} (or leave it unset to use the file's architecture)"
-            )
-    elif found is None:
-        raise CheckpointError(
-            f"could not tell the architecture of teacher '{path}'; pass --arch_teacher "
-            f"(one of {', '.join(teacher_arch_names())})"
-        )
-    need = FORMAT_NETWORKS.get(fmt, {}).get(_layout(arch or found))
-    if fmt == "byol" and arch is not None and arch != need:
-        raise CheckpointError(
-            f"BYOL weights '{path}' need TensorFlow 'SAME' padding: pass --arch_teacher byol_resnet50 (or leave it "
-            f"unset); on {arch}'s symmetric padding they lose about 4.6 points of accuracy"
-        )
-    return need or arch or found
-
-
-def _build_network(arch: str) -> nn.Module:
-    """The teacher network on the meta device (no random init; the checkpoint's tensors are adopted)."""
-    with torch.device("meta"):
-        if arch in TEACHER_NETWORKS:
-            return TEACHER_NETWORKS[arch][0]()
-        try:
-            return build_backbone(canonical_arch(arch))
-        except NotImplementedError:  # a constructor that computes from its initial weights (RegNet)
-            pass
-    return build_backbone(canonical_arch(arch))
 
 
 def summarise(keys: list[str]) -> str:
@@ -189,7 +134,7 @@ def _projection_head(conv: Converted, fmt: str, path: str) -> nn.Module:
 
 def _cnn_network(conv: Converted, arch: str | None, path: str, fmt: str) -> tuple[nn.Module, str]:
     arch = resolve_teacher_arch(arch, infer_arch(conv.backbone), path, fmt)
-    net = _build_network(arch)
+    net = build_network(arch)
     load_strict(net, conv.backbone, path, f"teacher {arch}", assign=True)
     return net, arch
 
@@ -244,6 +189,9 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
         if "vit" in conv.meta:
             net, arch = _vit_network(conv, arch, path, fmt, pool)
             return net, arch, fmt, conv
+        if "hf" in conv.meta:  # Hugging Face snapshots: models/hf_layouts.py, models/hf_networks.py
+            net, arch = load_hf_network(conv.meta["hf"], arch, path, pool)
+            return net, arch, fmt, conv
         net, arch = _cnn_network(conv, arch, path, fmt)
     if pool != "auto":
         raise UserError(
@@ -256,6 +204,8 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
 def _normalisation(net: nn.Module, conv: Converted, fmt: str) -> tuple:
     if fmt == "timm":
         return timm_mean_std(net)
+    if "hf" in conv.meta:  # preprocessor_config.json, or the model type's published mean/std
+        return conv.meta["hf"].mean, conv.meta["hf"].std
     return (IMAGENET_MEAN, IMAGENET_STD) if conv.input_norm == "imagenet" else (None, None)
 
 
@@ -278,7 +228,7 @@ def load_teacher(
     pool: str = "auto",
     input_size: int | None = None,
 ) -> Teacher:
-    """Build the frozen teacher from a checkpoint file in any registered format.
+    """Build the frozen teacher from a checkpoint file in any registered format, or a Hugging Face snapshot folder.
 
     Every backbone key must be present and fit; keys the format recognises as non-backbone parts
     (projection heads, predictors, prototypes, momentum encoders, queues, classifiers) are dropped and
@@ -289,9 +239,9 @@ def load_teacher(
     if pool not in ("auto", *POOLS):
         raise UserError(f"--teacher_pool {pool!r}: choose auto, {', '.join(POOLS)}")
     arch = arch or None  # an empty --arch_teacher (run.sh's default) means: read it from the file
-    net, arch, fmt, conv = _network(safe_load(weights, "teacher"), arch, fmt, weights, pool)
+    net, arch, fmt, conv = _network(read_weights(weights, "teacher"), arch, fmt, weights, pool)
     vit_pool = getattr(net, "pool_mode", None)
-    if use_fc and vit_pool not in (None, "cls"):
+    if use_fc and vit_pool not in (None, "cls", "head"):  # head: SigLIP's pooling, which no projection follows
         raise UserError(f"--teacher_fc projects the class token; it cannot follow --teacher_pool {pool}")
     head = _projection_head(conv, fmt, weights) if use_fc else None
     if conv.dropped:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.schema import training_state
-from models.student import Student
+from models.simreg import Student
 
 X = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # images in [0, 1]
 

@@ -22,7 +22,7 @@ from models.errors import UserError
 from models.fold import compile_frozen, count_batchnorms
 from models.io import CheckpointError
 from models.pretrained import load_eval_model, read_student_weights
-from models.student import Student
+from models.simreg import Student
 from models.teachers import load_teacher
 from tests.vit_reference import dinov2_file, reference_vit, vit_weights
 from tools import cache_teacher_features

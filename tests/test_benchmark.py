@@ -1,5 +1,5 @@
-"""tools/benchmark.py and tools/bench_knn.py: every code path in a CPU dry run, the rows, the timing maths,
-the original recipe's k-NN, and every flag checked before any work starts."""
+"""tools/benchmark.py: every code path in a CPU dry run, the rows, the timing maths, the original recipe's
+k-NN, the k-NN backends profile, and every flag checked before any work starts."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ import torch
 from PIL import Image
 
 from data.synthetic import make_jpeg_folder
-from tools import bench_knn as K
 from tools import benchmark as B
 from tools.bench import baseline as O
 from tools.bench.harness import Cycle, Variant, measure, with_repeat
+from tools.bench.profiles import PROFILES
 from tools.engine.cli import run_cli
+from tools.eval.knn import faiss_module
 
 KEYS = {"stage", "config", "key", "img_s", "ratio_vs_baseline", "spread"}
-# Every row the GPU profile has (rows.json keys): what tools.bench_hours and BENCHMARKS.md read.
+# Every row the GPU profile has (rows.json keys): what the hours profile and BENCHMARKS.md read.
 GPU_PROFILE_KEYS = [
     "data.original", "data.cpu", "data.gpu", "data.dali", "data.repeat",
     "step.original", "step.fp32", "step.bf16", "step.compiled", "step.repeat",
@@ -36,12 +37,12 @@ GPU_PROFILE_KEYS = [
 def test_gpu_profile_dry_run_covers_every_stage_and_path(tmp_path):
     out = tmp_path / "rows.json"
     args = B.get_args_parser().parse_args(
-        ["--profile", "gpu", "--dry_run", "--device", "cpu", "--work_dir", str(tmp_path), "--json", str(out)]
+        ["gpu", "--dry_run", "--device", "cpu", "--work_dir", str(tmp_path), "--json", str(out)]
     )
     rows = B.main(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
     assert [r["key"] for r in rows] == GPU_PROFILE_KEYS
-    for stage in B.STAGES:
+    for stage in PROFILES["gpu"]["stages"]:
         mine = [r for r in rows if r["stage"] == stage]
         assert [r["role"] for r in mine].count("repeat") == 1 and mine[-1]["role"] == "repeat"
         assert next(r for r in mine if r["role"] == "baseline")["ratio_vs_baseline"] == 1.0
@@ -61,6 +62,14 @@ def test_gpu_profile_dry_run_covers_every_stage_and_path(tmp_path):
     assert all(by[k]["bound"] in ("data", "step") for k in ("e2e.cpu", "e2e.gpu"))
     assert by["knn.ours"]["same_top1_as_baseline"] == 1.0  # eval_knn's search finds the original's neighbours
     assert by["probe.ours"]["forty_epochs_s"] > 0
+
+
+def test_a_profile_is_one_registry_entry_the_demo_students(tmp_path):
+    argv = ["demo", "--dry_run", "--set", "students=resnet18,mobilenet_v3_small", "--json", str(tmp_path / "d.json")]
+    rows = B.main(B.get_args_parser().parse_args(argv))
+    assert [r["key"] for r in rows] == ["students.resnet18", "students.mobilenet_v3_small", "students.repeat"]
+    assert rows[0]["ratio_vs_baseline"] == 1.0 and all(r["img_s"] > 0 and len(r["rounds"]) == 1 for r in rows)
+    assert {r["profile"] for r in rows} == {"demo (dry run)"} and set(PROFILES["demo"]) >= {"help", "stages", "sizes"}
 
 
 def test_measure_interleaves_and_computes_ratio_and_spread(monkeypatch):
@@ -141,10 +150,10 @@ def test_a_failing_stage_is_recorded_and_the_others_still_run(tmp_path, monkeypa
     def broken(p, ctx):
         raise ValueError("simulated")
 
-    monkeypatch.setitem(B.STAGES, "knn", broken)
+    monkeypatch.setitem(PROFILES["cpu"]["stages"], "knn", broken)
     out = tmp_path / "rows.json"
     args = B.get_args_parser().parse_args(
-        ["--dry_run", "--stages", "knn,probe", "--work_dir", str(tmp_path), "--json", str(out)]
+        ["cpu", "--dry_run", "--stages", "knn,probe", "--work_dir", str(tmp_path), "--json", str(out)]
     )
     with pytest.raises(RuntimeError, match="knn failed"):
         B.main(args)
@@ -168,26 +177,34 @@ def paths(tmp_path) -> dict:
 
 
 BENCHMARK_MISTAKES = [
-    (["--rounds", "0"], "--rounds: expected a positive integer"),
-    (["--images", "-3"], "--images: expected a positive integer"),
-    (["--images", "4"], "--images 4 is fewer than one batch of this profile (32)"),
-    (["--crop", "4"], "--crop: expected an image size in pixels"),
-    (["--jpeg_size", "500"], "--jpeg_size: expected WIDTHxHEIGHT"),
-    (["--jpeg_size", "5x5"], "--jpeg_size: expected a width and height between 8 and 8192"),
-    (["--threads", "0"], "--threads: expected a positive integer"),
-    (["--seed", "-1"], "--seed: expected an integer >= 0"),
-    (["--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N"),
-    (["--profile", "tpu"], "--profile: invalid choice"),
-    (["--stages", "data,warp"], "unknown stage(s) warp in --stages"),
-    (["--stages", ","], "unknown stage(s) (none given)"),
-    (["--json", "{dir}"], "is a folder; give the file to write"),
-    (["--json", "{under_file}"], "which is a file; give another path"),
-    (["--work_dir", "{file}"], "--work_dir '{file}' is a file; give a folder"),
+    (["cpu", "--rounds", "0"], "--rounds: expected a positive integer"),
+    (["cpu", "--images", "-3"], "--images: expected a positive integer"),
+    (["cpu", "--images", "4"], "--images 4 is fewer than one batch of this profile (32)"),
+    (["cpu", "--crop", "4"], "--crop: expected an image size in pixels"),
+    (["cpu", "--jpeg_size", "500"], "--jpeg_size: expected WIDTHxHEIGHT"),
+    (["cpu", "--jpeg_size", "5x5"], "--jpeg_size: expected a width and height between 8 and 8192"),
+    (["cpu", "--threads", "0"], "--threads: expected a positive integer"),
+    (["cpu", "--seed", "-1"], "--seed: expected an integer >= 0"),
+    (["cpu", "--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N"),
+    (["tpu"], "argument profile: invalid choice: 'tpu'"),
+    (["cpu", "--stages", "data,warp"], "unknown stage(s) warp in --stages"),
+    (["cpu", "--stages", ","], "unknown stage(s) (none given)"),
+    (["cpu", "--json", "{dir}"], "is a folder; give the file to write"),
+    (["cpu", "--json", "{under_file}"], "which is a file; give another path"),
+    (["cpu", "--summary", "{dir}"], "--summary '{dir}' is a folder; give the file to write"),
+    (["cpu", "--work_dir", "{file}"], "--work_dir '{file}' is a file; give a folder"),
+    (["cpu", "--set", "step_batch"], "--set step_batch: give NAME=VALUE with NAME one of the cpu profile's sizes"),
+    (["cpu", "--set", "warp=9"], "--set warp=9: give NAME=VALUE with NAME one of the cpu profile's sizes"),
+    (["cpu", "--set", "step_batch=0"], "--set step_batch=0: expected a positive integer"),
+    (["cpu", "--set", "compile=maybe"], "--set compile=maybe: expected yes or no"),
+    (["knn", "--images", "64"], "--images does not apply to the knn profile"),
+    (["cpu", "--rows", "{file}"], "--rows is read by the hours profile, not by cpu"),
 ]
 if not torch.cuda.is_available():
     BENCHMARK_MISTAKES += [
-        (["--device", "cuda"], "no CUDA GPU is visible; use --device cpu"),
-        (["--profile", "gpu"], "--profile gpu needs a CUDA device"),
+        (["cpu", "--device", "cuda"], "no CUDA GPU is visible; use --device cpu"),
+        (["gpu"], "the gpu profile needs a CUDA device"),
+        (["main_job"], "the main_job profile needs a CUDA device; add --dry_run"),
     ]
 
 
@@ -203,17 +220,17 @@ def test_benchmark_flag_mistakes_get_one_sentence_and_status_2(argv, message, pa
 
 
 KNN_MISTAKES = [
-    (["--n_train", "0"], "--n_train: expected a positive integer"),
-    (["--n_test", "x"], "--n_test: expected a positive integer"),
-    (["--dim", "-1"], "--dim: expected a positive integer"),
-    (["--classes", "0"], "--classes: expected a positive integer"),
-    (["-k", "0"], "-k: expected a positive integer"),
-    (["--n_train", "10", "-k", "20"], "-k 20 is more than --n_train 10"),
-    (["--repeats", "0"], "--repeats: expected a positive integer"),
-    (["--chunk", "0"], "--chunk: expected a positive integer"),
-    (["--backends", "torch,annoy"], "--backends torch,annoy: choose from torch, faiss"),
+    (["--set", "knn_train=0"], "--set knn_train=0: expected a positive integer"),
+    (["--set", "knn_queries=x"], "--set knn_queries=x: expected a positive integer"),
+    (["--set", "knn_dim=-1"], "--set knn_dim=-1: expected a positive integer"),
+    (["--set", "knn_classes=0"], "--set knn_classes=0: expected a positive integer"),
+    (["--set", "knn_k=0"], "--set knn_k=0: expected a positive integer"),
+    (["--set", "knn_train=10", "--set", "knn_k=20"], "knn_k 20 is more than knn_train 10"),
+    (["--rounds", "0"], "--rounds: expected a positive integer"),
+    (["--set", "knn_chunk=-1"], "--set knn_chunk=-1: expected an integer >= 0"),
+    (["--set", "knn_backends=torch,annoy"], "knn_backends torch,annoy: choose from torch, faiss"),
     (["--device", "gpu0"], "--device: expected auto, cpu, cuda or cuda:N"),
-    (["--n_train", "1000000000", "--dim", "4096"], "GiB for the features, more than this machine's"),
+    (["--set", "knn_train=1000000000", "--set", "knn_dim=4096"], "GiB for the features, more than this machine's"),
     (["--json", "{dir}"], "is a folder; give the file to write"),
 ]
 if not torch.cuda.is_available():
@@ -221,21 +238,21 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize(("argv", "message"), KNN_MISTAKES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_bench_knn_flag_mistakes_get_one_sentence_and_status_2(argv, message, paths, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(K, "clustered_features", lambda *a, **k: pytest.fail("work started before the checks"))
-    code, text = exit_with(K, [a.format(**paths) for a in argv], capsys, caplog)
+def test_knn_profile_flag_mistakes_get_one_sentence_and_status_2(argv, message, paths, capsys, caplog, monkeypatch):
+    monkeypatch.setattr("tools.bench.eval_stages.clustered_features", lambda *a, **k: pytest.fail("work started"))
+    code, text = exit_with(B, ["knn", *[a.format(**paths) for a in argv]], capsys, caplog)
     assert code == 2 and message.format(**paths) in text
     assert "Traceback" not in text
 
 
-def test_bench_knn_runs_both_backends_and_writes_json(tmp_path):
+def test_knn_profile_runs_both_backends_and_writes_json(tmp_path):
     out = tmp_path / "knn.json"
-    argv = ["--n_train", "400", "--n_test", "30", "--dim", "16", "--classes", "10", "-k", "5", "--repeats", "1",
-            "--json", str(out), "--linear_probe"]  # fmt: skip
-    rows = K.main(K.get_args_parser().parse_args(argv))
+    sizes = {"knn_train": 400, "knn_queries": 30, "knn_dim": 16, "knn_classes": 10, "knn_k": 5}
+    argv = ["knn", *[w for k, v in sizes.items() for w in ("--set", f"{k}={v}")], "--json", str(out), "--rounds", "1"]
+    rows = B.main(B.get_args_parser().parse_args(argv))
     assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
-    search = [r for r in rows if r["stage"] == "knn_search"]
-    assert len(search) == (2 if K.faiss_module() else 1)
+    search = [r for r in rows if r["stage"] == "knn_backends" and r["role"] != "repeat"]
+    assert len(search) == (2 if faiss_module() else 1)
     assert all(r["same_neighbours_rows_pct"] == 100.0 for r in search)
     assert len({r["top1_majority"] for r in search}) == 1  # the same answer from every backend
-    assert rows[-1]["stage"] == "linear_probe_cached" and rows[-1]["train_top1_last_epoch"] > 10  # above chance
+    assert rows[0]["command"] == "python -m tools.benchmark knn " + " ".join(argv[1:])

@@ -18,9 +18,9 @@ from tests.conftest import ROOT
 from tests.eval_helpers import make_image_folder
 from tests.ship_helpers import write_student_checkpoint
 from tools import embed
-from tools.engine import teacher_cache
 from tools.engine.cli import run_cli
 from tools.eval.features import FeatureStore
+from tools.teacher_cache import builder as teacher_cache
 
 
 @pytest.fixture

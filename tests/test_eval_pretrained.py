@@ -10,9 +10,9 @@ import torchvision
 from torch import nn
 
 from models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from models.heads import build_head
 from models.io import CheckpointError
 from models.pretrained import head_layout, load_eval_model, random_init_model
+from models.simreg import build_head
 
 X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 

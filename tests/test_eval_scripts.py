@@ -13,8 +13,8 @@ import eval_knn
 import eval_linear
 from models.backbones import build_backbone
 from models.errors import UserError
-from models.heads import build_head
 from models.io import file_sha256
+from models.simreg import build_head
 from tests.eval_helpers import make_image_folder
 from tools.eval.knn import knn_classify
 

@@ -15,7 +15,7 @@ from models.backbones import Encoder
 from models.pretrained import EvalModel, load_eval_model
 from tests.ship_helpers import X, write_student_checkpoint
 from tools import export
-from tools.deploy.export import REL_LIMIT, export_state_dict
+from tools.deploy.exporters import REL_LIMIT, export_state_dict
 from tools.engine.cli import run_cli
 
 

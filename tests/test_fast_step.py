@@ -13,8 +13,7 @@ import torchvision
 import train_student
 from models.backbones import build_encoder
 from models.fold import compile_frozen, count_batchnorms, fold_batchnorm
-from models.loss import regression_loss
-from models.student import Student
+from models.simreg import Student, regression_loss
 from models.teachers import Teacher
 from tools.bench.baseline import OriginalStep, build_original_pair, normalised_pair
 from tools.engine.distributed import DistInfo

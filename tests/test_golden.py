@@ -31,8 +31,7 @@ import torchvision
 from torch import nn
 
 import data.transforms as transforms
-import models.student as student_module
-import tools.engine.step as step_module
+import models.simreg as simreg
 import train_student
 from tests.conftest import write_image_folder
 
@@ -106,8 +105,8 @@ def _head_bn_momentum(monkeypatch):
                 m.momentum = 0.2  # PyTorch's default is 0.1
         return head
 
-    real = student_module.build_head
-    monkeypatch.setattr(student_module, "build_head", build)
+    real = simreg.build_head
+    monkeypatch.setattr(simreg, "build_head", build)
 
 
 def _head_layout(monkeypatch):
@@ -115,8 +114,8 @@ def _head_layout(monkeypatch):
         head = real(in_dim, out_dim, n_layers)
         return nn.Sequential(*head[:4], nn.ReLU(), *head[4:])
 
-    real = student_module.build_head
-    monkeypatch.setattr(student_module, "build_head", build)
+    real = simreg.build_head
+    monkeypatch.setattr(simreg, "build_head", build)
 
 
 def _lr_schedule(monkeypatch):  # a cosine that reaches 0 at the last epoch (the paper's stops one step short)
@@ -131,7 +130,7 @@ def _loss_normalisation(monkeypatch):  # the teacher's target left unnormalised
         p = nn.functional.normalize(pred, dim=1)
         return (p - target).pow(2).sum(dim=1).mean()
 
-    monkeypatch.setattr(step_module, "regression_loss", loss)
+    monkeypatch.setattr(simreg, "regression_loss", loss)
 
 
 def _weight_decay(monkeypatch):  # no decay on BatchNorm parameters and biases (a common variant)

@@ -1,4 +1,4 @@
-"""tools/gpu_check.sh rehearsed on the CPU (DRY=1), the main-job check's parts, and the projection to hours."""
+"""tools/gpu_check.sh rehearsed on the CPU (DRY=1), the main_job profile's parts, and the hours profile."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 
 from models.io import write_json
 from tests.conftest import ROOT
-from tools import bench_hours as H
-from tools import main_job_check as M
+from tools import benchmark as B
 from tools.bench import projection as P
 from tools.engine.cli import run_cli
 
@@ -27,7 +26,7 @@ def test_dry_run_rehearses_every_part(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["bench_gpu.json", "bench_gpu.log", "env.txt", "gpu_tests.log", "main_job.json",
                                        "main_job.log", "projection.md"]  # fmt: skip
-    parts = {r["part"]: r for r in json.loads((out / "main_job.json").read_text())}
+    parts = {r["stage"]: r for r in json.loads((out / "main_job.json").read_text())}
     assert list(parts) == ["data", "train_gpu", "train_cpu", "resume", "knn_torch", "knn_faiss", "cache",
                            "train_cached"]  # fmt: skip
     assert all(r["ok"] for r in parts.values()), parts
@@ -69,7 +68,7 @@ def test_anchor_is_the_papers_26_minutes_per_epoch():
     assert P.hours(P.EPOCH_IMAGES / (26 * 60)) == pytest.approx(P.anchor_hours())
 
 
-# ============ flags of the two commands ============
+# ============ flags of the hours and main_job profiles ============
 def exit_with(module, argv: list[str], capsys, caplog) -> tuple[int, str]:
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
         run_cli(module.main, module.get_args_parser().parse_args(argv))
@@ -79,45 +78,52 @@ def exit_with(module, argv: list[str], capsys, caplog) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["{missing}"], "rows '{missing}' does not exist"),
-        (["{rows}", "--cores_per_gpu", "0"], "--cores_per_gpu: expected a positive integer"),
-        (["{rows}", "--ddp_efficiency", "1.5"], "--ddp_efficiency: expected a fraction in (0, 1]"),
-        (["{rows}", "--main_job", "{dir}"], "--main_job '{dir}' is a folder"),
-        (["{rows}", "--out", "{dir}"], "--out '{dir}' is a folder; give the file to write"),
-        (["{not_rows}"], "is not a JSON list of rows"),
-        (["{no_steps}"], "has no step or data rows to project from"),
+        (["--rows", "{missing}"], "--rows '{missing}' does not exist"),
+        (["--rows", "{rows}", "--set", "cores_per_gpu=0"], "--set cores_per_gpu=0: expected a positive integer"),
+        (
+            ["--rows", "{rows}", "--set", "ddp_efficiency=1.5"],
+            "--set ddp_efficiency=1.5: expected a fraction in (0, 1]",
+        ),
+        (["--rows", "{rows}", "{dir}"], "--rows '{dir}' is a folder"),
+        (["--rows", "{rows}", "--summary", "{dir}"], "--summary '{dir}' is a folder; give the file to write"),
+        (["--rows", "{not_rows}"], "is not a JSON list of rows"),
+        (["--rows", "{no_steps}"], "have no step or data rows to project from"),
+        ([], "the hours profile reads the rows of earlier runs: give --rows"),
     ],
 )
-def test_bench_hours_flag_mistakes(argv, message, tmp_path, capsys, caplog):
+def test_hours_profile_flag_mistakes(argv, message, tmp_path, capsys, caplog):
     paths = {"missing": str(tmp_path / "none.json"), "rows": str(tmp_path / "rows.json"), "dir": str(tmp_path),
              "not_rows": str(tmp_path / "obj.json"), "no_steps": str(tmp_path / "knn.json")}  # fmt: skip
     write_json(paths["rows"], rows_of(step_bf16=100.0))
     write_json(paths["not_rows"], {"stage": "step"})
     write_json(paths["no_steps"], rows_of(knn_ours=100.0))
-    code, text = exit_with(H, [a.format(**paths) for a in argv], capsys, caplog)
+    code, text = exit_with(B, ["hours", *[a.format(**paths) for a in argv]], capsys, caplog)
     assert code == 2 and message.format(**paths) in text and "Traceback" not in text
 
 
-def test_bench_hours_writes_the_table(tmp_path, capsys):
+def test_hours_profile_writes_the_table(tmp_path, capsys):
     write_json(str(tmp_path / "rows.json"), rows_of(step_bf16=6000.0, data_cpu=4800.0))
-    text = H.main(H.get_args_parser().parse_args([str(tmp_path / "rows.json"), "--out", str(tmp_path / "p.md")]))
-    assert (tmp_path / "p.md").read_text() == text and "| R50 -> R18, live teacher | 1 | cpu | 6000 | 4800 |" in text
+    argv = ["hours", "--rows", str(tmp_path / "rows.json"), "--summary", str(tmp_path / "p.md")]
+    B.main(B.get_args_parser().parse_args(argv))
+    text = (tmp_path / "p.md").read_text()
+    assert text in capsys.readouterr().out and "| R50 -> R18, live teacher | 1 | cpu | 6000 | 4800 |" in text
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--parts", "train_gpu,fly"], "unknown part(s) fly in --parts"),
-        (["--out", "{file}"], "--out '{file}' is a file; give a folder"),
+        (["--stages", "train_gpu,fly"], "unknown stage(s) fly in --stages"),
+        (["--json", "{file}/main_job.json"], "--json '{file}/main_job.json' lies under '{file}', which is a file"),
         (["--work_dir", "{file}", "--dry_run"], "--work_dir '{file}' is a file; give a folder"),
-        *([] if torch.cuda.is_available() else [([], "needs a CUDA GPU; add --dry_run")]),
+        *([] if torch.cuda.is_available() else [([], "needs a CUDA device; add --dry_run")]),
     ],
 )
-def test_main_job_check_flag_mistakes(argv, message, tmp_path, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(M, "run_job", lambda *a: pytest.fail("work started before the flags were checked"))
+def test_main_job_profile_flag_mistakes(argv, message, tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(
+        "tools.bench.main_job.prepare", lambda *a: pytest.fail("work started before the flags were checked")
+    )
     (tmp_path / "f").write_text("x")
     paths = {"file": str(tmp_path / "f")}
-    argv = [a.format(**paths) for a in argv]
-    argv = argv if "--out" in argv else [*argv, "--out", str(tmp_path / "out")]
-    code, text = exit_with(M, argv, capsys, caplog)
+    argv = ["main_job", *[a.format(**paths) for a in argv]]
+    code, text = exit_with(B, argv, capsys, caplog)
     assert code == 2 and message.format(**paths) in text and "Traceback" not in text

@@ -72,9 +72,26 @@ def test_files_under_tools_are_commands_and_folders_are_libraries():
     not_commands = [rel(p) for p in commands if p.name != "__init__.py" and "__main__" not in p.read_text()]
     assert not not_commands, f"files directly under tools/ must be commands (python -m tools.<name>): {not_commands}"
     libraries = [p for p in (ROOT / "tools").iterdir() if p.is_dir() and p.name != "__pycache__"]
-    assert {p.name for p in libraries} >= {"engine", "eval", "bench"}
+    assert {p.name for p in libraries} >= {"engine", "eval", "bench", "teacher_cache", "deploy", "study"}
     runnable = [rel(p) for lib in libraries for p in lib.glob("*.py") if 'if __name__ == "__main__"' in p.read_text()]
     assert not runnable, f"library modules must not be commands: {runnable}"
+
+
+def test_no_two_modules_share_a_file_name():
+    """One name, one job: a reader who meets ``teachers.py`` knows which one is meant."""
+    seen: dict[str, list[str]] = {}
+    for path in project_files():
+        if path.name != "__init__.py":
+            seen.setdefault(path.name, []).append(rel(path))
+    assert not {name: paths for name, paths in seen.items() if len(paths) > 1}
+
+
+def test_the_method_reads_in_one_module():
+    """Head, student, loss and what a step computes live in models/simreg.py; the step's runner calls it."""
+    tree = ast.parse((ROOT / "models" / "simreg.py").read_text())
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+    assert {"build_head", "Student", "regression_loss", "distillation_losses"} <= defined
+    assert "models.simreg.distillation_losses" in imported_modules(ROOT / "tools" / "engine" / "step.py")
 
 
 @pytest.mark.parametrize("name", sorted(ENTRY_SCRIPTS))

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from models.errors import UserError
-from models.heads import build_head
-from models.loss import regression_loss
+from models.simreg import build_head, regression_loss
 from tools.engine.schedules import cosine_lr
 
 

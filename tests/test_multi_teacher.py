@@ -16,13 +16,12 @@ from data.datasets import IndexedImageFolder, dataset_fingerprint
 from data.loaders import build_loader
 from data.transforms import CenterCrop, TrainViews
 from models.errors import UserError
-from models.loss import multi_teacher_loss, regression_loss
 from models.pretrained import load_eval_model
-from models.student import Student
+from models.simreg import Student, multi_teacher_loss, regression_loss
 from models.teachers import TeacherSet, load_teacher
 from tools.engine.distributed import DistInfo
 from tools.engine.step import StepConfig, build_optimizer, distill_step
-from tools.engine.teacher_cache import build_cache
+from tools.teacher_cache.builder import build_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU models: one thread is fastest
 

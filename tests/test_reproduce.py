@@ -1,5 +1,5 @@
 """tools.reproduce on a tiny row: the JSON's structure, a rerun skips finished runs, one seed retrained
-from scratch reproduces its recorded numbers exactly, and the README section comes from the JSON."""
+from scratch reproduces its recorded numbers exactly, and the Markdown section comes from the JSON."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def reproduce(tmp_path, *extra):
     cmd = [sys.executable, "-m", "tools.reproduce", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
            "--teacher_a", str(tmp_path / "a.pth"), "--only", "features", "--student", "resnet18",
            "--seeds", "1", "--epochs", "1",
-           "--batch_size", "4", "--image_size", "16", "--probe_epochs", "2", "--readme", str(tmp_path / "README.md"),
+           "--batch_size", "4", "--image_size", "16", "--probe_epochs", "2",
+           "--doc", str(tmp_path / "docs" / "study.md"),
            *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
@@ -46,7 +47,8 @@ def test_tiny_row_records_skips_and_reproduces(tmp_path):
     tiny_folder(tmp_path / "data")
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "a.pth")
-    (tmp_path / "README.md").write_text(f"intro\n{report.START}\nSTALE STUDY TEXT\n{report.END}\nrest\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "study.md").write_text(f"intro\n{report.START}\nSTALE STUDY TEXT\n{report.END}\nrest\n")
     first = reproduce(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -60,9 +62,10 @@ def test_tiny_row_records_skips_and_reproduces(tmp_path):
     assert set(summary["references"]) == {"teacher A", "random-init resnet18"}
     assert (tmp_path / "out" / "features.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "paper_curves.png").exists()
-    readme = (tmp_path / "README.md").read_text()
-    assert readme.startswith("intro\n") and readme.endswith("rest\n") and "STALE STUDY TEXT" not in readme
-    assert f"{row['variants'][0]['mean']['knn1']:.1f} ± 0.0" in readme
+    doc = (tmp_path / "docs" / "study.md").read_text()
+    assert doc.startswith("intro\n") and doc.endswith("rest\n") and "STALE STUDY TEXT" not in doc
+    assert f"{row['variants'][0]['mean']['knn1']:.1f} ± 0.0" in doc
+    assert "](../out/features.png)" in doc and "](../out/summary.json)" in doc  # links from docs/ to the study
 
     result = next((tmp_path / "out" / "runs").glob("*/seed0/result.json"))
     stamp = result.stat().st_mtime_ns

@@ -18,6 +18,7 @@ import torch
 
 from tests.conftest import ROOT, write_image_folder
 from tools import submit
+from tools.deploy import slurm
 from tools.deploy.slurm import JobSpec, TrainingTask, rank_env, rendezvous_port
 from tools.engine.cli import run_cli
 
@@ -47,7 +48,7 @@ def test_only_the_spec_travels_in_submitits_pickle():
 def test_the_command_after_the_separator_is_kept_whole():
     args = submit.get_args_parser().parse_args(["--nodes", "2", "--", "train_student.py", "/d", "--nodes", "5"])
     assert args.nodes == 2 and submit.command_of(args) == ["train_student.py", "/d", "--nodes", "5"]
-    assert submit.flag_value(["x.py", "--exp_dir=exp/a"], "--exp_dir") == "exp/a"
+    assert slurm.flag_value(["x.py", "--exp_dir=exp/a"], "--exp_dir") == "exp/a"
     args = submit.get_args_parser().parse_args(["--", "train_student.py", "--exp_dir", "exp/b"])
     assert submit.job_folder(args) == os.path.join("exp/b", "submitit", "%j")
 
@@ -90,16 +91,16 @@ SLOW_STEPS = """
 import sys, time
 sys.path.insert(0, {root!r})
 import train_student
-from tools.engine import step
+from models import simreg
 from tools.engine.cli import run_cli
 
-original = step.regression_loss
+original = simreg.regression_loss
 
 def slow_loss(pred, target):  # steps long enough for the test to signal in the middle of the run
     time.sleep(0.4)
     return original(pred, target)
 
-step.regression_loss = slow_loss
+simreg.regression_loss = slow_loss
 run_cli(train_student.main, train_student.get_args_parser().parse_args())
 """
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread everywhere: equal float sums need equal orders

@@ -16,14 +16,14 @@ from PIL import Image
 
 from data.datasets import IndexedImageFolder, dataset_fingerprint
 from data.transforms import CenterCrop
-from models.cached_teacher import CachedTeacher, manifest_path, open_cached_teacher
 from models.errors import UserError
 from models.io import safe_load
 from models.teachers import load_teacher
 from tests.conftest import write_random_resnet18
-from tools.engine import teacher_cache
 from tools.engine.distributed import DistInfo
-from tools.engine.teacher_cache import build_cache, plan_rank
+from tools.teacher_cache import builder as teacher_cache
+from tools.teacher_cache.builder import build_cache, plan_rank
+from tools.teacher_cache.reader import CachedTeacher, manifest_path, open_cached_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES = 11  # odd: two ranks with batches of 2 need padding
@@ -246,8 +246,7 @@ def recomputed_loss(exp, data, rows: np.ndarray) -> float:
     """The SimReg loss of a run's saved student (train mode: batch statistics) on every image's epoch-1 crop
     against the cache's rows: what a one-step epoch over the whole set must have logged."""
     from data.transforms import TrainViews
-    from models.loss import regression_loss
-    from models.student import Student
+    from models.simreg import Student, regression_loss
 
     ckpt = safe_load(str(exp / "checkpoints" / "checkpoint_latest.pth"))
     student = Student("resnet18", rows.shape[1], 2)

@@ -17,15 +17,15 @@ from PIL import Image
 import train_student
 from data.datasets import IndexedImageFolder, dataset_fingerprint
 from data.transforms import TeacherView, TrainViews
-from models.cached_teacher import CachedTeacher, manifest_path, open_cached_teacher, read_manifest
 from models.errors import UserError
 from models.teachers import load_teacher
 from tests.conftest import write_random_resnet18
 from tests.test_teacher_cache import Counting, free_port
 from tools import cache_teacher_features
-from tools.engine import teacher_cache
 from tools.engine.distributed import DistInfo
-from tools.engine.teacher_cache import build_cache
+from tools.teacher_cache import builder as teacher_cache
+from tools.teacher_cache.builder import build_cache
+from tools.teacher_cache.reader import CachedTeacher, manifest_path, open_cached_teacher, read_manifest
 
 N_IMAGES, SIZE = 12, 32
 SINGLE_WEAK = ("--single_aug", "--weak_weak")  # the paper's views
@@ -275,16 +275,18 @@ def test_centre_crop_cache_of_before_the_views_section_still_reads(data, weights
 
 @pytest.mark.slow
 def test_cache_benchmark_runs_and_measures_what_it_says(tmp_path):
-    from tools import bench_cache
+    from tools import benchmark
 
-    argv = ["--work_dir", str(tmp_path), "--n_images", "8", "--views", "2", "--arch_teacher", "resnet18"]
-    argv += ["--image_size", "32", "--batch_size", "4", "--steps", "1", "--rounds", "1", "--num_workers", "0"]
-    result = bench_cache.main(bench_cache.get_args_parser().parse_args([*argv, "--json", str(tmp_path / "r.json")]))
-    header = os.path.getsize(tmp_path / "cache_8192d.npy") - 2 * 8 * 8192 * 2  # the .npy header, once per file
-    assert result["build"]["bytes_per_row"] == {512: 1024 + header / 16, 8192: 16384 + header / 16}
+    argv = ["cache", "--work_dir", str(tmp_path), "--images", "8", "--set", "views=2", "--set", "teacher=resnet18"]
+    argv += ["--set", "step_size=32", "--set", "step_batch=4", "--set", "step_iters=1", "--rounds", "1"]
+    argv += ["--set", "workers=0", "--jpeg_size", "64x48"]
+    rows = benchmark.main(benchmark.get_args_parser().parse_args([*argv, "--json", str(tmp_path / "r.json")]))
+    build, steps = rows[0], rows[1:]
+    header = os.path.getsize(tmp_path / "cache_8192d_8images.npy") - 2 * 8 * 8192 * 2  # the .npy header, once per file
+    assert build["bytes_per_row"] == {512: 1024 + header / 16, 8192: 16384 + header / 16}
     configs = ["live teacher", "cached, memory-mapped", "cached, on the device", "live teacher (repeat)"]
-    assert [r["config"] for r in result["step"]] == configs
-    assert result["step"][0]["ratio_vs_live"] == 1.0 and json.load(open(tmp_path / "r.json"))["build"]["rows_per_s"] > 0
+    assert [r["config"] for r in steps] == configs
+    assert steps[0]["ratio_vs_baseline"] == 1.0 and json.load(open(tmp_path / "r.json"))[0]["rows_per_s"] > 0
 
 
 def test_caches_of_different_k_in_one_run_are_refused(three_views, data, weights, tmp_path):

@@ -2,7 +2,7 @@
 queues and optimizer state) loads, is detected, and gives the features of a reference network built
 here, independently, from the same tensors.
 
-Layouts were checked against the projects' public code (see README "Teachers"): how each training
+Layouts were checked against the projects' public code (see docs/teachers.md): how each training
 script saves and how each evaluation script strips prefixes before loading.
 """
 
@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from models.backbones import resolve_teacher_arch
 from models.formats import convert, infer_arch
 from models.io import CheckpointError, safe_load
 from models.resnet_same import byol_resnet50, same_padding
 from models.resnet_wide import tf_to_torchvision, wide_resnet50
-from models.teachers import load_teacher, resolve_teacher_arch
+from models.teachers import load_teacher
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -393,7 +394,7 @@ def test_byol(r50, x, save):
 
 # ============ SimReg students as teachers ============
 def test_simreg_checkpoint_and_exported_backbone(x, save):
-    from models.student import Student
+    from models.simreg import Student
 
     student = Student("resnet18", 64, 4)
     randomise_bn(student, 5)

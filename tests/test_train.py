@@ -12,7 +12,7 @@ import train_student
 from data.datasets import IndexedImageFolder
 from data.loaders import build_loader
 from data.transforms import TrainViews
-from models.student import Student
+from models.simreg import Student
 from models.teachers import load_teacher
 from tools.engine.distributed import DistInfo
 from tools.engine.step import StepConfig, build_optimizer

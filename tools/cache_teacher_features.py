@@ -30,11 +30,12 @@ import torch
 
 from data.datasets import IndexedImageFolder, select_classes, split_folder
 from data.transforms import PAPER_MIN_SCALE, CenterCrop, TeacherView, training_views
+from models.backbones import teacher_arch_names
 from models.io import file_sha256
-from models.teachers import load_teacher, teacher_arch_names
+from models.teachers import load_teacher
 from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
-from tools.engine.teacher_cache import build_cache
+from tools.teacher_cache.builder import build_cache
 
 log = logging.getLogger("simreg.cache")
 
@@ -74,7 +75,7 @@ def check_args(args: argparse.Namespace) -> None:
         cli.note_ignored("--single_aug/--weak_weak/--weak_strong/--min_crop_scale/--no_flip", "they choose the "
                          "crops of --views K; without it the cache holds centre crops")  # fmt: skip
     split_folder(args.data, "train")
-    cli.check_paths(files={"--teacher_weights": args.teacher_weights, "--class_list": args.class_list})
+    cli.check_paths(weights={"--teacher_weights": args.teacher_weights}, files={"--class_list": args.class_list})
     cli.check_batch_fits(args.batch_size, args.image_size if args.views else args.crop_size)
 
 

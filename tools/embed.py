@@ -25,15 +25,15 @@ from torch import nn
 
 from data.image_files import ImageFiles, list_image_files
 from data.transforms import CenterCrop
-from models.cached_teacher import manifest_path
 from models.errors import UserError
 from models.formats import FORMATS
 from models.pretrained import EvalModel, load_eval_model
 from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
 from tools.engine.step import amp_dtype, autocast
-from tools.engine.teacher_cache import build_cache
 from tools.eval.common import prediction
+from tools.teacher_cache.builder import build_cache
+from tools.teacher_cache.reader import manifest_path
 
 log = logging.getLogger("simreg.embed")
 
@@ -68,7 +68,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.data):
         what = "is a file" if os.path.exists(args.data) else "does not exist"
         raise UserError(f"image folder '{args.data}' {what}; give the folder holding the images")
-    cli.check_paths(files={"--weights": args.weights})
+    cli.check_paths(weights={"--weights": args.weights})
     cli.check_batch_fits(args.batch_size, args.crop_size)
 
 

@@ -24,7 +24,7 @@ from models.errors import UserError
 from models.formats import FORMATS
 from models.io import atomic_write, write_json
 from models.pretrained import EvalModel, load_eval_model
-from tools.deploy.export import (
+from tools.deploy.exporters import (
     EXPORT_FORMATS,
     STATE_DICT_FORMATS,
     Exported,
@@ -65,7 +65,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Paths and flags that need each other, before any work starts."""
-    cli.check_paths(files={"CKPT": args.weights})
+    cli.check_paths(weights={"CKPT": args.weights})
     if os.path.isdir(args.out):
         raise UserError(f"--out '{args.out}' is a folder; give the file to write")
     if os.path.abspath(args.out) == os.path.abspath(args.weights):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (expected about 6 minutes on one H100/H200 with 16 cores, not measured yet; the
-# parts' time limits add up to under 8 minutes): the GPU tests, the main job for real (tools.main_job_check: torchrun train_student.py
-# with --decode gpu and the CPU decoder, a mid-run stop and resume, eval_knn.py with torch and faiss, a
-# cached-teacher run), the GPU benchmark profile, and the projection to hours for the paper's runs.
+# parts' time limits add up to under 8 minutes): the GPU tests, then three profiles of tools.benchmark: the
+# main job for real (main_job: torchrun train_student.py with --decode gpu and the CPU decoder, a mid-run
+# stop and resume, eval_knn.py with torch and faiss, a cached-teacher run), the GPU timings (gpu), and the
+# projection to hours for the paper's runs (hours).
 #
 #   bash tools/gpu_check.sh          # results in $OUT (the device tool sets it) or /tmp/gpu_check
 #   DRY=1 bash tools/gpu_check.sh    # rehearsal on any machine: every part on the CPU at toy sizes
@@ -51,14 +52,16 @@ timeout $((60 * SCALE)) $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_d
 tests_rc=${PIPESTATUS[0]}
 
 # The main job for real; its parts have their own limits inside (about 2.5 minutes in all on one GPU).
-timeout $((180 * SCALE)) $PY -m tools.main_job_check --out "$OUT" --work_dir "$WORK" $DRY_FLAG 2>&1 | tail -n 25
+timeout $((180 * SCALE)) $PY -m tools.benchmark main_job $DRY_FLAG --json "$OUT/main_job.json" --work_dir "$WORK" 2>&1 \
+  | tail -n 25
 job_rc=${PIPESTATUS[0]}
 
-timeout $((180 * SCALE)) $PY -m tools.benchmark --profile gpu $DRY_FLAG --json "$OUT/bench_gpu.json" --work_dir "$WORK" 2>&1 \
+timeout $((180 * SCALE)) $PY -m tools.benchmark gpu $DRY_FLAG --json "$OUT/bench_gpu.json" --work_dir "$WORK" 2>&1 \
   | tee "$OUT/bench_gpu.log" | tail -n 40
 bench_rc=${PIPESTATUS[0]}
 
-timeout $((10 * SCALE)) $PY -m tools.bench_hours "$OUT/bench_gpu.json" --main_job "$OUT/main_job.json" --out "$OUT/projection.md"
+timeout $((10 * SCALE)) $PY -m tools.benchmark hours --rows "$OUT/bench_gpu.json" "$OUT/main_job.json" \
+  --summary "$OUT/projection.md"
 hours_rc=$?
 
 echo "gpu tests exit ${tests_rc}, main job exit ${job_rc}, benchmark exit ${bench_rc}, projection exit ${hours_rc}"

@@ -24,10 +24,9 @@ from torch import nn
 from data.datasets import IndexedImageFolder, split_folder
 from data.loaders import build_loader
 from data.transforms import WeakAug
-from models.backbones import IMAGENET_MEAN, IMAGENET_STD, Normalize, canonical_arch
+from models.backbones import IMAGENET_MEAN, IMAGENET_STD, Normalize, canonical_arch, is_timm_arch, timm_name
 from models.errors import UserError
 from models.io import atomic_save
-from models.timm_models import is_timm_arch, timm_name
 from tools.engine import cli
 from tools.engine.logs import setup_logging
 from tools.engine.schedules import cosine_lr, set_lr

@@ -3,7 +3,7 @@
 
     python -m tools.reproduce                              # the whole grid on the embedded demo data
     python -m tools.reproduce --only head views --jobs 2   # some rows, two trainings at a time
-    python -m tools.reproduce --report                     # summary.json, figures, README section only
+    python -m tools.reproduce --report                     # summary.json, figures, docs/study.md section only
     python -m tools.reproduce --data /data/imagenet100 --teacher_a r50.pth --teacher_b dino_r50.pth \
         --image_size 224 --epochs 30 --out results/imagenet100
 
@@ -36,7 +36,7 @@ DEFAULT = Scale()
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("the paper's findings at small scale", add_help=add_help)
+    p = cli.ArgumentParser("the paper's findings at small scale", add_help=add_help)
     p.add_argument("--data", default=None, help="dataset root with train/ and val/ (default: the embedded demo)")
     p.add_argument("--out", default="results/small_scale", help="study folder: runs, summary.json, figures")
     p.add_argument("--only", nargs="+", default=None, metavar="ROW", help="run only these rows (head, views, ...)")
@@ -63,7 +63,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="retrain seed S of the selected rows from scratch and check it reproduces the recorded numbers",
     )
     p.add_argument("--report", action="store_true", help="only gather finished runs into the summary and figures")
-    p.add_argument("--readme", default="README.md", help="README whose generated section --report rewrites")
+    p.add_argument("--doc", default="docs/study.md", help="Markdown file whose generated section is rewritten")
     cli.add_debug_flag(p)
     return p
 
@@ -125,7 +125,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.report and previous.get("command"):  # the summary names the command that ran the grid
         command = previous["command"]
     summary = report.summarise(study, rows(study.scale), command)
-    report.write_all(study, summary, args.readme)
+    report.write_all(study, summary, args.doc)
     return summary
 
 

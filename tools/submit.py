@@ -14,7 +14,6 @@ stop, and the job is requeued with the same command, which resumes from that che
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ import sys
 
 from models.errors import UserError
 from tools.deploy.optional import require
+from tools.deploy.slurm import JobSpec, TrainingTask, build_executor, check_command, flag_value
 from tools.engine import cli
 from tools.engine.logs import setup_logging
 
@@ -66,42 +66,6 @@ def command_of(args: argparse.Namespace) -> list[str]:
     return args.command[1:] if args.command[:1] == ["--"] else list(args.command)
 
 
-def flag_value(command: list[str], flag: str) -> str | None:
-    """The value of ``flag`` in a command line (``--flag V`` or ``--flag=V``), or None."""
-    for i, word in enumerate(command):
-        if word == flag and i + 1 < len(command):
-            return command[i + 1]
-        if word.startswith(flag + "="):
-            return word[len(flag) + 1 :]
-    return None
-
-
-def check_command(command: list[str]) -> None:
-    """The command must be a script or ``-m module`` that exists; a training run must be able to resume."""
-    if not command:
-        raise UserError("no command to run: give it after --, e.g. -- train_student.py /data --exp_dir exp/r18 ...")
-    if command[0] == "-m":
-        module = command[1] if len(command) > 1 else ""
-        try:
-            found = bool(module) and importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise UserError(f"-m {module}: no such module here; run from the project's folder")
-        return
-    if not command[0].endswith(".py"):
-        raise UserError(f"the command must start with a Python script or -m module, not '{command[0]}'")
-    if not os.path.isfile(command[0]):
-        raise UserError(f"script '{command[0]}' does not exist; run from the project's folder or give its path")
-    if os.path.basename(command[0]) == "train_student.py":
-        for flag in ("--resume", "--no_resume"):
-            if any(word == flag or word.startswith(flag + "=") for word in command):
-                raise UserError(
-                    f"{flag} in a requeueable job would undo the resume after every preemption; drop it (the run "
-                    "resumes from its --exp_dir's latest checkpoint)"
-                )
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Flags, the command and the engine, before anything is submitted."""
     check_command(command_of(args))
@@ -128,8 +92,6 @@ def job_folder(args: argparse.Namespace) -> str:
 
 def submit(args: argparse.Namespace):
     """The submitted job (a submitit Job)."""
-    from tools.deploy.slurm import JobSpec, TrainingTask, build_executor
-
     tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
     executor = build_executor(
         job_folder(args), args.cluster, nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,

@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from data.datasets import IndexedImageFolder, load_rgb
 from models.backbones import IMAGENET_MEAN, IMAGENET_STD, Encoder, Normalize, build_backbone
-from models.loss import regression_loss
-from models.student import Student
+from models.simreg import Student, regression_loss
 from models.teachers import Teacher
 
 

@@ -1,10 +1,11 @@
-"""The benchmark's evaluation stages: k-NN (search and votes) and the cached linear probe.
+"""The benchmark's evaluation stages: k-NN (search and votes), k-NN backends, and the cached linear probe.
 
 "Ours" is what the evaluation scripts run: ``eval_knn.py`` calls :func:`tools.eval.knn.knn_classify`
 (search for the largest k, both votes for every k, its tie rule), and ``eval_linear.py --use_cache``
 trains :class:`tools.eval.linear_probe.LinearProbe` (with its fixed standardisation) by
 ``train_epoch_cached`` and ``probe_optimizer``, the features held on the device in float16. The
-baselines are the original's (:mod:`tools.bench.baseline`).
+baselines are the original's (:mod:`tools.bench.baseline`). ``knn_backends`` compares eval_knn's own
+backends (``--backend torch`` against ``--backend faiss``) on the same features.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from tools.bench.baseline import OriginalCachedProbe, OriginalKnn, faiss_or_none, original_search
-from tools.bench.harness import Context, Profile, Variant, measure, with_repeat
-from tools.eval.knn import default_chunk, knn_classify, knn_search
+from tools.bench.harness import Context, Variant, measure, with_repeat
+from tools.eval.knn import default_chunk, faiss_module, knn_classify, knn_search
 from tools.eval.linear_probe import LinearProbe, feature_statistics, probe_optimizer, train_epoch_cached
 
 KNN_CLASSES = 1000
@@ -34,7 +35,7 @@ def clustered_features(n: int, dim: int, classes: int, seed: int, centres: torch
     return F.normalize(feats, dim=1), labels, centres
 
 
-def original_knn_variant(p: Profile, ctx: Context, train, labels, queries) -> Variant:
+def original_knn_variant(p, ctx: Context, train, labels, queries) -> Variant:
     """The original's search + vote where it can run here: faiss on the CPU, or faiss on the GPUs it sees."""
     faiss, ks = faiss_or_none(), (1, p.knn_k)
     if faiss is not None and (ctx.device.type == "cpu" or faiss.get_num_gpus() > 0):
@@ -47,7 +48,7 @@ def original_knn_variant(p: Profile, ctx: Context, train, labels, queries) -> Va
     return Variant("original-style: torch L2 per k + Counter vote", knn, "baseline", note, "original")
 
 
-def stage_knn(p: Profile, ctx: Context) -> list[dict]:
+def stage_knn(p, ctx: Context) -> list[dict]:
     """Queries/s of eval_knn's k-NN (k = 1 and ``knn_k``, both votes) over clustered unit features."""
     train, labels, centres = clustered_features(p.knn_train, p.knn_dim, KNN_CLASSES, seed=1)
     queries, query_labels, _ = clustered_features(p.knn_queries, p.knn_dim, KNN_CLASSES, seed=2, centres=centres)
@@ -75,7 +76,7 @@ def stage_knn(p: Profile, ctx: Context) -> list[dict]:
     return rows
 
 
-def stage_probe(p: Profile, ctx: Context) -> list[dict]:
+def stage_probe(p, ctx: Context) -> list[dict]:
     """Feature rows/s of the cached linear probe (batch 256), plus the implied 40-epoch time."""
     feats, labels, _ = clustered_features(p.probe_rows, p.probe_dim, p.probe_classes, seed=3)
     base = OriginalCachedProbe(feats, labels, p.probe_classes, 256, ctx.device)
@@ -98,4 +99,45 @@ def stage_probe(p: Profile, ctx: Context) -> list[dict]:
         if row["img_s"]:
             row["forty_epochs_s"] = 40 * p.probe_rows / row["img_s"]
             row["rows"] = p.probe_rows
+    return rows
+
+
+# ============ stage: eval_knn's backends against each other ============
+def knn_backends(names: str) -> list[str]:
+    """``torch,faiss`` -> the backends to time, faiss (the reference) first; faiss left out when not installed."""
+    chosen = [b.strip() for b in names.split(",") if b.strip()]
+    if "faiss" in chosen and faiss_module() is None:
+        chosen.remove("faiss")
+    return sorted(chosen, key=lambda b: b != "faiss")
+
+
+def stage_knn_backends(p, ctx: Context) -> list[dict]:
+    """Queries/s of eval_knn's ``knn_classify`` (search and both votes for k) with each backend, same features.
+
+    The first backend (faiss when installed) is the baseline. Every row also says the top-1 of both votes
+    and in what percentage of queries its k neighbours equal the baseline's (computed outside the timing).
+    """
+    train, labels, centres = clustered_features(p.knn_train, p.knn_dim, p.knn_classes, seed=1)
+    queries, query_labels, _ = clustered_features(p.knn_queries, p.knn_dim, p.knn_classes, seed=2, centres=centres)
+    backends, chunk, results = knn_backends(p.knn_backends), p.knn_chunk or None, {}
+
+    def search(backend: str):
+        def run() -> int:
+            results[backend] = knn_classify(train, labels, queries, query_labels, (p.knn_k,), backend=backend,
+                                            chunk=chunk, device=ctx.device)["k"][p.knn_k]  # fmt: skip
+            return p.knn_queries
+
+        return run
+
+    shape = f"{tuple(train.shape)} x {p.knn_queries} queries k={p.knn_k} on {ctx.device.type}"
+    variants = [Variant(f"{b} {shape}", search(b), "baseline" if i == 0 else "variant", key=b)
+                for i, b in enumerate(backends)]  # fmt: skip
+    rows = measure("knn_backends", with_repeat(variants), p.rounds, ctx.device, "queries")
+    found = {b: knn_search(train, queries, p.knn_k, backend=b, chunk=chunk, device=ctx.device)[1] for b in backends}
+    for row in rows:
+        backend = row["config"].split(" ")[0]
+        same = (found[backend] == found[backends[0]]).all(1).double().mean().item()
+        votes = results[backend]
+        row.update(top1_majority=votes["majority"]["top1"], top1_weighted=votes["weighted"]["top1"],
+                   same_neighbours_rows_pct=100.0 * same, train_rows=p.knn_train, dim=p.knn_dim, k=p.knn_k)  # fmt: skip
     return rows

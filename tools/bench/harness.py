@@ -1,10 +1,13 @@
-"""The benchmark's machinery: profiles (sizes), interleaved timing with a repeated baseline, the table.
+"""The benchmark's machinery: the one timing loop, running a profile's stages, the rows and the table.
 
-Every stage builds :class:`Variant` s (the original recipe first) and hands them to :func:`measure`:
-each is warmed up once, then all run in turn, round after round, and the baseline runs once more at
-the end of each round (its ``(repeat)`` row is the stage's noise floor). A row's ``img_s`` is the median
-rate over the rounds, ``spread`` (max - min) / median, ``ratio_vs_baseline`` the median over the
-baseline's median. Each row carries a ``key`` (``stage.name``) that code reading the JSON relies on.
+Every timed figure goes through :func:`timed` (the clock: the device synchronised before and after, wall
+and process CPU seconds). Timing stages build :class:`Variant` s (the baseline first) and hand them to
+:func:`measure`, the one timing loop: each is warmed up once, then all run in turn, round after round,
+and the baseline runs once more at the end of each round (its ``(repeat)`` row is the stage's noise
+floor). A row's ``img_s`` is the median rate over the rounds, ``spread`` (max - min) / median,
+``ratio_vs_baseline`` the median over the baseline's median. Each row carries a ``key``
+(``stage.name``) that code reading the JSON relies on. :func:`run_stages` runs a profile's stages in
+order (:mod:`tools.bench.profiles`), recording a failing stage and going on with the others.
 """
 
 from __future__ import annotations
@@ -19,109 +22,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torchvision
 
 from data.synthetic import make_jpeg_folder
-from models.io import write_json
+from models.io import atomic_save, write_json
 
 log = logging.getLogger("simreg.benchmark")
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Sizes of one run. Defaults: the CPU profile (2 cores, about 2 minutes)."""
-
-    images: int = 256  # generated JPEGs (quality 90)
-    jpeg_size: tuple[int, int] = (500, 375)  # ImageNet's typical size
-    crop: int = 224  # data stage crop size
-    workers: int = 2  # loader processes = cores used by the data stage
-    data_batch: int = 32
-    decoders: tuple[str, ...] = ("auto", "pil", "draft", "tv")  # CPU decoders of the data stage
-    teacher: str = "resnet50"
-    student: str = "resnet18"
-    step_size: int = 64  # step, cached and e2e stages: image size and batch
-    step_batch: int = 16
-    step_iters: int = 1  # steps per timed round
-    e2e_batches: int = 2  # loader batches per timed round
-    cache_rows: int = 50_000  # the R50 teacher's cache (rows x 2048 float16), memory-mapped and on the device
-    x4_rows: int = 16_384  # a SimCLR-x4 cache (rows x 8192) for the ResNet-50 student row
-    knn_train: int = 50_000
-    knn_queries: int = 1_000
-    knn_dim: int = 512
-    knn_k: int = 20
-    probe_rows: int = 50_000  # ours: one epoch of these rows per round
-    probe_dim: int = 512
-    probe_classes: int = 100
-    probe_baseline_steps: int = 100  # the original's probe: this many steps (batch 256) per round
-    rounds: int = 5
-    # torch threads of the main process: on a shared 2-core machine, two threads stall (busy-waiting)
-    # whenever another process holds a core, by 10-50x; one thread gives stable per-core figures.
-    threads: int | None = 1  # None: torch's default
-    compile: bool = False  # torch.compile variants (minutes of compilation on 2 CPU cores: off)
-    device_decode: bool = False  # --decode gpu (batched decode_jpeg on the device) and DALI when installed
-    needs_cuda: bool = False
-
-
-PROFILES = {
-    "cpu": Profile(),
-    "gpu": Profile(
-        images=4096,
-        workers=16,
-        data_batch=256,
-        decoders=("auto",),  # the decoder choice is measured on the CPU profile
-        step_size=224,
-        step_batch=256,
-        step_iters=6,
-        e2e_batches=8,
-        cache_rows=1_281_167,
-        x4_rows=131_072,
-        knn_train=1_281_167,
-        knn_queries=5_000,
-        probe_rows=1_281_167,
-        probe_classes=1000,
-        probe_baseline_steps=300,
-        rounds=2,  # the call that runs it has about 3 minutes for this profile
-        threads=None,
-        compile=True,
-        device_decode=True,
-        needs_cuda=True,
-    ),
-}
-# --dry_run: the chosen profile's code paths at toy sizes (seconds on a CPU).
-DRY_RUN = {
-    "images": 8,
-    "crop": 32,
-    "workers": 1,
-    "data_batch": 4,
-    "teacher": "resnet18",
-    "step_size": 32,
-    "step_batch": 4,
-    "step_iters": 1,
-    "e2e_batches": 2,
-    "cache_rows": 64,
-    "x4_rows": 64,
-    "knn_train": 300,
-    "knn_queries": 20,
-    "knn_dim": 16,
-    "knn_k": 5,
-    "probe_rows": 300,
-    "probe_dim": 16,
-    "probe_classes": 10,
-    "probe_baseline_steps": 2,
-    "rounds": 2,
-    "threads": 1,
-}
-
-
 @dataclass
 class Context:
-    """What the stages share: the device, the folders, the models built so far, the rows so far."""
+    """What the stages share: the device, the folders, what earlier stages built, the rows so far."""
 
     device: torch.device
-    train_dir: str  # generated JPEGs (ImageFolder layout)
-    work_dir: str  # where generated files (cache arrays) are kept for the next run
+    work_dir: str  # where generated files (JPEGs, cache arrays, runs) are kept for the next run
     compile_backend: str
+    train_dir: str = ""  # generated JPEGs (ImageFolder layout), for the profiles that read images
+    json_path: str | None = None  # where the rows go (the main job writes its log beside them)
+    inputs: list = field(default_factory=list)  # rows read from earlier runs (the hours profile)
     ours: dict = field(default_factory=dict)  # our step configurations, built once
     original: object | None = None  # the original recipe's step, built once
+    shared: dict = field(default_factory=dict)  # what one stage leaves for the next (a cache file, the job)
     rows: list = field(default_factory=list)
 
 
@@ -129,6 +50,19 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU), so host clocks time finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(work: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
+    """``(work(), wall seconds, this process's CPU seconds)``, the device synchronised before and after.
+
+    CPU seconds leave out the time other jobs held the cores (and the loader workers' time), so on a
+    shared CPU they are the steadier figure of in-process work; on a GPU only the wall time means much.
+    """
+    synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = work()
+    synchronize(device)
+    return out, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 # ============ timing: interleaved rounds, baseline repeated ============
@@ -146,23 +80,28 @@ class Variant:
 NO_RATIO = ("component", "other")  # a part of a variant, or another workload than the baseline's
 
 
-def measure(stage: str, variants: list[Variant], rounds: int, device: torch.device, unit: str) -> list[dict]:
-    """Warm every variant up once, then time them in turn for ``rounds`` rounds; one row per variant."""
+def measure(
+    stage: str, variants: list[Variant], rounds: int, device: torch.device, unit: str, cpu_time: bool = False
+) -> list[dict]:
+    """Warm every variant up once, then time them in turn for ``rounds`` rounds; one row per variant.
+
+    ``cpu_time``: the rows also give the rate per CPU-second of this process (``img_per_cpu_s``, its
+    ratio and spread), for stages whose work runs in this process.
+    """
     live = [v for v in variants if v.run is not None]
     for v in live:
         if v.role != "repeat":  # the repeat shares the baseline's runner
             log.info("%s: warming up %s", stage, v.name)
             v.run()
-    rates: dict[str, list[float]] = {v.name: [] for v in live}
+    wall: dict[str, list[float]] = {v.name: [] for v in live}
+    cpu: dict[str, list[float]] = {v.name: [] for v in live}
     for r in range(rounds):
         for v in live:
-            synchronize(device)
-            start = time.perf_counter()
-            n = v.run()
-            synchronize(device)
-            rates[v.name].append(n / (time.perf_counter() - start))
+            n, seconds, cpu_seconds = timed(v.run, device)
+            wall[v.name].append(n / seconds)
+            cpu[v.name].append(n / max(cpu_seconds, 1e-9))
         log.info("%s: round %d/%d done", stage, r + 1, rounds)
-    base = statistics.median(next(rates[v.name] for v in live if v.role == "baseline"))
+    baseline = next(v.name for v in live if v.role == "baseline")
     rows = []
     for v in variants:
         row = {"stage": stage, "config": v.name, "role": v.role, "unit": unit, "note": v.note}
@@ -170,11 +109,19 @@ def measure(stage: str, variants: list[Variant], rounds: int, device: torch.devi
         if v.run is None:
             rows.append({**row, "img_s": None, "ratio_vs_baseline": None, "spread": None, "skipped": True})
             continue
-        med = statistics.median(rates[v.name])
-        spread = (max(rates[v.name]) - min(rates[v.name])) / med
-        ratio = None if v.role in NO_RATIO else med / base
-        rows.append({**row, "img_s": med, "ratio_vs_baseline": ratio, "spread": spread, "rounds": rates[v.name]})
+        med, ratio, spread = _summary(wall[v.name], wall[baseline], v.role)
+        rows.append({**row, "img_s": med, "ratio_vs_baseline": ratio, "spread": spread, "rounds": wall[v.name]})
+        if cpu_time:
+            med, ratio, spread = _summary(cpu[v.name], cpu[baseline], v.role)
+            rows[-1].update(img_per_cpu_s=med, cpu_ratio_vs_baseline=ratio, cpu_spread=spread)
     return rows
+
+
+def _summary(rates: list[float], baseline: list[float], role: str) -> tuple[float, float | None, float]:
+    """(median rate, its ratio to the baseline's median or None, (max - min) / median)."""
+    med = statistics.median(rates)
+    ratio = None if role in NO_RATIO else med / statistics.median(baseline)
+    return med, ratio, (max(rates) - min(rates)) / med
 
 
 def with_repeat(variants: list[Variant]) -> list[Variant]:
@@ -251,6 +198,15 @@ def prepare_jpegs(work_dir: str, images: int, size: tuple[int, int], workers: in
     return {**made, "root": root}
 
 
+def random_teacher_file(work_dir: str, arch: str) -> str:
+    """A randomly initialised torchvision ``arch`` saved in its public layout (kept for the next run)."""
+    path = os.path.join(work_dir, f"teacher_{arch}_random.pth")
+    if not os.path.isfile(path):
+        torch.manual_seed(0)
+        atomic_save(getattr(torchvision.models, arch)().state_dict(), path)
+    return path
+
+
 def machine_info(device: torch.device) -> dict:
     """What the rows were measured on: device name, cores, torch version, date."""
     if device.type == "cuda":
@@ -269,26 +225,35 @@ def machine_info(device: torch.device) -> dict:
     }
 
 
-def run_stages(stages: dict[str, Callable], prof: Profile, ctx: Context, meta: dict, json_path: str | None) -> list:
-    """Run ``stages`` in order; a failing stage is recorded and the others still run.
+def run_stages(stages: dict[str, Callable], p, ctx: Context, meta: dict) -> list:
+    """Run ``stages`` (``stage(p, ctx) -> rows``) in order; a failing stage is recorded and the others still run.
 
-    ``json_path`` is rewritten after each stage, so a run cut short (a time limit) keeps what it finished.
+    Every row gets the stage's wall seconds (``stage_s``) and ``meta``. ``ctx.json_path`` is rewritten after
+    each stage, so a run cut short (a time limit) keeps what it finished.
     """
     rows: list[dict] = []
     for name, stage in stages.items():
         log.info("stage %s", name)
+        start = time.perf_counter()
         try:
-            stage_rows = stage(prof, ctx)
+            stage_rows = stage(p, ctx)
         except Exception as exc:  # one broken stage must not cost a device session the others
             log.exception("stage %s failed", name)
             note = f"failed: {type(exc).__name__}: {exc}"[:300]
             stage_rows = [{"stage": name, "config": "stage failed", "role": "baseline", "note": note, "img_s": None}]
             stage_rows[0].update(key=f"{name}.failed", ratio_vs_baseline=None, spread=None, skipped=True, failed=True)
+        seconds = round(time.perf_counter() - start, 1)
+        stage_rows = [{"stage": name, **r, "stage_s": seconds} for r in stage_rows]
         ctx.rows += stage_rows
         rows += [{**r, **meta} for r in stage_rows]
-        if json_path:
-            write_json(json_path, rows)
+        if ctx.json_path:
+            write_json(ctx.json_path, rows)
     return rows
+
+
+def failed_stages(rows: list[dict]) -> list[str]:
+    """The stages that raised, or whose row says it did not come out right (``ok`` false)."""
+    return list(dict.fromkeys(r["stage"] for r in rows if r.get("failed") or r.get("ok") is False))
 
 
 def row_remark(r: dict) -> str:
@@ -303,18 +268,29 @@ def row_remark(r: dict) -> str:
         return f"{r['img_s_per_core']:.0f}/s per worker core"
     if "forty_epochs_s" in r:
         return f"40 epochs of {r['rows']} rows: {r['forty_epochs_s']:.0f} s"
+    if "bytes_per_row" in r:
+        sizes = ", ".join(f"{d}-d {b:.0f} B/row = {r['imagenet_gib_per_view'][d]:.2f} GiB per ImageNet view"
+                          for d, b in r["bytes_per_row"].items())  # fmt: skip
+        return f"{r['seconds_per_view']:.1f} s per view; {sizes}"
+    if "top1_majority" in r:
+        same = r["same_neighbours_rows_pct"]
+        return f"top-1 {r['top1_majority']:.2f} (majority), {r['top1_weighted']:.2f} (weighted); same k-NN {same:.1f}%"
+    if "img_per_cpu_s" in r and r["cpu_ratio_vs_baseline"] is not None:
+        return f"per CPU-second {r['img_per_cpu_s']:.2f}/s, ratio {r['cpu_ratio_vs_baseline']:.2f}"
     return r["note"]
 
 
-def print_table(rows: list[dict], info: dict) -> None:
-    """The summary: one line per row, rates as medians over the rounds."""
-    print(f"\n{info['device']} | {info['cpu_cores']} CPU cores | torch {info['torch']} | {info['date']}")
-    print(f"{'stage':<7} {'config':<66} {'rate/s':>10} {'ratio':>6} {'spread':>7}")
+def format_table(rows: list[dict], info: dict) -> str:
+    """The summary of timing rows: one line per row, rates as medians over the rounds."""
+    w = max([7, *(len(r["stage"]) for r in rows)])
+    lines = [f"\n{info['device']} | {info['cpu_cores']} CPU cores | torch {info['torch']} | {info['date']}",
+             f"{'stage':<{w}} {'config':<66} {'rate/s':>10} {'ratio':>6} {'spread':>7}"]  # fmt: skip
     for r in rows:
         name = r["config"][:66]
         if r["img_s"] is None:
-            print(f"{r['stage']:<7} {name:<66} {'-':>10} {'-':>6} {'-':>7}  {row_remark(r)}")
+            lines.append(f"{r['stage']:<{w}} {name:<66} {'-':>10} {'-':>6} {'-':>7}  {row_remark(r)}")
             continue
         ratio = "-" if r["ratio_vs_baseline"] is None else f"{r['ratio_vs_baseline']:.2f}"
-        rate, spread = f"{r['img_s']:.1f}", f"{r['spread']:.1%}"
-        print(f"{r['stage']:<7} {name:<66} {rate:>10} {ratio:>6} {spread:>7}  {row_remark(r)}")
+        rate, spread = f"{r['img_s']:.1f}", "-" if r["spread"] is None else f"{r['spread']:.1%}"
+        lines.append(f"{r['stage']:<{w}} {name:<66} {rate:>10} {ratio:>6} {spread:>7}  {row_remark(r)}")
+    return "\n".join(lines) + "\n"

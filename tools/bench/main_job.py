@@ -28,88 +28,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torchvision
 
 from data.synthetic import make_jpeg_folder
-from models.io import atomic_save, read_json, safe_load, write_json
-from tools.bench.harness import prepare_jpegs
+from models.io import read_json, safe_load
+from tools.bench.harness import Context, prepare_jpegs, random_teacher_file
+from tools.eval.knn import faiss_module
 
 log = logging.getLogger("simreg.main_job")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@dataclass(frozen=True)
-class JobSizes:
-    """Sizes of the check. Defaults: one H100/H200 with a 16-core host, about 2.5 minutes (estimated)."""
-
-    images: int = 4096  # generated JPEGs (the benchmark's GPU profile set)
-    replicas: int = 2  # train/ links every file this many times: 8192 images, 32 steps per epoch
-    val_images: int = 512
-    jpeg_size: tuple[int, int] = (500, 375)
-    image_size: int = 224
-    resize_size: int = 256
-    batch: int = 256
-    workers: int = 16
-    epochs: int = 4  # train_gpu and resume: 128 steps
-    short_epochs: int = 2  # train_cpu and train_cached: 64 steps
-    print_freq: int = 10
-    ckpt_every: int = 10  # resume: mid-epoch checkpoints
-    stop_after_lines: int = 5  # resume: SIGTERM after this many step log lines (epoch 2, step 20 of 32)
-    teacher: str = "resnet50"
-    student: str = "resnet18"
-    ks: str = "1,20"
-    device: str = "cuda"
-    exact_resume: bool = False  # bit-for-bit equality expected (CPU)
-    limits: dict = field(  # seconds per part (hang guards; the expected times are about half)
-        default_factory=lambda: dict(
-            data=60, train_gpu=45, train_cpu=40, resume=70, knn_torch=35, knn_faiss=25, cache=35, train_cached=40
-        )  # fmt: skip
-    )
-
-
-SIZES = {
-    "gpu": JobSizes(),
-    # every part on the CPU at toy sizes (--decode gpu decodes on the CPU): the rehearsal of DRY=1
-    "dry": JobSizes(
-        images=16,
-        replicas=1,
-        val_images=10,  # one per class of the generated set
-        jpeg_size=(64, 48),
-        image_size=32,
-        resize_size=36,
-        batch=4,
-        workers=1,
-        epochs=3,
-        short_epochs=1,
-        print_freq=1,
-        ckpt_every=2,
-        stop_after_lines=6,
-        teacher="resnet18",
-        ks="1,4",
-        device="cpu",
-        exact_resume=True,
-        limits=dict(
-            data=120,
-            train_gpu=180,
-            train_cpu=160,
-            resume=280,
-            knn_torch=140,
-            knn_faiss=100,
-            cache=140,
-            train_cached=160,
-        ),  # fmt: skip
-    ),  # fmt: skip
-}
 
 
 @dataclass
 class Job:
     """The folders and files the parts share."""
 
-    sizes: JobSizes
+    sizes: object  # the profile's sizes (tools.bench.profiles: MAIN_JOB)
     work_dir: str
     log_path: str
     data: str = ""
@@ -189,10 +125,7 @@ def prepare(job: Job) -> dict:
         os.remove(val)  # a val set of another size from an earlier run
     if not os.path.lexists(val):
         os.symlink(os.path.join(val_root, "train"), val)
-    job.teacher = os.path.join(job.work_dir, f"teacher_{s.teacher}_random.pth")
-    if not os.path.isfile(job.teacher):
-        torch.manual_seed(0)
-        atomic_save(getattr(torchvision.models, s.teacher)().state_dict(), job.teacher)
+    job.teacher = random_teacher_file(job.work_dir, s.teacher)
     job.n_train, job.n_val = s.images * s.replicas, s.val_images
     return {"ok": True, "train_images": job.n_train, "val_images": job.n_val, "jpeg_kb": made["mean_kb"]}
 
@@ -312,42 +245,61 @@ def cache_part(job: Job) -> dict:
             "cache": out_npy}  # fmt: skip
 
 
-def run_job(job: Job, parts: list[str], json_path: str) -> list[dict]:
-    """The parts in order; ``json_path`` is rewritten after each one."""
-    s, rows = job.sizes, []
+def job_of(p, ctx: Context) -> Job:
+    """The run's job: its folders, and its data and teacher prepared once, whichever part comes first.
+
+    The log of every command goes beside the JSON rows (``main_job.json`` -> ``main_job.log``).
+    """
+    if "job" not in ctx.shared:
+        log_path = os.path.join(ctx.work_dir, "main_job.log")
+        if ctx.json_path:
+            log_path = os.path.splitext(ctx.json_path)[0] + ".log"
+        job = Job(p, os.path.abspath(ctx.work_dir), log_path)
+        ctx.shared["job"], ctx.shared["job_data"] = job, prepare(job)
+    return ctx.shared["job"]
+
+
+def part(run: Callable[[Job], dict]) -> Callable[[object, Context], list[dict]]:
+    """A part of the job as a benchmark stage: one row, ``ok`` saying whether it came out right."""
+
+    def stage(p, ctx: Context) -> list[dict]:
+        return [{"config": "the main job", **run(job_of(p, ctx))}]
+
+    return stage
+
+
+def train_cached(job: Job) -> dict:
     cache = os.path.join(job.work_dir, "runs", "cache", "teacher.npy")
-    steps = {
-        "data": lambda: prepare(job),
-        "train_gpu": lambda: train_part(job, "train_gpu", "gpu", s.epochs),
-        "train_cpu": lambda: train_part(job, "train_cpu", "cpu", s.short_epochs),
-        "resume": lambda: resume_part(job),
-        "knn_torch": lambda: knn_part(job, "torch"),
-        "knn_faiss": lambda: knn_part(job, "faiss") if faiss_installed() else {"ok": True, "skipped": "no faiss"},
-        "cache": lambda: cache_part(job),
-        "train_cached": lambda: train_part(
-            job, "train_cached", "gpu", s.short_epochs, "--use_cache", "--teacher_feats", cache
-        ),  # fmt: skip
-    }
-    for name in parts:
-        log.info("main job: %s", name)
-        start = time.perf_counter()
-        try:
-            row = steps[name]()
-        except Exception as exc:  # one broken part must not cost the call the others
-            log.exception("part %s failed", name)
-            row = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        rows.append({"part": name, "wall_s": round(time.perf_counter() - start, 1), **row})
-        write_json(json_path, rows)
-        log.info("main job: %s %s", name, "ok" if row.get("ok") else "FAILED")
-    return rows
+    return train_part(job, "train_cached", "gpu", job.sizes.short_epochs, "--use_cache", "--teacher_feats", cache)
 
 
-def faiss_installed() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def knn_faiss(job: Job) -> dict:
+    return knn_part(job, "faiss") if faiss_module() is not None else {"ok": True, "skipped": "no faiss"}
 
 
-PARTS = ("data", "train_gpu", "train_cpu", "resume", "knn_torch", "knn_faiss", "cache", "train_cached")
+def data_part(p, ctx: Context) -> list[dict]:
+    job_of(p, ctx)
+    return [{"config": "the main job", **ctx.shared["job_data"]}]
+
+
+STAGES = {
+    "data": data_part,
+    "train_gpu": part(lambda job: train_part(job, "train_gpu", "gpu", job.sizes.epochs)),
+    "train_cpu": part(lambda job: train_part(job, "train_cpu", "cpu", job.sizes.short_epochs)),
+    "resume": part(resume_part),
+    "knn_torch": part(lambda job: knn_part(job, "torch")),
+    "knn_faiss": part(knn_faiss),
+    "cache": part(cache_part),
+    "train_cached": part(train_cached),
+}
+
+
+def format_job_table(rows: list[dict]) -> str:
+    """One line per part: whether it came out right, seconds, images/s, what went wrong or was noted."""
+    lines = [f"\n{'part':<13} {'ok':<5} {'seconds':>8} {'images/s':>9}  notes"]
+    for r in rows:
+        rate = f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "-"
+        ok = bool(r.get("ok")) and not r.get("failed")
+        notes = r["note"] if r.get("failed") else r.get("skipped") or r.get("resumed") or ""
+        lines.append(f"{r['stage']:<13} {str(ok):<5} {r['stage_s']:>8.1f} {rate:>9}  {notes[:70]}")
+    return "\n".join(lines) + "\n"

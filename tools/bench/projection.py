@@ -11,6 +11,9 @@ The model, per GPU:
   measured loader-plus-decoding rate (``e2e.gpu_loader``).
 Hours = 130 epochs x 5,004 steps x 256 images / (rate per GPU x GPUs). For one GPU the end-to-end rows
 measured with the benchmark's 16 workers (``e2e.cpu``, ``e2e.gpu``) check the model.
+
+The ``hours`` profile of ``python -m tools.benchmark`` runs it on rows written earlier (``--rows``: a
+``gpu`` profile's rows, and a ``main_job`` profile's, whose ``train_*`` rates it lists too).
 """
 
 from __future__ import annotations
@@ -98,11 +101,35 @@ def table(projections: list[dict], rows: list[dict], a: Assumptions, main_job: l
             lines.append(f"- Measured end to end on 1 GPU with {what} (benchmark, {info.get('cpu_cores', '?')} "
                          f"cores): {rate[key]:.0f} images/s = {hours(rate[key]):.1f} h.")  # fmt: skip
     for r in main_job or []:
-        if r.get("images_per_s") and r["part"].startswith("train"):
+        if r.get("images_per_s") and r["stage"].startswith("train"):
             rate_s = r["images_per_s"]
-            lines.append(f"- `train_student.py` ({r['part']}, --decode {r.get('decode')}): {rate_s:.0f} images/s "
+            lines.append(f"- `train_student.py` ({r['stage']}, --decode {r.get('decode')}): {rate_s:.0f} images/s "
                          f"(median epoch after the first) = {hours(rate_s):.1f} h on 1 GPU.")  # fmt: skip
     lines.append(f"- Anchor: {ANCHOR['what']}, {ANCHOR['minutes_per_epoch']:.0f} min per epoch = "
                  f"{anchor_hours():.1f} h for 130 epochs ({EPOCH_IMAGES / ANCHOR['minutes_per_epoch'] / 60:.0f} "
                  "images/s).")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+# ============ as a benchmark profile ============
+def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(benchmark rows, main-job rows) of the rows read with ``--rows``."""
+    job = [r for r in rows if str(r.get("profile", "")).startswith("main_job")]
+    return [r for r in rows if r not in job], job
+
+
+def assumptions(p) -> Assumptions:
+    return Assumptions(cores_per_gpu=p.cores_per_gpu, ddp_efficiency=p.ddp_efficiency)
+
+
+def stage_hours(p, ctx) -> list[dict]:
+    """One row per projection (run, GPUs, decoding) from the rows read."""
+    bench, _ = split_rows(ctx.inputs)
+    return [{"config": f"{r['run']}, {r['gpus']} GPU(s), --decode {r['decode']}", "key": f"hours.{i}", **r}
+            for i, r in enumerate(project(bench, assumptions(p)))]  # fmt: skip
+
+
+def format_hours_table(rows: list[dict], p, ctx) -> str:
+    """The projection as the Markdown section BENCHMARKS.md takes."""
+    bench, job = split_rows(ctx.inputs)
+    return table(rows, bench, assumptions(p), job)

@@ -1,5 +1,9 @@
 """SLURM jobs through submitit: one task per GPU, each running the project's command as a child process.
 
+``python -m tools.submit`` is the command (its flags -> a :class:`JobSpec` and an executor); everything
+about running a command as a requeueable task is here: which commands can (:func:`check_command`), the
+rendezvous, the signals, the requeue.
+
 :class:`TrainingTask` is what submitit runs in every task: it gives the command torchrun's variables
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR / MASTER_PORT from SLURM's node list), starts it, and
 turns SLURM's signals into the project's save-and-exit:
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import importlib.util
 import logging
 import os
 import signal
@@ -30,6 +35,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 
+from models.errors import UserError
 from tools.engine.logs import setup_logging
 
 log = logging.getLogger("simreg.submit")
@@ -47,6 +53,42 @@ class JobSpec:
     master_port: int = 0  # 0: derived from the job id
     stop_timeout_s: float = 60.0  # how long a stopping command may take to save before it is killed
     attempt: int = 0  # requeues through checkpoint() so far
+
+
+def flag_value(command: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in a command line (``--flag V`` or ``--flag=V``), or None."""
+    for i, word in enumerate(command):
+        if word == flag and i + 1 < len(command):
+            return command[i + 1]
+        if word.startswith(flag + "="):
+            return word[len(flag) + 1 :]
+    return None
+
+
+def check_command(command: list[str]) -> None:
+    """The command must be a script or ``-m module`` that exists; a training run must be able to resume."""
+    if not command:
+        raise UserError("no command to run: give it after --, e.g. -- train_student.py /data --exp_dir exp/r18 ...")
+    if command[0] == "-m":
+        module = command[1] if len(command) > 1 else ""
+        try:
+            found = bool(module) and importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise UserError(f"-m {module}: no such module here; run from the project's folder")
+        return
+    if not command[0].endswith(".py"):
+        raise UserError(f"the command must start with a Python script or -m module, not '{command[0]}'")
+    if not os.path.isfile(command[0]):
+        raise UserError(f"script '{command[0]}' does not exist; run from the project's folder or give its path")
+    if os.path.basename(command[0]) == "train_student.py":
+        for flag in ("--resume", "--no_resume"):
+            if any(word == flag or word.startswith(flag + "=") for word in command):
+                raise UserError(
+                    f"{flag} in a requeueable job would undo the resume after every preemption; drop it (the run "
+                    "resumes from its --exp_dir's latest checkpoint)"
+                )
 
 
 def rendezvous_port(job_id: str, attempt: int = 0, fixed: int = 0, restarts: int = 0) -> int:

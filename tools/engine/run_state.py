@@ -19,7 +19,7 @@ from models.errors import UserError
 from models.io import atomic_save, differences, file_sha256, load_strict
 from models.pretrained import read_student_weights
 from models.schema import training_state
-from models.student import Student
+from models.simreg import Student
 from tools.engine.checkpoint import (
     checkpoint_paths,
     epoch_checkpoint_path,

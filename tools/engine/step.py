@@ -1,9 +1,9 @@
-"""The distillation step: what one optimisation step computes, apart from how the loop runs it.
+"""How a distillation step runs: the images to the device, autocast, the optimizer; what the step
+computes is :func:`models.simreg.distillation_losses`.
 
 ``distill_step`` is the function ``train_student.py`` calls and the benchmark times: images to the
-device as float in [0, 1] (decoded there first with ``--decode gpu``), the teacher's targets under
-inference mode, the student under autocast, the regression loss in fp32, one optimizer step, no host
-synchronisation.
+device as float in [0, 1] (decoded there first with ``--decode gpu``), the method's losses with both
+forwards under autocast (the loss itself in fp32), one optimizer step, no host synchronisation.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from data.device_decode import EncodedBatch
-from models.loss import multi_teacher_loss, regression_loss
+from models.simreg import distillation_losses
 from tools.engine.distributed import DistInfo
 from tools.engine.meters import StopVote
 
@@ -83,28 +83,21 @@ def distill_step(model, teacher, views, index: torch.Tensor, optimizer, scaler, 
     """One optimisation step on a loader batch; returns the detached loss on the device (no host sync).
 
     ``views`` is one uint8 batch (B, 3, H, W) fed to both networks (single view) or a pair
-    (student view, teacher view). The teacher runs under inference mode: no autograd bookkeeping.
-    With several teachers (a :class:`models.teachers.TeacherSet`) they run one after another on the
-    same pixels, the student's heads answer them, and the returned loss is the (K + 1,) vector
-    ``[weighted total, per-teacher losses]``; one optimizer step over the backbone and all heads.
+    (student view, teacher view). What the step computes is :func:`models.simreg.distillation_losses`;
+    here it runs: images to the device, both forwards under autocast, one optimizer step (through the
+    gradient scaler). With several teachers (a :class:`models.teachers.TeacherSet`) the returned loss is
+    the (K + 1,) vector ``[weighted total, per-teacher losses]``; one step over the backbone and all heads.
     """
     x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
     x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
-    cast = autocast(cfg.device, cfg.amp_dtype)
-    with torch.inference_mode(), cast:
-        target = teacher.targets(x_t, index)  # host indices: a cache gathers there
-    several = isinstance(target, list)
-    # an inference-mode tensor cannot be saved for the loss's backward
-    target = [t.clone() for t in target] if several else target.clone()
-    with cast:
-        pred = model(x_s)
-    # fp32, outside autocast
-    loss = multi_teacher_loss(pred, target, teacher.weights) if several else regression_loss(pred, target)
+    losses = distillation_losses(model, teacher, x_s, x_t, index, lambda: autocast(cfg.device, cfg.amp_dtype))
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss[0] if several else loss).backward()
+    scaler.scale(losses["loss"]).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach()
+    if "per_teacher" in losses:
+        return torch.cat([losses["loss"].reshape(1), losses["per_teacher"]]).detach()
+    return losses["loss"].detach()
 
 
 def build_optimizer(

@@ -24,7 +24,7 @@ from data.loaders import build_loader
 from data.transforms import CenterCrop
 from models.errors import UserError
 from models.io import atomic_npy, differences, write_json
-from models.loss import fp32_or_wider
+from models.simreg import fp32_or_wider
 from tools.engine.distributed import DistInfo
 from tools.engine.step import autocast
 

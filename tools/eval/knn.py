@@ -45,7 +45,7 @@ def faiss_module():
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: torch (as fast as faiss-cpu or faster, see README), unless the device is the CPU and
+    """``auto``: torch (as fast as faiss-cpu or faster, see docs/evaluation.md), unless the device is the CPU and
     only faiss can reach a GPU."""
     if backend not in BACKENDS:
         raise UserError(f"unknown k-NN backend '{backend}'; choose one of {', '.join(BACKENDS)}")

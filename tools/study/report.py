@@ -1,7 +1,8 @@
 """The study's summary: per row its configurations, per-seed numbers, mean and std, a verdict per claim;
-written as ``summary.json``, a bar chart per question, the paper's setting's curves, and a README section.
+written as ``summary.json``, a bar chart per question, the paper's setting's curves, and the section of
+``docs/study.md`` that shows them.
 
-The README section lies between two markers and is regenerated from ``summary.json``, never typed.
+That section lies between two markers and is regenerated from ``summary.json``, never typed.
 """
 
 from __future__ import annotations
@@ -214,13 +215,15 @@ def paper_curves(study: Study, out_png: str) -> str | None:
     return plot_runs(runs, out_png, "the paper's setting at small scale: 4-layer head, single weak view, live teacher")
 
 
-# ---------------------------------------------------------------- README section
+# ---------------------------------------------------------------- the Markdown section
 def markdown(summary: dict, figure_dir: str) -> str:
-    """The README section, from summary.json alone."""
+    """The study's Markdown section, from summary.json alone; ``figure_dir`` is the study folder relative to
+    the Markdown file (links to the JSON and the figures)."""
     mc, sc = summary["machine"], summary["scale"]
     n = len(sc["seeds"])
     avx = f"AVX2 {'yes' if mc['avx2'] else 'no'}, AVX-512 {'yes' if mc['avx512f'] else 'no'}"
-    lines = [START, "", f"Generated from `{figure_dir}/summary.json` by `python -m tools.reproduce --report`;",
+    lines = [START, "", f"Generated from [`summary.json`]({figure_dir}/summary.json) "
+             "by `python -m tools.reproduce --report`;",
              f"the grid ran as `{summary['command']}` on {mc['cpu']} ({mc['cores']} cores, {avx};",
              f"torch {mc['torch']}, {mc['threads_per_run']} thread per run). Recipe: students {sc['student']}",
              f"unless named, {sc['epochs']} epochs, batch {sc['batch_size']}, SGD lr {sc['lr']} cosine,",
@@ -253,23 +256,23 @@ def _cell(v: dict, m: str, digits: int = 1) -> str:
     return f"{v['mean'][m]:.{digits}f} ± {v['std'][m]:.{digits}f}"
 
 
-def replace_section(readme: str, section: str) -> None:
-    """Rewrite the text between the markers of ``readme`` (which must hold both) with ``section``."""
-    with open(readme) as f:
+def replace_section(doc: str, section: str) -> None:
+    """Rewrite the text between the markers of the Markdown file ``doc`` (which must hold both) with ``section``."""
+    with open(doc) as f:
         text = f.read()
     if START not in text or END not in text:
-        raise UserError(f"'{readme}' has no generated-section markers; add the lines {START!r} and {END!r}")
+        raise UserError(f"'{doc}' has no generated-section markers; add the lines {START!r} and {END!r}")
     head, rest = text.split(START, 1)
     new = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    atomic_write(readme, lambda f: f.write(new.encode()))
+    atomic_write(doc, lambda f: f.write(new.encode()))
 
 
-def write_all(study: Study, summary: dict, readme: str | None) -> None:
-    """summary.json, a PNG per row, the paper's curves, and (when ``readme`` is given) its section."""
+def write_all(study: Study, summary: dict, doc: str | None) -> None:
+    """summary.json, a PNG per row, the paper's curves, and (when ``doc`` is given) its Markdown section."""
     write_json(os.path.join(study.out, "summary.json"), summary)
     for row in summary["rows"]:
         bar_chart(row, summary["references"], os.path.join(study.out, f"{row['name']}.png"))
     paper_curves(study, os.path.join(study.out, "paper_curves.png"))
-    if readme:
-        rel = os.path.relpath(study.out, os.path.dirname(os.path.abspath(readme)))
-        replace_section(readme, markdown(summary, rel))
+    if doc:
+        rel = os.path.relpath(study.out, os.path.dirname(os.path.abspath(doc)))
+        replace_section(doc, markdown(summary, rel))

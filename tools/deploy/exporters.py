@@ -30,11 +30,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models.backbones import NO_AUX, Encoder
+from models.backbones import NO_AUX, TIMM_PREFIX, Encoder, build_timm, is_timm_arch
 from models.errors import UserError
 from models.io import load_strict
 from models.pretrained import EvalModel
-from models.timm_models import TIMM_PREFIX, build_timm, is_timm_arch
 from tools.deploy.optional import require
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,7 @@ def _torchvision_net(arch: str, sd: dict[str, torch.Tensor]) -> nn.Module:
 def _timm_net(arch: str, sd: dict[str, torch.Tensor]) -> nn.Module:
     """``timm.create_model(name, num_classes=0)`` holding ``sd`` strictly (``timm/<name>`` or a same-named model).
 
-    Built as the project builds timm students (:func:`models.timm_models.build_timm`: ViTs take any
+    Built as the project builds timm students (:func:`models.backbones.build_timm`: ViTs take any
     size their patch divides); the state dict is the same as ``timm.create_model(name, num_classes=0)``'s.
     """
     require(("timm",), "--format timm")

@@ -1,4 +1,4 @@
-"""Building a teacher feature cache (the reader is :mod:`models.cached_teacher`).
+"""Building a teacher feature cache (the reader is :mod:`tools.teacher_cache.reader`).
 
 :func:`build_cache` runs the teacher once over every row of the cache (all ranks of a torchrun job
 share the work) and rank 0 writes the rows in the file's order. A centre-crop cache has one row per
@@ -28,10 +28,10 @@ from tqdm import tqdm
 from data.datasets import dataset_fingerprint
 from data.device_decode import EncodedBatch
 from data.loaders import ignore_stop_signals
-from models.cached_teacher import CENTRE_CROP, MANIFEST_VERSION, manifest_path, read_manifest
 from models.errors import UserError
 from models.io import atomic_npy, read_json, write_json
 from tools.engine.distributed import DistInfo
+from tools.teacher_cache.reader import CENTRE_CROP, MANIFEST_VERSION, manifest_path, read_manifest
 
 log = logging.getLogger(__name__)
 

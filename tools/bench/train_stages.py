@@ -3,7 +3,7 @@
 Every "ours" row runs what ``train_student.py`` runs: ``build_loader`` over an ``IndexedImageFolder``
 with ``TrainViews`` (the decoders of :mod:`data.decode`, or ``--decode gpu``'s batched decoding of
 :mod:`data.device_decode`), ``distill_step`` with ``build_optimizer`` (:mod:`tools.engine.step`), and
-the cached teacher opened by ``open_cached_teacher`` (:mod:`models.cached_teacher`) from a cache file in
+the cached teacher opened by ``open_cached_teacher`` (:mod:`tools.teacher_cache.reader`) from a cache file in
 the builder's format. The baselines are the original recipe (:mod:`tools.bench.baseline`).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 
 import numpy as np
 import torch
@@ -21,27 +20,26 @@ from data.device_decode import DEVICE_DECODE
 from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.backbones import build_encoder
-from models.cached_teacher import CENTRE_CROP, MANIFEST_VERSION, manifest_path, open_cached_teacher
 from models.fold import compile_frozen
 from models.io import atomic_write, read_json, write_json
-from models.student import Student
+from models.simreg import Student
 from models.teachers import Teacher
 from tools.bench.baseline import OriginalFolder, OriginalStep, build_original_pair, normalised_pair, original_loader
 from tools.bench.dali import dali_available, dali_iterator
 from tools.bench.harness import (
     Context,
     Cycle,
-    Profile,
     Variant,
     identity,
     loader_variant,
     measure,
     steps_variant,
-    synchronize,
+    timed,
     with_repeat,
 )
 from tools.engine.distributed import DistInfo
 from tools.engine.step import StepConfig, build_optimizer, distill_step
+from tools.teacher_cache.reader import CENTRE_CROP, MANIFEST_VERSION, manifest_path, open_cached_teacher
 
 SIMCLR_X4_DIM = 8192  # SimCLR ResNet-50x4's pooled feature: the paper's cached SimCLR-x4 -> ResNet-50 run
 
@@ -52,7 +50,7 @@ def flag_name(decoder: str) -> str:
 
 
 # ============ stage: data pipeline only ============
-def stage_data(p: Profile, ctx: Context) -> list[dict]:
+def stage_data(p, ctx: Context) -> list[dict]:
     """Images/s of the loader workers: the original float pipeline against our uint8 decoders."""
     folder = IndexedImageFolder(ctx.train_dir)
     base = original_loader(OriginalFolder(folder, p.crop), p.data_batch, p.workers, pin_memory=False)
@@ -71,7 +69,7 @@ def stage_data(p: Profile, ctx: Context) -> list[dict]:
     return rows
 
 
-def device_decode_variants(p: Profile, ctx: Context) -> list[Variant]:
+def device_decode_variants(p, ctx: Context) -> list[Variant]:
     """``--decode gpu`` (workers read bytes and draw boxes, the main process decodes on the device), and DALI."""
     if not p.device_decode:
         return []
@@ -103,13 +101,23 @@ def live_teacher(arch: str, device: torch.device, compile_backend: str | None) -
 class OursStep:
     """Our training step exactly as train_student.py runs it (``distill_step``), on random weights."""
 
-    def __init__(self, teacher, student_arch: str, device: torch.device, amp, compile_backend: str | None = None):
-        student = Student(student_arch, teacher.feat_dim).to(device).to(memory_format=torch.channels_last)
+    def __init__(
+        self,
+        teacher,
+        student_arch: str,
+        device: torch.device,
+        amp,
+        compile_backend: str | None = None,
+        channels_last: bool = True,
+    ) -> None:
+        student = Student(student_arch, teacher.feat_dim).to(device)
+        if channels_last:
+            student = student.to(memory_format=torch.channels_last)
         self.model = torch.compile(student, backend=compile_backend) if compile_backend else student  # --compile
         self.teacher = teacher
         self.optimizer = build_optimizer(student.parameters(), 0.05, 0.9, 1e-4, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
-        self.cfg = StepConfig(DistInfo(device=device), amp, channels_last=True, print_freq=1 << 30)
+        self.cfg = StepConfig(DistInfo(device=device), amp, channels_last=channels_last, print_freq=1 << 30)
 
     def __call__(self, views, index: torch.Tensor) -> torch.Tensor:
         return distill_step(self.model, self.teacher, views, index, self.optimizer, self.scaler, self.cfg)
@@ -121,7 +129,7 @@ class OursStep:
         return clone
 
 
-def ours_steps(p: Profile, ctx: Context) -> dict[str, OursStep]:
+def ours_steps(p, ctx: Context) -> dict[str, OursStep]:
     """Our step in its configurations (built once, shared by the later stages), keyed by row name."""
     if not ctx.ours:
         teacher = live_teacher(p.teacher, ctx.device, None)
@@ -141,7 +149,7 @@ def step_key(name: str) -> str:
     return next(key for part, key in STEP_KEYS.items() if part in name)
 
 
-def best_step(p: Profile, ctx: Context) -> str:
+def best_step(p, ctx: Context) -> str:
     """Our fastest step configuration as measured by the step stage (else bf16 on CUDA, fp32 on CPU)."""
     ours = ours_steps(p, ctx)
     measured = [r for r in ctx.rows if r["stage"] == "step" and r["config"] in ours and r["img_s"]]
@@ -150,20 +158,20 @@ def best_step(p: Profile, ctx: Context) -> str:
     return [k for k in ours if ("bf16" in k) == (ctx.device.type == "cuda")][-1]
 
 
-def original_step(p: Profile, ctx: Context) -> OriginalStep:
+def original_step(p, ctx: Context) -> OriginalStep:
     if ctx.original is None:
         teacher, student = build_original_pair(p.teacher, p.student, ctx.device)
         ctx.original = OriginalStep(teacher, student, ctx.device)
     return ctx.original
 
 
-def synthetic_batches(p: Profile, device: torch.device) -> list[torch.Tensor]:
+def synthetic_batches(p, device: torch.device) -> list[torch.Tensor]:
     """Three distinct random uint8 batches (B, 3, S, S) on the device (never zeros)."""
     shape = (p.step_batch, 3, p.step_size, p.step_size)
     return [torch.randint(0, 256, shape, dtype=torch.uint8, device=device) for _ in range(3)]
 
 
-def stage_step(p: Profile, ctx: Context) -> list[dict]:
+def stage_step(p, ctx: Context) -> list[dict]:
     """Images/s of one distillation step on batches already on the device (no loader)."""
     u8 = synthetic_batches(p, ctx.device)
     pairs = [normalised_pair(x) for x in u8]
@@ -205,21 +213,17 @@ def synthetic_cache(work_dir: str, rows: int, dim: int, crop: int) -> str:
     return path
 
 
-def gather_seconds(teacher, p: Profile, device: torch.device, reps: int = 50) -> float:
+def gather_seconds(teacher, p, device: torch.device, reps: int = 50) -> float:
     """Mean time of one batch's ``targets`` (B random rows) with host indices, as the loader hands them."""
     rows = teacher.feats.shape[0]
     idx = [torch.randint(0, rows, (p.step_batch,)) for _ in range(reps)]
     images = torch.empty(0, device=device)
     teacher.targets(images, idx[0])
-    synchronize(device)
-    start = time.perf_counter()
-    for i in idx:
-        teacher.targets(images, i)
-    synchronize(device)
-    return (time.perf_counter() - start) / reps
+    _, seconds, _ = timed(lambda: [teacher.targets(images, i) for i in idx], device)
+    return seconds / reps
 
 
-def cached_variants(p: Profile, ctx: Context, best: str) -> tuple[list[Variant], dict]:
+def cached_variants(p, ctx: Context, best: str) -> tuple[list[Variant], dict]:
     """The live baseline, our live step, our step with the cache memory-mapped / on the device, SimCLR-x4 -> R50."""
     dim = build_encoder(p.teacher).feat_dim
     path = synthetic_cache(ctx.work_dir, p.cache_rows, dim, p.step_size)
@@ -250,8 +254,8 @@ def cached_variants(p: Profile, ctx: Context, best: str) -> tuple[list[Variant],
     return variants, teachers
 
 
-def stage_cached(p: Profile, ctx: Context) -> list[dict]:
-    """Images/s of the step when the targets come from a cached teacher (models.cached_teacher)."""
+def stage_cached(p, ctx: Context) -> list[dict]:
+    """Images/s of the step when the targets come from a cached teacher (tools.teacher_cache.reader)."""
     variants, teachers = cached_variants(p, ctx, best_step(p, ctx))
     rows = measure("cached", with_repeat(variants), p.rounds, ctx.device, "images")
     for row in rows:
@@ -264,7 +268,7 @@ def stage_cached(p: Profile, ctx: Context) -> list[dict]:
 
 
 # ============ stage: end to end (loader + step) ============
-def e2e_variants(p: Profile, ctx: Context, best: str) -> list[Variant]:
+def e2e_variants(p, ctx: Context, best: str) -> list[Variant]:
     """Original loader + step; ours with CPU decoding and with --decode gpu; each of our loaders alone."""
     pin, length = ctx.device.type == "cuda", p.e2e_batches * p.step_batch
     base = original_loader(Cycle(OriginalFolder(IndexedImageFolder(ctx.train_dir), p.step_size), length),
@@ -295,7 +299,7 @@ def e2e_variants(p: Profile, ctx: Context, best: str) -> list[Variant]:
     return variants
 
 
-def stage_e2e(p: Profile, ctx: Context) -> list[dict]:
+def stage_e2e(p, ctx: Context) -> list[dict]:
     """Images/s of loader + step together, and which side bounds it (the loader alone vs the step alone)."""
     best = best_step(p, ctx)
     rows = measure("e2e", with_repeat(e2e_variants(p, ctx, best)), p.rounds, ctx.device, "images")
@@ -306,3 +310,32 @@ def stage_e2e(p: Profile, ctx: Context) -> list[dict]:
             if step_rate:
                 row["bound"] = "data" if alone["img_s"] < step_rate else "step"
     return rows
+
+
+# ============ stage: students alone (the demo's choice of student) ============
+class FixedTargets:
+    """A stand-in teacher that gives the same targets (B, D) for every batch: the step times the student alone."""
+
+    weights = None
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target, self.feat_dim = target, target.shape[1]
+
+    def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return self.target
+
+
+def stage_students(p, ctx: Context) -> list[dict]:
+    """Images/s of each student's training step (forward, backward, SGD; ``distill_step`` with fixed targets).
+
+    The first student is the baseline, so the ratios compare the students with each other.
+    """
+    u8 = synthetic_batches(p, ctx.device)
+    index = torch.arange(p.step_batch)
+    teacher = FixedTargets(torch.randn(p.step_batch, p.teacher_dim, generator=torch.Generator().manual_seed(0)))
+    variants = []
+    for i, arch in enumerate(p.students):
+        step = OursStep(teacher, arch, ctx.device, None, channels_last=False)
+        role = "baseline" if i == 0 else "variant"
+        variants.append(steps_variant(arch, step, [(x, index) for x in u8], p.step_iters, role, arch))
+    return measure("students", with_repeat(variants), p.rounds, ctx.device, "images")

@@ -3,7 +3,7 @@
 A cache is ``FILE.npy``, one contiguous float16 array, and ``FILE.json`` beside it saying what the rows
 are: the image list (its fingerprint: count, classes, SHA-256 of the relative paths), the teacher (arch,
 format, SHA-256 of the weights file, projection or pooled feature), the preprocessing and the views.
-Two kinds, written by ``tools/engine/teacher_cache.py`` (``python -m tools.cache_teacher_features``):
+Two kinds, written by ``tools/teacher_cache/builder.py`` (``python -m tools.cache_teacher_features``):
 
 - centre crop (the paper's cached mode): (N, D), row i the feature of training image i's centre crop
   (the dataset's sorted order), whatever the epoch;
@@ -24,9 +24,9 @@ import os
 import numpy as np
 import torch
 
+from models.backbones import TEACHER_ALIASES
 from models.errors import UserError
 from models.io import file_sha256, read_json
-from models.teachers import TEACHER_ALIASES
 
 log = logging.getLogger(__name__)
 
