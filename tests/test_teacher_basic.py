@@ -99,11 +99,16 @@ def test_wrong_architecture_is_named(tmp_path, net):
         load_teacher(path, arch="resnet50")
 
 
-def test_unknown_layout_lists_known_formats(tmp_path):
+def test_unknown_layout_is_one_sentence_with_the_likeliest_fix_first(tmp_path):
+    """No layout it resembles (or a .safetensors file): a timm network's file is the likeliest, so its flag first."""
     path = str(tmp_path / "odd.pth")
     torch.save({"encoder.weird.weight": torch.zeros(3)}, path)
-    with pytest.raises(CheckpointError, match="could not recognise the layout.*torchvision"):
+    with pytest.raises(CheckpointError) as info:
         load_teacher(path)
+    assert str(info.value) == (
+        f"could not recognise the layout of '{path}' (keys encoder.weird.weight); a timm model's file needs its name: "
+        "--arch_teacher timm/<name> (evaluation: --arch); another layout: --teacher_format NAME (--help lists them)"
+    )
 
 
 def test_code_running_pickle_is_refused_and_runs_nothing(tmp_path):

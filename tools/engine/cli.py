@@ -156,13 +156,14 @@ def check_output_folder(flag: str, path: str | None) -> None:
         raise UserError(f"{flag} '{path}' is a file; give a folder")
 
 
-def check_npy_output(out: str, crop_size: int, resize_size: int) -> None:
-    """``--out`` of a command writing FILE.npy (and its JSON beside it), and its centre-crop sizes."""
+def check_npy_output(out: str, crop_size: int | None, resize_size: int | None) -> None:
+    """``--out`` of a command writing FILE.npy (and its JSON beside it), and its centre-crop sizes (None: not
+    given, decided later)."""
     if not out.endswith(".npy"):
         raise UserError(f"--out '{out}' must end in .npy (a NumPy array file)")
     if os.path.isdir(out):
         raise UserError(f"--out '{out}' is a folder; give the FILE.npy to write")
-    if crop_size > resize_size:
+    if crop_size and resize_size and crop_size > resize_size:
         raise UserError(f"--crop_size {crop_size} is larger than --resize_size {resize_size}")
 
 

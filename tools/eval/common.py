@@ -25,6 +25,7 @@ from data.datasets import (
 )
 from models.errors import UserError
 from models.formats import FORMATS
+from models.io import read_json
 from models.pretrained import EvalModel, load_eval_model, random_init_model
 from tools.engine import cli, distributed
 from tools.engine.checkpoint import LATEST, epoch_checkpoint_path
@@ -41,8 +42,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("data", metavar="DIR", help="dataset root holding train/ and val/ in ImageFolder layout")
     cli.add_dataset_args(g, "evaluate on")
-    g.add_argument("--resize_size", type=cli.image_size_int, default=256, help="shorter side before the centre crop")
-    g.add_argument("--crop_size", type=cli.image_size_int, default=224, help="centre (and linear training) crop size")
+    add_size_args(g, "centre (and linear training) crop size")
     cli.add_workers_arg(g, "workers", what="per rank")
     g.add_argument("-b", "--batch-size", dest="batch_size", type=cli.positive_int, default=256, help="GLOBAL batch")
 
@@ -66,9 +66,61 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     cli.add_runtime_args(g)
 
 
+def add_size_args(g: argparse._ArgumentGroup, crop_help: str = "centre crop size") -> None:
+    """``--resize_size`` and ``--crop_size``, whose defaults come from the checkpoint (:func:`resolve_sizes`)."""
+    g.add_argument("--resize_size", type=cli.image_size_int, default=None,
+                   help="shorter side before the centre crop (default: crop size x 256/224)")  # fmt: skip
+    g.add_argument("--crop_size", type=cli.image_size_int, default=None,
+                   help=f"{crop_help} (default: the --image_size the checkpoint was trained at, else 224)")  # fmt: skip
+
+
+def default_resize(crop: int) -> int:
+    """The shorter side before a centre crop of ``crop`` px: ImageNet's 256 for 224, the same ratio otherwise."""
+    return round(crop * 256 / 224)
+
+
+def trained_sizes(model: EvalModel) -> tuple[int | None, int | None, str]:
+    """(crop, resize or None, where it is recorded) of what the network was trained at, or (None, None, "").
+
+    A training checkpoint records its run's ``--image_size`` (and ``--knn_resize_size``); an exported
+    backbone in ``<exp>/checkpoints/`` has its run's ``<exp>/logs/train_args.json`` beside it.
+    """
+    record, where = model.identity.get("training") or {}, "the checkpoint"
+    weights = model.identity.get("weights")
+    if not record.get("image_size") and weights and model.identity.get("kind") == "student":
+        exp = exp_dir_of(None, weights)
+        path = os.path.join(exp, "logs", "train_args.json") if exp else None
+        record = (read_json(path) or {}) if path else {}
+        where = path or where
+    crop = record.get("image_size")
+    return (crop, record.get("knn_resize_size") or None, where) if crop else (None, None, "")
+
+
+def resolve_sizes(args: argparse.Namespace, model: EvalModel) -> None:
+    """Set ``args.crop_size`` and ``args.resize_size``: the flags, else what the checkpoint was trained at, else
+    ImageNet's 224 (resize: crop x 256/224); one log line gives the sizes and where they came from."""
+    crop, resize, where = trained_sizes(model)
+    if args.crop_size is not None:
+        source = "--crop_size"
+    elif crop:
+        args.crop_size, source = crop, f"the training crop recorded in {where}"
+    else:
+        args.crop_size, source = 224, "ImageNet's (no training size recorded)"
+    if args.resize_size is None:
+        same = crop == args.crop_size and resize
+        args.resize_size = resize if same else default_resize(args.crop_size)
+    if args.crop_size > args.resize_size:
+        raise UserError(
+            f"centre crop {args.crop_size} px ({source}) is larger than --resize_size {args.resize_size}; "
+            "give --crop_size too, at most the resize"
+        )
+    log.info("preprocessing: resize the shorter side to %d px, centre crop %d px (crop: %s; --resize_size and "
+             "--crop_size change them)", args.resize_size, args.crop_size, source)  # fmt: skip
+
+
 def check_common_args(args: argparse.Namespace, world_size: int) -> None:
     """Paths and sizes of the shared flags, before any work starts."""
-    if args.crop_size > args.resize_size:
+    if args.crop_size and args.resize_size and args.crop_size > args.resize_size:
         raise UserError(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}")
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} does not divide across {world_size} processes")
@@ -79,7 +131,6 @@ def check_common_args(args: argparse.Namespace, world_size: int) -> None:
     if args.save and os.path.isfile(args.save):
         raise UserError(f"--save '{args.save}' is a file; give an output folder")
     cli.check_paths(weights={"--weights": args.weights}, files={"--class_list": args.class_list})
-    cli.check_batch_fits(args.batch_size // world_size, args.crop_size, "--batch-size")
 
 
 # ---------------------------------------------------------------- paths
@@ -159,6 +210,8 @@ def prepare_evaluation(args: argparse.Namespace, sub: str, log_name: str) -> Eva
     out_dir = output_dir(args.save, exp_dir, sub, prediction(args))
     setup_logging(None, dist_info.is_main, args.debug)
     model = build_model_from_args(args).to(dist_info.device)
+    resolve_sizes(args, model)
+    cli.check_batch_fits(args.batch_size // dist_info.world_size, args.crop_size, "--batch-size")
     datasets = eval_datasets(args.data, args.resize_size, args.crop_size, classes_from_args(args))
     dtype = amp_dtype(args.amp, dist_info.device)
     key = feature_key(model, args.resize_size, args.crop_size, dtype, fingerprints(datasets))
