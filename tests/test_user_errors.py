@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 
 import pytest
+import safetensors.torch
+import timm
 import torch
 import torchvision
 
@@ -64,6 +66,9 @@ CASES: dict[str, Mistake] = {
     "knn_eval.sh: no val/": Mistake(
         ["bash", "knn_eval.sh"], r"data folder '.*/only_train' has no val/ sub-folder",
         env={"DATA": "{tmp}/only_train", "EXP_DIR": "{out}"}, absent=("{out}",)),
+    "knn_eval.sh, two processes: no val/": Mistake(
+        ["bash", "knn_eval.sh"], r"data folder '.*/only_train' has no val/ sub-folder",
+        env={"DATA": "{tmp}/only_train", "EXP_DIR": "{out}", "NPROC": "2"}, absent=("{out}",)),
     "knn_eval.sh: no checkpoint in EXP_DIR": Mistake(
         ["bash", "knn_eval.sh"], r"'.*/empty_exp/checkpoints' has no checkpoint_latest.pth .*; train first or give",
         env={"DATA": "{data}", "EXP_DIR": "{tmp}/empty_exp"}, absent=("{tmp}/empty_exp",)),
@@ -85,11 +90,20 @@ CASES: dict[str, Mistake] = {
         [*TRAIN, "--teacher_weights", "{tmp}/t.pth"], r"'.*/t.pth' does not exist", absent=("{out}",)),
     "train: an unreadable image suggests --skip_bad_images": Mistake(
         [*TRAIN[:2], "{bad_data}", *TRAIN[3:]], r"cannot read image '.*000.png'.*or pass --skip_bad_images"),
-    "train: a code-running pickle as teacher": Mistake(
-        [*TRAIN, "--teacher_weights", "{pickle}"], r"needs arbitrary code to unpickle", absent=("{out}",)),
+    "train: a whole pickled model as teacher": Mistake(
+        [*TRAIN, "--teacher_weights", "{pickle}"],
+        r"refused to load teacher '.*whole_model.pth': it is a pickled torch.nn.modules.linear.Linear object, and "
+        r"loading one needs arbitrary code to run; where you trust the file, re-save its weights with "
+        r"torch.save\(model.state_dict\(\), path\) and give that$", absent=("{out}",)),
     "train: a truncated teacher checkpoint": Mistake(
-        [*TRAIN, "--teacher_weights", "{truncated}"], r"is not a readable PyTorch checkpoint",
-        absent=("{out}",)),
+        [*TRAIN, "--teacher_weights", "{truncated}"],
+        r"teacher '.*truncated.pth' is not a readable PyTorch checkpoint, perhaps cut short or damaged "
+        r"\(PytorchStreamReader failed reading zip archive: failed finding central directory\); copy or download it "
+        r"again, or check that it is the right file$", absent=("{out}",)),
+    "train: a timm .safetensors file without --arch_teacher": Mistake(
+        [*TRAIN, "--teacher_weights", "{timm_file}"],
+        r"^error: could not recognise the layout of '.*resnet10t.safetensors' \(keys .*\); a timm model's file needs "
+        r"its name: --arch_teacher timm/<name>", absent=("{out}",)),
     # ---- evaluation and the other commands
     "eval_knn: no val/": Mistake(
         [*KNN[:2], "{tmp}/only_train", *KNN[3:]], r"has no val/ sub-folder", absent=("{out}",), fast=True),
@@ -99,6 +113,9 @@ CASES: dict[str, Mistake] = {
     "eval_knn: an unreadable image names no flag it lacks": Mistake(
         [*KNN[:2], "{bad_data}", *KNN[3:]], r"cannot read image '.*000.png' .*delete or replace the file",
         not_says="--skip_bad_images"),
+    "eval_knn: a timm .safetensors file without --arch": Mistake(
+        [*KNN, "--weights", "{timm_file}"], r"a timm model's file needs its name: .*\(evaluation: --arch\)",
+        absent=("{out}",)),
     "eval_knn: weights missing": Mistake(
         [*KNN, "--weights", "{tmp}/w.pth"], r"--weights '.*/w.pth' does not exist", absent=("{out}",)),
     "eval_knn: a training flag": Mistake([*KNN, "--skip_bad_images"], r"unrecognized arguments: --skip_bad_images"),
@@ -140,11 +157,14 @@ def inputs(tmp_path_factory) -> dict:
     torch.save(torchvision.models.resnet18().state_dict(), teacher)
     truncated = tmp / "truncated.pth"
     truncated.write_bytes(teacher.read_bytes()[:100_000])
+    timm_file = tmp / "resnet10t.safetensors"  # what timm and its hub save: timm's names, no layout to detect
+    safetensors.torch.save_file(timm.create_model("resnet10t").state_dict(), str(timm_file))
     pickle = tmp / "whole_model.pth"
     torch.save(torch.nn.Linear(2, 2), pickle)  # a whole module pickled: needs code to load
     os.makedirs(tmp / "d.npy")
     return {"tmp": str(tmp), "data": str(data), "teacher": str(teacher), "bad_data": str(bad),
-            "extra_val": str(extra_val), "truncated": str(truncated), "pickle": str(pickle)}  # fmt: skip
+            "extra_val": str(extra_val), "truncated": str(truncated), "pickle": str(pickle),
+            "timm_file": str(timm_file)}  # fmt: skip
 
 
 def fill(text: str, values: dict) -> str:
@@ -181,3 +201,46 @@ def test_a_user_mistake_is_one_sentence_with_exit_status_2(inputs, name):
         assert case.not_says not in line, line
     for path in case.absent:
         assert not os.path.exists(fill(path, inputs)), f"{fill(path, inputs)} was left behind"
+
+
+RANK_ONE_MISTAKE = """
+import os, sys
+sys.path.insert(0, {root!r})
+from models.errors import UserError
+from tools.engine.cli import run_cli
+
+def main(args):
+    if os.environ["RANK"] == "1":
+        raise UserError("only rank 1 found this mistake; fix it there")
+    import time
+    time.sleep(60)  # rank 0 would wait for its peer in a collective
+
+run_cli(main, None)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_mistake_found_by_another_rank_than_0_is_its_one_sentence(tmp_path):
+    """tools.launch reads the failing rank's sentence from its error file, prints it once and exits 2 (torchrun
+    would print its report of failed processes instead)."""
+    script = tmp_path / "rank_one.py"
+    script.write_text(RANK_ONE_MISTAKE.format(root=ROOT))
+    argv = [*PY, "-m", "tools.launch", "--standalone", "--nproc_per_node", "2", str(script)]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert error_line(out) == "error: only rank 1 found this mistake; fix it there"
+    assert len([ln for ln in out.stderr.splitlines() if ln.strip()]) == 1, out.stderr
+
+
+def test_the_launcher_keeps_the_exit_status_of_a_mistake_and_of_ctrl_c():
+    from tools.launch import exit_status
+
+    class Failure:
+        def __init__(self, exitcode, message="", timestamp=0):
+            self.exitcode, self.message, self.timestamp = exitcode, message, timestamp
+
+    assert exit_status({0: Failure(2), 1: Failure(2)}) == 2  # rank 0 printed it
+    assert exit_status({0: Failure(130), 1: Failure(130)}) == 130
+    assert exit_status({0: Failure(-15), 1: Failure(2)}) == 2  # rank 0 stopped by the agent once rank 1 failed
+    assert exit_status({0: Failure(2), 1: Failure(1)}) is None  # a crash: torchrun's report
+    assert exit_status({1: Failure(-9)}) is None and exit_status({0: Failure(-15)}) is None

@@ -61,15 +61,17 @@ def run_here(args) -> None:
 
 
 def exit_status(failures: dict) -> int | None:
-    """The status for failed ranks that all ended the project's way (2: a user mistake, 130: Ctrl-C), after
-    printing the mistake's sentence when rank 0 did not; None for a crash (torchrun's report then)."""
-    codes = {f.exitcode for f in failures.values()}
+    """The status for failed ranks that ended the project's way (2: a user mistake, 130: Ctrl-C), after printing
+    the mistake's sentence when rank 0 did not; None for a crash (torchrun's report then). Ranks the agent
+    stopped with SIGTERM once another had failed do not count."""
+    ended = {rank: f for rank, f in failures.items() if f.exitcode != -signal.SIGTERM}
+    codes = {f.exitcode for f in ended.values()}
     if codes == {130}:
         return 130
     if codes != {2}:
         return None
-    if 0 not in failures:  # rank 0 printed nothing: the first failing rank's sentence (its error file)
-        first = min(failures.values(), key=lambda f: f.timestamp)
+    if 0 not in ended:  # rank 0 printed nothing: the first failing rank's sentence (its error file)
+        first = min(ended.values(), key=lambda f: f.timestamp)
         message = first.message if isinstance(first.message, str) else ""
         if message and not message.startswith("To enable traceback"):
             print(f"error: {message}", file=sys.stderr, flush=True)
