@@ -232,15 +232,24 @@ def test_a_mistake_found_by_another_rank_than_0_is_its_one_sentence(tmp_path):
     assert len([ln for ln in out.stderr.splitlines() if ln.strip()]) == 1, out.stderr
 
 
-def test_the_launcher_keeps_the_exit_status_of_a_mistake_and_of_ctrl_c():
+def test_the_launcher_keeps_the_exit_status_of_a_mistake_and_of_ctrl_c(capsys):
     from tools.launch import exit_status
 
-    class Failure:
+    class Failure:  # torch's ProcessFailure: the exit code and what the rank's error file held
         def __init__(self, exitcode, message="", timestamp=0):
-            self.exitcode, self.message, self.timestamp = exitcode, message, timestamp
+            self.exitcode, self.message, self.timestamp = exitcode, message or f"Signal {-exitcode}", timestamp
+            self.error_file_data = {"message": message, "user_error": True} if message else {}
 
-    assert exit_status({0: Failure(2), 1: Failure(2)}) == 2  # rank 0 printed it
+    def status_and_print(failures, capsys):
+        status = exit_status(failures)
+        return status, capsys.readouterr().err
+
+    said = "found on a rank"
+    # rank 0 printed its sentence and left it in its error file (even if the agent stopped it right after)
+    assert status_and_print({0: Failure(2, said), 1: Failure(2, said)}, capsys) == (2, "")
+    assert status_and_print({0: Failure(-15, said), 1: Failure(2, said)}, capsys) == (2, "")
+    # rank 0 said nothing (stopped by the agent once rank 1 failed): rank 1's sentence, once
+    assert status_and_print({0: Failure(-15), 1: Failure(2, said, 5)}, capsys) == (2, f"error: {said}\n")
     assert exit_status({0: Failure(130), 1: Failure(130)}) == 130
-    assert exit_status({0: Failure(-15), 1: Failure(2)}) == 2  # rank 0 stopped by the agent once rank 1 failed
     assert exit_status({0: Failure(2), 1: Failure(1)}) is None  # a crash: torchrun's report
     assert exit_status({1: Failure(-9)}) is None and exit_status({0: Failure(-15)}) is None

@@ -70,12 +70,18 @@ def exit_status(failures: dict) -> int | None:
         return 130
     if codes != {2}:
         return None
-    if 0 not in ended:  # rank 0 printed nothing: the first failing rank's sentence (its error file)
-        first = min(ended.values(), key=lambda f: f.timestamp)
-        message = first.message if isinstance(first.message, str) else ""
-        if message and not message.startswith("To enable traceback"):
-            print(f"error: {message}", file=sys.stderr, flush=True)
+    if not _said(failures.get(0)):  # rank 0 printed nothing: the first failing rank's sentence (its error file)
+        said = [f for f in ended.values() if _said(f)]
+        if said:
+            print(f"error: {min(said, key=lambda f: f.timestamp).message}", file=sys.stderr, flush=True)
     return 2
+
+
+def _said(failure) -> bool:
+    """Whether a failed rank left a user mistake's sentence in its error file (``tools.engine.cli.report_error``:
+    rank 0 prints it first, then writes it)."""
+    data = getattr(failure, "error_file_data", None)
+    return isinstance(data, dict) and data.get("user_error") is True and isinstance(data.get("message"), str)
 
 
 def quiet_torchrun() -> None:

@@ -45,7 +45,10 @@ def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespa
 def report_error(message: str) -> None:
     """``error: <message>`` as one line on stderr (rank 0 only under several processes, where every rank
     finds the same mistake), and into the log file when one is open."""
-    if os.environ.get("RANK", "0") == "0" or not _record_for_launcher(message):
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        _record_for_launcher(message)  # after printing: the launcher then knows rank 0 has said it
+    elif not _record_for_launcher(message):
         print(f"error: {message}", file=sys.stderr, flush=True)
     logger = logging.getLogger("simreg")
     if logger.hasHandlers():  # else logging's last resort would print it to the console a second time
@@ -62,14 +65,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _record_for_launcher(message: str) -> bool:
-    """Under torchrun, a rank other than 0 leaves its sentence in the error file its launcher reads
-    (``tools.launch`` prints it when rank 0 did not fail); False when there is no such file."""
+    """Under torchrun, leave the sentence in the error file the launcher reads (``tools.launch`` prints the
+    first failing rank's when rank 0 has not printed its own); False when there is no such file."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return False
     try:
         with open(path, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
+            json.dump({"message": message, "timestamp": int(time.time()), "user_error": True}, f)
     except OSError:
         return False
     return True
