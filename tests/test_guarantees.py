@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import train_student
-from models.io import atomic_save, current_umask
+from models.io import atomic_npy, atomic_save, current_umask, write_json
 from tests.conftest import ROOT, Payload, write_image_folder
 from tools.engine.checkpoint import checkpoint_paths
 from tools.engine.cli import run_cli
@@ -243,6 +243,21 @@ def test_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path):
     assert caught, "the writer was never caught mid-write: the test did not exercise the race"
     v = torch.load(path, weights_only=True)["v"]  # the old or a complete new file, never a torn one
     assert v.shape in ((3,), (64, 1024, 1024))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_files_follow_the_umask(tmp_path, umask):
+    """Checkpoints, exports, feature arrays and JSON results get the mode open() would give (0666 less the
+    umask), not the private 0600 of the temporary file they are written through."""
+    before = os.umask(umask)
+    try:
+        atomic_save({"v": torch.zeros(1)}, str(tmp_path / "ckpt.pth"))
+        atomic_npy(str(tmp_path / "feats.npy"), np.zeros(3, dtype=np.float16))
+        write_json(str(tmp_path / "results.json"), {"top1": 1.0})
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["ckpt.pth", "feats.npy", "results.json"], 0o666 & ~umask)
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
