@@ -321,12 +321,13 @@ def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: 
 class RunClock:
     """The run's pace: the time left, from the mean time of the epochs this process ran."""
 
-    def __init__(self, start_epoch: int, epochs: int) -> None:
-        self.start_epoch, self.epochs, self.start = start_epoch, epochs, time.monotonic()
+    def __init__(self, start_epoch: int, epochs: int, clock=time.monotonic) -> None:
+        self.start_epoch, self.epochs, self.clock = start_epoch, epochs, clock
+        self.start = clock()
 
     def epoch_done(self, epoch: int) -> str:
-        """``"<this epoch's time>, about <time> left"`` (or ``"... the last epoch"``)."""
-        elapsed = time.monotonic() - self.start
+        """``"<mean epoch time>/epoch, about <time> left"`` (or ``"..., the last epoch"``)."""
+        elapsed = self.clock() - self.start
         per_epoch = elapsed / (epoch - self.start_epoch + 1)
         left = per_epoch * (self.epochs - epoch)
         return f"{_duration(per_epoch)}/epoch, " + (f"about {_duration(left)} left" if left else "the last epoch")

@@ -38,7 +38,9 @@ def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespa
         report_error(user_message(exc))
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C outside training's save-and-exit (start-up, evaluation, caching)
-        report_error("interrupted (Ctrl-C); rerun the same command to start again (or resume where it saves)")
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted by Ctrl-C; rerun the same command (caches, embeddings and the linear probe continue "
+                  "from what they saved)", file=sys.stderr, flush=True)  # fmt: skip
         sys.exit(130)
 
 
