@@ -253,3 +253,15 @@ def test_the_launcher_keeps_the_exit_status_of_a_mistake_and_of_ctrl_c(capsys):
     assert exit_status({0: Failure(130), 1: Failure(130)}) == 130
     assert exit_status({0: Failure(2), 1: Failure(1)}) is None  # a crash: torchrun's report
     assert exit_status({1: Failure(-9)}) is None and exit_status({0: Failure(-15)}) is None
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys):
+    from tools.engine.cli import run_cli
+
+    def main(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(main, None)
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and err.startswith("interrupted by Ctrl-C; rerun the same command") and err.count("\n") == 1
