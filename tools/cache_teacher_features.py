@@ -41,7 +41,7 @@ log = logging.getLogger("simreg.cache")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("teacher feature cache", add_help=add_help)
+    p = cli.ArgumentParser("teacher feature cache", add_help=add_help)
     g = p.add_argument_group("data")
     g.add_argument("data", help="dataset root holding train/ (ImageFolder layout), as for train_student.py")
     cli.add_dataset_args(g, "cache")
@@ -55,7 +55,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     cli.add_view_args(g)  # with --views K: the run's views, as train_student.py takes them
     g.add_argument("--batch_size", type=cli.positive_int, default=256, help="rows (crops) per batch and process")
-    g.add_argument("--num_workers", type=cli.nonneg_int, default=8, help="data loading processes per process")
+    cli.add_workers_arg(g, "num_workers")
     g = p.add_argument_group("teacher")
     cli.add_teacher_args(g, teacher_arch_names(), weights_required=True)
     g = p.add_argument_group("output and runtime")

@@ -17,7 +17,7 @@ import torch
 from data.device_decode import EncodedBatch
 from models.simreg import distillation_losses
 from tools.engine.distributed import DistInfo
-from tools.engine.signals import StopRequest
+from tools.engine.meters import StopVote
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
@@ -59,7 +59,7 @@ class StepConfig:
     channels_last: bool
     print_freq: int
     ckpt_every_steps: int = 0  # 0: checkpoints at epoch ends only
-    stop: StopRequest | None = None
+    stop: StopVote | None = None  # called after every step: True when all ranks stop (on a signal)
     dtype: torch.dtype = torch.float32  # the networks' parameters and the images fed to them (--float64)
 
     @property

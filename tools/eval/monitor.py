@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 from tools.engine.distributed import DistInfo
-from tools.eval.common import eval_datasets
+from tools.eval.common import default_resize, eval_datasets
 from tools.eval.features import extract_features
 from tools.eval.knn import knn_classify
 
 
 def monitor_datasets(data: str, image_size: int, resize_size: int, classes: list[str]) -> dict:
-    """Centre-crop train/ and val/ (resize 256 for 224 px crops, the same ratio otherwise)."""
-    resize = resize_size or round(image_size * 256 / 224)
+    """Centre-crop train/ and val/ at the training crop size (resize 256 for 224 px crops, the same ratio
+    otherwise): what eval_knn.py defaults to for this run's checkpoints."""
+    resize = resize_size or default_resize(image_size)
     return eval_datasets(data, resize, image_size, classes)
 
 

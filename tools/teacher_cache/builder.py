@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from data.datasets import dataset_fingerprint
 from data.device_decode import EncodedBatch
+from data.loaders import ignore_stop_signals
 from models.errors import UserError
 from models.io import atomic_npy, read_json, write_json
 from tools.engine.distributed import DistInfo
@@ -132,7 +133,7 @@ def _finish(npy_path: str, manifest: dict) -> None:
 
 
 @torch.inference_mode()
-def _extract(teacher, loader, steps: list[np.ndarray], batch: int, writer, dist_info: DistInfo) -> None:
+def _extract(teacher, loader, steps: list[np.ndarray], batch: int, writer, dist_info: DistInfo, desc: str) -> None:
     """Run the teacher over this rank's steps; rank 0 gathers every rank's rows and hands them to ``writer``.
 
     With several ranks each step's features are padded to ``batch`` rows (position -1) for the gather;
@@ -140,7 +141,7 @@ def _extract(teacher, loader, steps: list[np.ndarray], batch: int, writer, dist_
     """
     device, world_size = dist_info.device, dist_info.world_size
     batches = iter(loader)
-    for rows in tqdm(steps, desc="teacher features", disable=not dist_info.is_main, dynamic_ncols=True):
+    for rows in tqdm(steps, desc=desc, disable=None if dist_info.is_main else True, dynamic_ncols=True):
         width = batch if world_size > 1 else len(rows)
         feats = torch.zeros(width, int(teacher.feat_dim), dtype=torch.float16, device=device)  # (B, D)
         position = torch.full((width,), -1, dtype=torch.int64, device=device)
@@ -190,6 +191,7 @@ def build_cache(
     dist_info: DistInfo,
     overwrite: bool = False,
     n_views: int = 0,
+    desc: str = "teacher features",
 ) -> None:
     """Write ``teacher``'s features of every row to ``npy_path``: one forward per row, in batches of rows.
 
@@ -197,7 +199,8 @@ def build_cache(
     training transform reduced to the teacher's view (``data.transforms.TeacherView``), whose key
     ``(index, v)`` gives view v. ``manifest`` describes the teacher, preprocessing and views (a
     centre-crop cache gets ``CENTRE_CROP``); the dataset fingerprint and shape are added here. All ranks
-    call this with the same arguments; rows land in file order whatever the split.
+    call this with the same arguments; rows land in file order whatever the split. ``desc`` labels the
+    progress bar. Ctrl-C keeps the rows computed so far: rerunning the same command resumes.
     """
     n, device, world_size = len(dataset), dist_info.device, dist_info.world_size
     shape = cache_shape(n, int(teacher.feat_dim), n_views)
@@ -219,11 +222,17 @@ def build_cache(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=getattr(dataset.transform, "collate", None),
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
     writer = _RowWriter(npy_path, done, order) if dist_info.is_main else None
     teacher.eval()
     started = time.monotonic()
-    _extract(teacher, loader, steps, batch_size, writer, dist_info)
+    try:
+        _extract(teacher, loader, steps, batch_size, writer, dist_info, desc)
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.flush()  # the rows done so far are kept; the same command resumes from them
+        raise
     if dist_info.is_main:
         writer.close()
         seconds = time.monotonic() - started
