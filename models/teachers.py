@@ -270,6 +270,14 @@ class TeacherSet:
         self.teachers = teachers
         self.weights = [w / sum(raw) for w in raw]
         self.feat_dims = [t.feat_dim for t in teachers]
+        self._weight_tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def weight_tensor(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The loss weights (K,) on ``device``, made once: the step uses them without a copy to the device."""
+        key = (torch.device(device), dtype)
+        if key not in self._weight_tensors:
+            self._weight_tensors[key] = torch.tensor(self.weights, dtype=dtype).to(device)
+        return self._weight_tensors[key]
 
     def targets(self, images: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
         """Every teacher's regression targets for the batch, in the order the teachers were given."""
