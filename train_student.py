@@ -25,6 +25,7 @@ from tqdm import tqdm
 from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classes, split_folder
 from data.device_decode import describe
 from data.loaders import build_loader
+from data.prefetch import DevicePrefetcher
 from data.transforms import training_views
 from models.backbones import canonical_arch, teacher_arch_names
 from models.errors import UserError
@@ -135,32 +136,39 @@ def train_one_epoch(
 ) -> dict:
     """One pass over ``loader`` (the rest of it when ``progress`` resumes a partial epoch).
 
-    ``teacher.targets(images, indices)`` gives the regression targets (B, D). The loss is summed on the
-    device and read back only every ``print_freq`` steps (and at checkpoints), so steps do not wait for
-    the host. ``on_checkpoint(epoch, EpochProgress)`` is called every ``cfg.ckpt_every_steps`` steps and
-    when a stop signal arrives (then :class:`Interrupted` is raised). Returns the epoch's mean loss
-    over all ranks and its throughput.
+    ``teacher.targets(images, indices)`` gives the regression targets (B, D). Batch t + 1 is made ready
+    on the device (decoded, copied, a cached teacher's rows read) by a background thread while step t
+    is queued (:class:`data.prefetch.DevicePrefetcher`). The loss is summed on the device and read back
+    only every ``print_freq`` steps (and at checkpoints), so steps do not wait for the host.
+    ``on_checkpoint(epoch, EpochProgress)`` is called every ``cfg.ckpt_every_steps`` steps and when a stop
+    signal arrives (then :class:`Interrupted` is raised). Returns the epoch's mean loss over all ranks
+    and its throughput.
     """
     progress = progress or EpochProgress()
     student.train()
     is_main = cfg.dist_info.is_main
     meters = Meters(cfg.device, progress if is_main else EpochProgress(step=progress.step))
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)
-    for views, _, index in bar:
-        loss = distill_step(student, teacher, views, index, optimizer, scaler, cfg)
-        meters.update(loss, index.shape[0])
-        at_print = meters.step % cfg.print_freq == 0
-        if at_print:
-            avg = meters.check(epoch)  # host sync, every print_freq steps only
-            bar.set_postfix(loss=f"{avg:.4f}")
-            log.info("epoch %d step %d/%d loss %.4f", epoch, meters.step, progress.step + len(loader), avg)
-        at_ckpt = bool(cfg.ckpt_every_steps) and meters.step % cfg.ckpt_every_steps == 0
-        stop = stop_agreed(cfg.stop, cfg.dist_info, at_print or at_ckpt)
-        if on_checkpoint and (stop or at_ckpt):
-            meters.check(epoch)  # never save weights that have gone NaN
-            on_checkpoint(epoch, meters.reduced())
-        if stop:
-            raise Interrupted(f"stopped by signal in epoch {epoch} after step {meters.step}")
+    batches = iter(DevicePrefetcher(loader, cfg.device, getattr(teacher, "read_ahead", None)))
+    bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch}", disable=not is_main, leave=False,
+               dynamic_ncols=True)  # fmt: skip
+    try:
+        for views, _, index in bar:
+            loss = distill_step(student, teacher, views, index, optimizer, scaler, cfg)
+            meters.update(loss, index.shape[0])
+            at_print = meters.step % cfg.print_freq == 0
+            if at_print:
+                avg = meters.check(epoch)  # host sync, every print_freq steps only
+                bar.set_postfix(loss=f"{avg:.4f}")
+                log.info("epoch %d step %d/%d loss %.4f", epoch, meters.step, progress.step + len(loader), avg)
+            at_ckpt = bool(cfg.ckpt_every_steps) and meters.step % cfg.ckpt_every_steps == 0
+            stop = stop_agreed(cfg.stop, cfg.dist_info, at_print or at_ckpt)
+            if on_checkpoint and (stop or at_ckpt):
+                meters.check(epoch)  # never save weights that have gone NaN
+                on_checkpoint(epoch, meters.reduced())
+            if stop:
+                raise Interrupted(f"stopped by signal in epoch {epoch} after step {meters.step}")
+    finally:
+        batches.close()  # a loop left early (a stop signal, an error) stops the prefetch thread too
     bar.close()
     return meters.summary(epoch)
 

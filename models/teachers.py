@@ -283,6 +283,10 @@ class TeacherSet:
         """Every teacher's regression targets for the batch, in the order the teachers were given."""
         return [t.targets(images, indices) for t in self.teachers]
 
+    def read_ahead(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Each cached teacher reads a coming batch's rows ahead (a live teacher has nothing to read)."""
+        return [x for t in self.teachers if hasattr(t, "read_ahead") for x in t.read_ahead(indices)]
+
     def set_epoch(self, epoch: int) -> None:
         """Passed to every teacher (a K-view cache picks the epoch's view; a live teacher ignores it)."""
         for t in self.teachers:

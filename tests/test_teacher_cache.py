@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -181,6 +182,24 @@ def test_cached_teacher_gathers_rows_by_index(cache, data):
         out = teacher.targets(torch.zeros(5, 3, 32, 32), index)
         assert out.dtype == torch.float32 and teacher.feat_dim == 4 and (teacher.table is not None) == on_device
         np.testing.assert_array_equal(out.numpy(), expected[index.numpy()])
+
+
+def test_rows_read_ahead_in_the_prefetch_thread_are_the_rows_the_step_takes(cache, data, monkeypatch):
+    """The mapped file is read by the prefetch thread one batch ahead; targets() takes those rows, no second read."""
+    from data.prefetch import DevicePrefetcher
+
+    expected = np.array([[i, i + 0.5, -i, 2.0 * i] for i in range(N_IMAGES)], dtype=np.float32)
+    teacher = CachedTeacher(cache, dataset_fingerprint(crops(data)), "cpu")
+    readers = []
+    read = teacher.read
+    monkeypatch.setattr(teacher, "read", lambda idx: readers.append(threading.current_thread().name) or read(idx))
+    batches = [(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2), torch.tensor([b, 10 - b])) for b in range(4)]
+    for _, _, index in DevicePrefetcher(batches, "cpu", teacher.read_ahead):
+        np.testing.assert_array_equal(teacher.targets(None, index).numpy(), expected[index.numpy()])
+    assert readers == ["prefetch"] * 4  # every read in the thread, none at the step
+    other = torch.tensor([1, 2])  # an index never read ahead: read at the step
+    np.testing.assert_array_equal(teacher.targets(None, other).numpy(), expected[[1, 2]])
+    assert readers[-1] == threading.current_thread().name and not teacher._ahead
 
 
 def test_cache_for_another_image_set_is_refused(cache, data, tmp_path):
