@@ -39,7 +39,16 @@ from tools.engine.run_state import Run, export_backbone, resume, run_identity, s
 from tools.engine.run_teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
 from tools.engine.schedules import cosine_lr, set_lr
 from tools.engine.signals import Interrupted, StopRequest
-from tools.engine.step import AMP_CHOICES, StepConfig, amp_dtype, build_optimizer, default_dtype, distill_step
+from tools.engine.step import (
+    AMP_CHOICES,
+    StepConfig,
+    amp_dtype,
+    build_optimizer,
+    channels_last_default,
+    default_dtype,
+    distill_step,
+)
+from tools.engine.sync_bn import convert_sync_batchnorm
 from tools.eval.monitor import knn_monitor, monitor_datasets
 
 log = logging.getLogger("simreg.train")
@@ -80,6 +89,9 @@ def add_model_args(g) -> None:
                    help="teacher feature cache FILE.npy, one per teacher ('-': that one runs live)")  # fmt: skip
     g.add_argument("--cache_on_device", action="store_true", help="with --use_cache: copy the cache to the device")
     g.add_argument("--mse_nonorm", action="store_true", help="original flag; no effect (the loss is the same)")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="BatchNorm statistics over the whole global batch instead of each process's share (default: "
+                   "per process, as the original's DataParallel; useful when few images per GPU remain)")  # fmt: skip
 
 
 def add_runtime_args(g) -> None:
@@ -94,7 +106,10 @@ def add_runtime_args(g) -> None:
     g.add_argument("--print_freq", type=positive_int, default=100, help="log the loss every N steps")
     g.add_argument("--ckpt_every_steps", type=nonneg_int, default=0, help="also checkpoint every N steps")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast; auto = bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--channels_last", action="store_true", help="NHWC memory layout for both networks")
+    g.add_argument("--channels_last", action="store_const", const=True, default=None,
+                   help="NHWC memory layout for both networks (default: on with CUDA and bf16/fp16)")  # fmt: skip
+    g.add_argument("--no_channels_last", dest="channels_last", action="store_const", const=False,
+                   help="keep NCHW even on CUDA with autocast")  # fmt: skip
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
     g.add_argument("--compile_teacher", action="store_true", help="torch.compile the teacher (BatchNorm folded first)")
     g.add_argument("--float64", action="store_true",
@@ -195,6 +210,10 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
     dims = teachers[0].feat_dim if len(teachers) == 1 else [t.feat_dim for t in teachers]
     with default_dtype(compute_dtype(args)):
         student = Student(args.arch_student, dims, args.n_mlp_layers).to(dist_info.device, compute_dtype(args))
+    if args.sync_bn:
+        if not dist_info.distributed:
+            log.info("--sync_bn: one process, so its BatchNorm statistics are the whole batch's anyway")
+        student = convert_sync_batchnorm(student)
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
@@ -205,6 +224,8 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
                   "image_size": args.image_size, "views": dataset.transform.name}  # fmt: skip
     if args.float64:  # only when set, so float32 runs keep the identities they were recorded with
         student_id["float64"] = True
+    if args.sync_bn:  # another normalisation: resuming must not switch it on or off
+        student_id["sync_bn"] = True
     ids = [teacher_fingerprint(t, spec.weights, spec.use_fc) for t, spec in zip(teachers, specs, strict=True)]
     if len(ids) > 1:  # every teacher, in order, and how their losses are weighted
         student_id["teacher_loss_weights"] = teacher.weights
@@ -237,6 +258,8 @@ def main(args: argparse.Namespace) -> dict:
     setup_logging(os.path.join(exp_dir, "logs", "train.log"), dist_info.is_main, args.debug)
     specs = check_args(args, dist_info.world_size)
     torch.manual_seed(args.seed)
+    amp = None if args.float64 else amp_dtype(args.amp, dist_info.device)
+    args.channels_last = channels_last_default(args.channels_last, dist_info.device, amp)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -260,7 +283,6 @@ def main(args: argparse.Namespace) -> dict:
     # ============ training ============
     if dist_info.is_main:
         write_json(os.path.join(exp_dir, "logs", "train_args.json"), vars(args))
-    amp = None if args.float64 else amp_dtype(args.amp, dist_info.device)
     cfg = StepConfig(dist_info, amp, args.channels_last, args.print_freq, args.ckpt_every_steps,
                      StopRequest().install(), compute_dtype(args))  # fmt: skip
     stats = train(args, run, model, teacher, loader, cfg, start_epoch, progress)
