@@ -274,7 +274,7 @@ def main(args: argparse.Namespace) -> dict:
                              channels_last=args.channels_last, compile_teacher=args.compile_teacher,
                              cache_on_device=args.cache_on_device, image_size=args.image_size,
                              views=dataset.transform.record(args.seed), epochs=args.epochs,
-                             dtype=compute_dtype(args))  # fmt: skip
+                             dtype=compute_dtype(args), amp=amp)  # fmt: skip
     dataset.epoch_period = view_period(teacher)  # the loader's crops repeat with a K-view cache's K views
     run = build_run(args, exp_dir, dataset, teacher, specs, dist_info)
     start_epoch, progress = resume(run, args.resume, args.no_resume, args.weights)

@@ -22,6 +22,7 @@ from models.io import safe_load
 from models.teachers import load_teacher
 from tests.conftest import write_random_resnet18
 from tools.engine.distributed import DistInfo
+from tools.engine.step import autocast
 from tools.teacher_cache import builder as teacher_cache
 from tools.teacher_cache.builder import build_cache, plan_rank
 from tools.teacher_cache.reader import CachedTeacher, manifest_path, open_cached_teacher
@@ -129,6 +130,26 @@ def test_two_rank_build_equals_live_teacher_in_dataset_order(data, weights, tmp_
     assert manifest["teacher"]["weights_sha256"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
     assert manifest["preprocessing"]["crop_size"] == 32 and manifest["preprocessing"]["resize_size"] == 36
     assert not [p for p in os.listdir(tmp_path) if "partial" in p or "done" in p]
+
+
+def test_a_cache_built_under_bf16_holds_the_live_bf16_targets(data, weights, tmp_path):
+    """The builder runs the teacher as training runs a live one (--amp bf16; CPU autocast shows it here): each row
+    equals the live bf16 target of the same batch, stored in float16; float32 stays the CPU default."""
+    dataset = crops(data)
+    teacher = load_teacher(weights)
+    rows = {}
+    for amp in (torch.bfloat16, None):
+        out = str(tmp_path / f"{amp}.npy")
+        build_cache(teacher, dataset, out, MANIFEST, batch_size=4, num_workers=0, dist_info=DistInfo(), amp=amp)
+        rows[amp] = CachedTeacher(out, dataset_fingerprint(dataset)).targets(None, torch.arange(N_IMAGES))
+        assert json.loads(open(manifest_path(out)).read())["preprocessing"]["autocast"] == str(amp or "float32")
+    x = torch.stack([dataset[i][0] for i in range(N_IMAGES)]).float() / 255
+    for amp in (torch.bfloat16, None):
+        with torch.inference_mode(), autocast(torch.device("cpu"), amp):  # the training step's context
+            live = torch.cat([teacher.targets(x[s : s + 4], None) for s in range(0, N_IMAGES, 4)])  # the same batches
+        assert live.dtype == torch.float32  # the teacher's contract, whatever its autocast
+        assert torch.equal(rows[amp], live.to(torch.float16).float())
+    assert not torch.equal(rows[torch.bfloat16], rows[None])
 
 
 def test_interrupted_build_resumes_with_only_the_missing_rows(data, weights, tmp_path, monkeypatch):

@@ -39,6 +39,11 @@ MANIFEST_VERSION = 3  # 2: the dataset fingerprint's names (n_images for count);
 CENTRE_CROP = {"mode": "centre crop", "n_views": 1}  # the views of a version 1-2 cache
 
 
+def autocast_name(dtype: torch.dtype | None) -> str:
+    """How the manifest records the autocast a cache's teacher ran under (caches made before: float32)."""
+    return str(dtype or "float32")
+
+
 def manifest_path(npy_path: str) -> str:
     """``FILE.npy`` -> ``FILE.json``."""
     root, ext = os.path.splitext(npy_path)
@@ -268,18 +273,29 @@ def open_cached_teacher(
     teacher: dict | None = None,
     views: dict | None = None,
     epochs: int | None = None,
+    autocast: str | None = None,
 ) -> CachedTeacher:
     """A :class:`CachedTeacher` checked against the dataset and against what the user says the teacher is.
 
     ``teacher`` may hold ``arch``, ``weights`` (a file, compared by SHA-256), ``use_fc`` and ``pool``; a cache
     that contradicts any given one is refused. ``views`` (``TrainViews.record(seed)`` of the run) must match
     a K-view cache's crops; a training crop size other than a centre-crop cache's is only warned about.
-    With ``epochs`` above a K-view cache's K, the log says once that views repeat.
+    With ``epochs`` above a K-view cache's K, the log says once that views repeat; with ``autocast`` (the
+    run's, :func:`autocast_name`) other than the cache's, that its rows are not the live teacher's.
     """
     cached = CachedTeacher(npy_path, fingerprint, device, on_device)
     built = cached.manifest["teacher"]
     _check_teacher(built, dict(teacher or {}), npy_path)
     _check_crops(cached, npy_path, image_size, views)
+    built_under = cached.manifest["preprocessing"].get("autocast", autocast_name(None))
+    if autocast is not None and autocast != built_under:  # a choice, not a fault: both are the teacher's features
+        log.info(
+            "teacher cache '%s' was built under %s autocast, this run's live teacher would run under %s: its rows "
+            "equal a live teacher's to that precision only (build with the run's --amp for equal targets)",
+            npy_path,
+            built_under,
+            autocast,
+        )
     k = cached.view_period
     log.info(
         "teacher: cached %s (%s) features %s from %s (%s)%s",
