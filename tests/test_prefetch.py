@@ -109,7 +109,7 @@ def test_batch_t_plus_1_is_prepared_while_batch_t_trains():
         prepared.append(int(index[0]) // 2)
         return []
 
-    for views, _, index in DevicePrefetcher(Loader(3), "cpu", read_ahead, depth=1):
+    for _, _, index in DevicePrefetcher(Loader(3), "cpu", read_ahead, depth=1):
         b = int(index[0]) // 2
         deadline = time.monotonic() + 10
         while b + 1 < 3 and b + 1 not in prepared and time.monotonic() < deadline:

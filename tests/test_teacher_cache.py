@@ -214,7 +214,8 @@ def test_rows_read_ahead_in_the_prefetch_thread_are_the_rows_the_step_takes(cach
     readers = []
     read = teacher.read
     monkeypatch.setattr(teacher, "read", lambda idx: readers.append(threading.current_thread().name) or read(idx))
-    batches = [(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(2), torch.tensor([b, 10 - b])) for b in range(4)]
+    image = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    batches = [(image, torch.zeros(2), torch.tensor([b, 10 - b])) for b in range(4)]
     for _, _, index in DevicePrefetcher(batches, "cpu", teacher.read_ahead):
         np.testing.assert_array_equal(teacher.targets(None, index).numpy(), expected[index.numpy()])
     assert readers == ["prefetch"] * 4  # every read in the thread, none at the step
