@@ -192,3 +192,66 @@ def test_device_decode_waits_for_an_idle_stream_before_nvjpeg(monkeypatch):
     monkeypatch.setattr(DD.torchvision.io, "decode_jpeg", decode_jpeg)
     DD.decode_jpegs([torch.zeros(4, dtype=torch.uint8)] * 2, ["a.jpg", "b.jpg"], torch.device("cuda", 0))
     assert calls == ["synchronize", "decode on cuda:0"]
+
+
+# ============ on a GPU (tools/gpu_check.sh runs these) ============
+def cuda_only(test):
+    """Marked ``gpu`` and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
+@pytest.fixture(scope="module")
+def jpeg_loader(tmp_path_factory):
+    """A loader of --decode gpu batches (encoded JPEGs, their boxes and flips) over 24 generated JPEGs."""
+    from data.datasets import IndexedImageFolder
+    from data.loaders import build_loader
+    from data.synthetic import make_jpeg_folder
+    from data.transforms import TrainViews
+
+    root = tmp_path_factory.mktemp("jpegs")
+    make_jpeg_folder(str(root), 24, n_classes=3, size=(96, 72))
+    dataset = IndexedImageFolder(str(root / "train"), TrainViews(32, True, True, False, decode="gpu"))
+    return build_loader(dataset, 8, num_workers=1, seed=1, pin_memory=torch.cuda.is_available())
+
+
+@cuda_only
+def test_cuda_prefetched_batches_equal_the_batches_decoded_in_the_loop(jpeg_loader):
+    """The side stream, the event and record_stream hand over exactly what decoding in the loop gives."""
+    dev = torch.device("cuda")
+    jpeg_loader.sampler.set_epoch(3)
+    inline = [(b.decode(dev), i) for b, _, i in jpeg_loader]
+    prefetched = [(v, i) for v, _, i in DevicePrefetcher(jpeg_loader, dev)]
+    assert len(prefetched) == len(inline) == 3
+    for (a, ia), (b, ib) in zip(inline, prefetched, strict=True):
+        assert torch.equal(ia, ib) and b.device.type == "cuda" and torch.equal(a, b)
+
+
+@cuda_only
+def test_nvjpeg_never_writes_memory_that_queued_work_still_reads():
+    """pytorch/vision#9606: a block freed while a kernel still queued reads it must not receive decoded pixels."""
+    import torchvision
+
+    dev = torch.device("cuda")
+    image = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8)
+    jpeg = torchvision.io.encode_jpeg(image)
+    for _ in range(20):
+        x = torch.full((3 * 120 * 160,), 7, dtype=torch.uint8, device=dev)  # a decoded image's size: reusable
+        torch.cuda._sleep(20_000_000)  # queued work ahead of the read below
+        y = x.clone()  # reads x only after the sleep
+        del x  # its block is free for the next allocation on this stream
+        decoded = DD.nvjpeg_decode([jpeg], dev)[0]
+        assert decoded.shape == (3, 120, 160) and bool((y == 7).all())
+
+
+@cuda_only
+def test_cuda_crops_resized_together_equal_the_per_image_kernel():
+    """On CUDA the batched products give the per-image float kernel's pixels (the path before), up to ties."""
+    dev, size = torch.device("cuda"), 24
+    images, boxes, flips = random_crops(40, seed=9)
+    out = torch.zeros(40, 3, size, size, dtype=torch.uint8, device=dev)
+    DD.resize_crops([im.to(dev) for im in images], boxes, flips, size, out, list(range(40)))
+    for i, (img, box) in enumerate(zip(images, boxes, strict=True)):
+        ref = DD.resize_crop_uint8(img.to(dev), box, size)
+        ref = ref.flip(-1) if flips[i] else ref
+        assert (out[i].int() - ref.int()).abs().max() <= 1
+        assert (out[i] != ref).float().mean() < 0.01

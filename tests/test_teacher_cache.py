@@ -297,3 +297,22 @@ def recomputed_loss(exp, data, rows: np.ndarray) -> float:
     x = torch.stack([dataset[(i, 1)][0] for i in range(len(dataset))]).float() / 255  # (N, 3, 32, 32)
     with torch.no_grad():
         return float(regression_loss(student.train()(x), torch.from_numpy(rows).float()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rows_reach_the_gpu_through_pinned_memory_ahead_of_the_step(cache, data):
+    """On CUDA: the mapped rows gathered into pinned memory in the prefetch thread, copied on its side stream,
+    handed to the training stream; the same rows as on the CPU, from the file and from a device table."""
+    from data.prefetch import DevicePrefetcher
+
+    dev = torch.device("cuda")
+    expected = np.array([[i, i + 0.5, -i, 2.0 * i] for i in range(N_IMAGES)], dtype=np.float32)
+    image = torch.zeros(2, 3, 4, 4, dtype=torch.uint8).pin_memory()
+    batches = [(image, torch.zeros(2), torch.tensor([b, 10 - b]).pin_memory()) for b in range(5)]
+    for on_device in (False, True):
+        teacher = CachedTeacher(cache, dataset_fingerprint(crops(data)), dev, on_device=on_device)
+        for views, _, index in DevicePrefetcher(batches, dev, teacher.read_ahead):
+            rows = teacher.targets(views, index)
+            assert rows.device.type == "cuda" and views.device.type == "cuda"
+            np.testing.assert_array_equal(rows.cpu().numpy(), expected[index.numpy()])
