@@ -133,7 +133,7 @@ def hours_cmds(c: Check) -> list[list[str]]:
 PARTS: list[dict] = [  # limits in seconds: on one GPU, and in the CPU rehearsal
     {"name": "env", "limits": {"gpu": 20, "dry": 60},
      "cmds": lambda c: [[c.python, "-c", ENV_CODE, os.path.join(c.work, "env.json"), c.work]]},
-    {"name": "gpu_tests", "limits": {"gpu": 75, "dry": 120},
+    {"name": "gpu_tests", "limits": {"gpu": 70, "dry": 120},
      "cmds": lambda c: [pytest_cmd(c, "not compiled", "gpu_tests.xml", *GPU_TEST_FILES)]},
     {"name": "main_job", "limits": None, "cmds": main_job_cmds},  # its parts' limits (profiles.py) + a margin
     {"name": "bench_gpu", "limits": {"gpu": 110, "dry": 400}, "cmds": bench_gpu_cmds},
