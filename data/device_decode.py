@@ -319,5 +319,5 @@ def resolve_decode(
 def describe(decode: str, device: torch.device) -> str:
     """One phrase for the log: where this run decodes its JPEGs."""
     if decode == DEVICE_DECODE:
-        return f"JPEGs decoded in batches on {device} in the main process"
+        return f"JPEGs decoded in batches on {device} by the prefetch thread, one batch ahead of the step"
     return f"JPEGs decoded in the loader workers (decoder {'cpu' if decode == 'auto' else decode})"

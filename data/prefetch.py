@@ -130,6 +130,10 @@ class DevicePrefetcher:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def batch_size(self) -> int | None:
+        return getattr(self.loader, "batch_size", None)
+
     def __iter__(self) -> Iterator[tuple]:
         if self.streams is None:
             self.streams = streams_for(self.device)  # made once, in the training thread (its current stream)

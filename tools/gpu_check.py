@@ -55,7 +55,8 @@ import torch, torchvision
 info = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda, "cpu_cores": len(os.sched_getaffinity(0)),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device",
-        "optional": {m: importlib.util.find_spec(m) is not None for m in ("faiss", "nvidia", "timm", "transformers")},
+        "optional": {m: importlib.util.find_spec(m) is not None
+                     for m in ("faiss", "nvidia.dali", "timm", "transformers")},
         "disk_free_gb": round(shutil.disk_usage(sys.argv[2]).free / 2**30, 1),
         "shm_free_gb": round(shutil.disk_usage("/dev/shm").free / 2**30, 1) if os.path.isdir("/dev/shm") else None}
 try:
@@ -276,7 +277,7 @@ def short(fig: dict, part: str) -> str:
     if "tests" in fig and fig["tests"]:
         t = fig["tests"]
         shown = f"{t['passed']} passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"
-        return shown + ("; " + ", ".join(f"{k} {v}/s" for k, v in fig.get("rates", {}).items()))
+        return "; ".join([shown, *(f"{k} {v}/s" for k, v in fig.get("rates", {}).items())])
     if "parts" in fig:
         return "; ".join(f"{s} {'ok' if p['ok'] else 'FAILED'} {p['seconds']} s"
                          + (f" {p['images_per_s']:.0f}/s" if p.get("images_per_s") else "")
