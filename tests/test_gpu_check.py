@@ -91,6 +91,18 @@ def test_parts_are_cut_when_time_runs_short():
     assert G.granted(names.index("bench_gpu"), hours, "gpu") <= 0  # nothing left for it: cut
 
 
+def test_the_benchmark_runs_at_the_checks_sizes_on_a_gpu_and_at_toy_sizes_in_the_rehearsal(tmp_path):
+    gpu, dry = (G.Check(str(tmp_path), str(tmp_path), dry=d) for d in (False, True))
+    (bench,) = G.bench_gpu_cmds(gpu)
+    assert bench[bench.index("gpu") - 1 :][:2] == ["tools.benchmark", "gpu"] and "--dry_run" not in bench
+    assert [bench[i + 1] for i, w in enumerate(bench) if w == "--set"] == list(G.GPU_CHECK_SIZES)
+    (toy,) = G.bench_gpu_cmds(dry)
+    assert "--set" not in toy and toy[-1] == "--dry_run"
+    _, compiled = G.compile_cmds(gpu)
+    sets = [compiled[i + 1] for i, w in enumerate(compiled) if w == "--set"]
+    assert sets[0] == "compile=yes" and "compile=no" not in sets and "--stages" in compiled
+
+
 def test_a_part_cut_for_time_is_recorded_and_the_summary_says_so(tmp_path):
     c = G.Check(str(tmp_path), str(tmp_path), dry=False)
     c.start -= G.TOTAL_S["gpu"] - 5  # 5 s left: not enough for the optional part
