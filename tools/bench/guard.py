@@ -102,7 +102,7 @@ class Guard:
         with open(log_path, "a") as out:
             out.write(f"\n$ {shlex.join(cmd)}\n")
             out.flush()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                     start_new_session=True, **popen)  # fmt: skip
             self.live.add(proc.pid)
             copier = threading.Thread(target=_copy, args=(proc, out, on_line), daemon=True)
