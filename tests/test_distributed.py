@@ -69,14 +69,18 @@ def test_every_gpu_visible_uses_the_local_rank(gpus):
     assert D.pick_device("cuda:2", 7) == torch.device("cuda", 2)
 
 
-def test_one_gpu_per_task_uses_the_bound_gpu_at_any_local_rank(gpus):
+def test_one_gpu_per_task_uses_the_bound_gpu_at_any_local_rank(gpus, monkeypatch):
     gpus(1, "6")  # srun --gpus-per-task=1: task with SLURM_LOCALID 3 sees only its own GPU
     assert D.pick_device("auto", 3) == torch.device("cuda", 0)
     assert D.pick_device("cuda", 1) == torch.device("cuda", 0)
+    gpus(1, None)  # SLURM's cgroups show each task its one device, without CUDA_VISIBLE_DEVICES
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert D.pick_device("auto", 2) == torch.device("cuda", 0)
 
 
-def test_too_few_gpus_is_one_sentence(gpus):
-    gpus(1, None)  # a one-GPU machine and 2 processes: they would share the GPU
+def test_too_few_gpus_is_one_sentence(gpus, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    gpus(1, None)  # a one-GPU machine and 2 processes, no launcher binding: they would share the GPU
     with pytest.raises(UserError, match=r"1 CUDA GPU\(s\) visible \(local rank 1: give each process one GPU"):
         D.pick_device("auto", 1)
     gpus(2, "0,1")

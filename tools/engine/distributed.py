@@ -8,8 +8,8 @@ SLURM_NTASKS says more: only srun starts the other tasks. NCCL is used on CUDA d
 the distributed path also runs (and is tested) on CPU.
 
 Device binding: process ``LOCAL_RANK`` uses GPU ``LOCAL_RANK`` when it sees the node's GPUs; when its
-launcher bound it to one GPU (``srun --gpus-per-task=1``, ``--gpu-bind``: CUDA_VISIBLE_DEVICES names
-one device) it uses that one, whatever its local rank.
+launcher bound it to one GPU (``srun --gpus-per-task=1``, ``--gpu-bind``, cgroups: it sees one device,
+named by CUDA_VISIBLE_DEVICES or under SLURM) it uses that one, whatever its local rank.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ def _env_ranks(env: dict[str, str] | None = None) -> tuple[int, int, int]:
 
 
 def _bound_to_one_gpu(env: dict[str, str] | None = None) -> bool:
-    """Whether the launcher gave this process exactly one GPU (CUDA_VISIBLE_DEVICES naming one device)."""
+    """Whether a launcher gave this process its one visible GPU: CUDA_VISIBLE_DEVICES names one device, or
+    SLURM shows it one (--gpus-per-task, or cgroups constraining each task to its own device)."""
     env = os.environ if env is None else env
     visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return len(visible) == 1
+    return len(visible) == 1 or "SLURM_JOB_ID" in env
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
