@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> dict | None:
 
     # ============ centre-crop features, in dataset order ============
     reuse = "never" if args.recompute else "require" if args.use_cache else "auto"
-    feats = features_from_args(ev, args, ev.out_dir, ev.datasets, reuse)
+    feats = features_from_args(ev, args, ev.out_dir, ev.datasets, reuse, on_device=args.backend != "faiss")
 
     # ============ k-NN on rank 0 ============
     results = None

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classes, split_folder
 from data.device_decode import describe
 from data.loaders import build_loader
+from data.prefetch import DevicePrefetcher
 from data.transforms import training_views
 from models.backbones import canonical_arch, is_timm_arch, teacher_arch_names, timm_name
 from models.errors import UserError
@@ -40,7 +41,16 @@ from tools.engine.run_state import Run, export_backbone, resume, run_identity, s
 from tools.engine.run_teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
 from tools.engine.schedules import cosine_lr, set_lr
 from tools.engine.signals import Interrupted, StopRequest
-from tools.engine.step import AMP_CHOICES, StepConfig, amp_dtype, build_optimizer, default_dtype, distill_step
+from tools.engine.step import (
+    AMP_CHOICES,
+    StepConfig,
+    amp_dtype,
+    build_optimizer,
+    channels_last_default,
+    default_dtype,
+    distill_step,
+)
+from tools.engine.sync_bn import convert_sync_batchnorm
 from tools.eval.monitor import knn_monitor, monitor_datasets
 
 log = logging.getLogger("simreg.train")
@@ -81,6 +91,9 @@ def add_model_args(g) -> None:
                    help="teacher feature cache FILE.npy, one per teacher ('-': that one runs live)")  # fmt: skip
     g.add_argument("--cache_on_device", action="store_true", help="with --use_cache: copy the cache to the device")
     g.add_argument("--mse_nonorm", action="store_true", help="original flag; no effect (the loss is the same)")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="BatchNorm statistics over the whole global batch instead of each process's share (default: "
+                   "per process, as the original's DataParallel; useful when few images per GPU remain)")  # fmt: skip
 
 
 def add_runtime_args(g) -> None:
@@ -95,7 +108,10 @@ def add_runtime_args(g) -> None:
     g.add_argument("--print_freq", type=positive_int, default=100, help="log the loss every N steps")
     g.add_argument("--ckpt_every_steps", type=nonneg_int, default=0, help="also checkpoint every N steps")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast; auto = bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--channels_last", action="store_true", help="NHWC memory layout for both networks")
+    g.add_argument("--channels_last", action="store_const", const=True, default=None,
+                   help="NHWC memory layout for both networks (default: on with CUDA and bf16/fp16)")  # fmt: skip
+    g.add_argument("--no_channels_last", dest="channels_last", action="store_const", const=False,
+                   help="keep NCHW even on CUDA with autocast")  # fmt: skip
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
     g.add_argument("--compile_teacher", action="store_true", help="torch.compile the teacher (BatchNorm folded first)")
     g.add_argument("--float64", action="store_true",
@@ -138,41 +154,48 @@ def train_one_epoch(
 ) -> dict:  # fmt: skip
     """One pass over ``loader`` (the rest of it when ``progress`` resumes a partial epoch).
 
-    ``teacher.targets(images, indices)`` gives the regression targets (B, D). The loss is summed on the
-    device and read back only every ``print_freq`` steps (and at checkpoints), so steps do not wait for
-    the host. ``on_checkpoint(epoch, EpochProgress)`` is called every ``cfg.ckpt_every_steps`` steps and
-    when the ranks agree to stop on a signal (then :class:`Interrupted` is raised); ``on_print(epoch, step,
-    steps in the epoch, mean loss since the last logged step)`` at every logged step. Returns the epoch's
-    mean loss over all ranks and its throughput.
+    ``teacher.targets(images, indices)`` gives the regression targets (B, D). Batch t + 1 is made ready
+    on the device (decoded, copied, a cached teacher's rows read) by a background thread while step t
+    is queued (:class:`data.prefetch.DevicePrefetcher`). The loss is summed on the device and read back
+    only every ``print_freq`` steps (and at checkpoints), so steps do not wait for the host.
+    ``on_checkpoint(epoch, EpochProgress)`` is called every ``cfg.ckpt_every_steps`` steps and when the
+    ranks agree to stop on a signal (then :class:`Interrupted` is raised); ``on_print(epoch, step, steps in
+    the epoch, mean loss since the last logged step)`` at every logged step. Returns the epoch's mean loss
+    over all ranks and its throughput.
     """
     progress = progress or EpochProgress()
     student.train()
     is_main = cfg.dist_info.is_main
     meters = Meters(cfg.device, progress if is_main else EpochProgress(step=progress.step))
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=None if is_main else True, leave=False, dynamic_ncols=True)
+    batches = iter(DevicePrefetcher(loader, cfg.device, getattr(teacher, "read_ahead", None)))
+    bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch}", disable=None if is_main else True, leave=False,
+               dynamic_ncols=True)  # fmt: skip
     summed = progress.loss_sum[0] if isinstance(progress.loss_sum, list) else progress.loss_sum
     logged = (progress.step, summed)  # (step, loss sum) at the last logged step
-    for views, _, index in bar:
-        loss = distill_step(student, teacher, views, index, optimizer, scaler, cfg)
-        meters.update(loss, index.shape[0])
-        at_print = meters.step % cfg.print_freq == 0
-        if at_print:
-            avg = meters.check(epoch)  # host sync, every print_freq steps only
-            bar.set_postfix(loss=f"{avg:.4f}")
-            log.info("epoch %d step %d/%d loss %.4f", epoch, meters.step, progress.step + len(loader), avg)
-            if on_print and meters.step > logged[0]:
-                on_print(epoch, meters.step, progress.step + len(loader), (avg * meters.step - logged[1]) /
-                         (meters.step - logged[0]))  # fmt: skip
-            logged = (meters.step, avg * meters.step)
-        at_ckpt = bool(cfg.ckpt_every_steps) and meters.step % cfg.ckpt_every_steps == 0
-        stop = cfg.stop() if cfg.stop else False
-        if on_checkpoint and (stop or at_ckpt):
-            meters.check(epoch)  # never save weights that have gone NaN
-            on_checkpoint(epoch, meters.reduced())
-        if stop:
-            cfg.stop.close()
-            raise Interrupted(f"stopped by {cfg.stop.name} in epoch {epoch} after step {meters.step}",
-                              cfg.stop.exit_status)  # fmt: skip
+    try:
+        for views, _, index in bar:
+            loss = distill_step(student, teacher, views, index, optimizer, scaler, cfg)
+            meters.update(loss, index.shape[0])
+            at_print = meters.step % cfg.print_freq == 0
+            if at_print:
+                avg = meters.check(epoch)  # host sync, every print_freq steps only
+                bar.set_postfix(loss=f"{avg:.4f}")
+                log.info("epoch %d step %d/%d loss %.4f", epoch, meters.step, progress.step + len(loader), avg)
+                if on_print and meters.step > logged[0]:
+                    on_print(epoch, meters.step, progress.step + len(loader), (avg * meters.step - logged[1]) /
+                             (meters.step - logged[0]))  # fmt: skip
+                logged = (meters.step, avg * meters.step)
+            at_ckpt = bool(cfg.ckpt_every_steps) and meters.step % cfg.ckpt_every_steps == 0
+            stop = cfg.stop() if cfg.stop else False
+            if on_checkpoint and (stop or at_ckpt):
+                meters.check(epoch)  # never save weights that have gone NaN
+                on_checkpoint(epoch, meters.reduced())
+            if stop:
+                cfg.stop.close()
+                raise Interrupted(f"stopped by {cfg.stop.name} in epoch {epoch} after step {meters.step}",
+                                  cfg.stop.exit_status)  # fmt: skip
+    finally:
+        batches.close()  # a loop left early (a stop signal, an error) stops the prefetch thread too
     bar.close()
     return meters.summary(epoch)
 
@@ -200,6 +223,10 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
     dims = teachers[0].feat_dim if len(teachers) == 1 else [t.feat_dim for t in teachers]
     with default_dtype(compute_dtype(args)):
         student = Student(args.arch_student, dims, args.n_mlp_layers).to(dist_info.device, compute_dtype(args))
+    if args.sync_bn:
+        if not dist_info.distributed:
+            log.info("--sync_bn: one process, so its BatchNorm statistics are the whole batch's anyway")
+        student = convert_sync_batchnorm(student)
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
@@ -210,6 +237,8 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
                   "image_size": args.image_size, "views": dataset.transform.name}  # fmt: skip
     if args.float64:  # only when set, so float32 runs keep the identities they were recorded with
         student_id["float64"] = True
+    if args.sync_bn:  # another normalisation: resuming must not switch it on or off
+        student_id["sync_bn"] = True
     ids = [teacher_fingerprint(t, spec.weights, spec.use_fc) for t, spec in zip(teachers, specs, strict=True)]
     if len(ids) > 1:  # every teacher, in order, and how their losses are weighted
         student_id["teacher_loss_weights"] = teacher.weights
@@ -242,6 +271,8 @@ def main(args: argparse.Namespace) -> dict:
     setup_logging(None, dist_info.is_main, args.debug)  # logs/train.log once the run is set up
     specs = check_args(args, dist_info.world_size)
     torch.manual_seed(args.seed)
+    amp = None if args.float64 else amp_dtype(args.amp, dist_info.device)
+    args.channels_last = channels_last_default(args.channels_last, dist_info.device, amp)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -260,7 +291,7 @@ def main(args: argparse.Namespace) -> dict:
                              channels_last=args.channels_last, compile_teacher=args.compile_teacher,
                              cache_on_device=args.cache_on_device, image_size=args.image_size,
                              views=dataset.transform.record(args.seed), epochs=args.epochs,
-                             dtype=compute_dtype(args))  # fmt: skip
+                             dtype=compute_dtype(args), amp=amp)  # fmt: skip
     dataset.epoch_period = view_period(teacher)  # the loader's crops repeat with a K-view cache's K views
     run = build_run(args, exp_dir, dataset, teacher, specs, dist_info)
     start_epoch, progress = resume(run, args.resume, args.no_resume, args.weights)
@@ -270,7 +301,6 @@ def main(args: argparse.Namespace) -> dict:
     attach_log_file(os.path.join(exp_dir, "logs", "train.log"), dist_info.is_main)  # the lines so far included
     if dist_info.is_main:
         write_json(os.path.join(exp_dir, "logs", "train_args.json"), vars(args))
-    amp = None if args.float64 else amp_dtype(args.amp, dist_info.device)
     cfg = StepConfig(dist_info, amp, args.channels_last, args.print_freq, args.ckpt_every_steps,
                      StopVote(StopRequest(dist_info.is_main).install(), dist_info), compute_dtype(args))  # fmt: skip
     stats = train(args, run, model, teacher, loader, cfg, start_epoch, progress, knn_sets)

@@ -314,10 +314,22 @@ class TeacherSet:
         self.teachers = teachers
         self.weights = [w / sum(raw) for w in raw]
         self.feat_dims = [t.feat_dim for t in teachers]
+        self._weight_tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def weight_tensor(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The loss weights (K,) on ``device``, made once: the step uses them without a copy to the device."""
+        key = (torch.device(device), dtype)
+        if key not in self._weight_tensors:
+            self._weight_tensors[key] = torch.tensor(self.weights, dtype=dtype).to(device)
+        return self._weight_tensors[key]
 
     def targets(self, images: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
         """Every teacher's regression targets for the batch, in the order the teachers were given."""
         return [t.targets(images, indices) for t in self.teachers]
+
+    def read_ahead(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Each cached teacher reads a coming batch's rows ahead (a live teacher has nothing to read)."""
+        return [x for t in self.teachers if hasattr(t, "read_ahead") for x in t.read_ahead(indices)]
 
     def set_epoch(self, epoch: int) -> None:
         """Passed to every teacher (a K-view cache picks the epoch's view; a live teacher ignores it)."""

@@ -35,6 +35,7 @@ from models.io import file_sha256
 from models.teachers import load_teacher
 from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
+from tools.engine.step import AMP_CHOICES, amp_dtype
 from tools.teacher_cache.builder import build_cache
 
 log = logging.getLogger("simreg.cache")
@@ -61,6 +62,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out", required=True, help="output FILE.npy (FILE.json manifest is written beside it)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished cache built with other settings")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="autocast of the teacher, as train_student.py's --amp: auto = bf16 on CUDA (the targets a "
+                   "live teacher gives there), fp32 on CPU")  # fmt: skip
     cli.add_runtime_args(g)  # --seed: with --views K, the training run's seed (its crops)
     return p
 
@@ -148,6 +152,7 @@ def main(args: argparse.Namespace) -> None:
         dist_info=dist_info,
         overwrite=args.overwrite,
         n_views=args.views,
+        amp=amp_dtype(args.amp, dist_info.device),
     )
     distributed.barrier()
     distributed.cleanup()

@@ -29,6 +29,19 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
+def channels_last_default(flag: bool | None, device: torch.device, amp: torch.dtype | None) -> bool:
+    """``--channels_last`` (True) / ``--no_channels_last`` (False), else on for CUDA under bf16 or fp16 autocast.
+
+    Why on there: cuDNN runs half-precision convolutions on tensor cores in NHWC; fed NCHW tensors it
+    transposes every convolution's input and output around the kernel (about a tenth to a quarter of a
+    ResNet's step, by NVIDIA's and PyTorch's published measurements). Off on a CPU (NCHW is what the exact
+    CPU tests pin and oneDNN's default) and for float32 on CUDA (no tensor-core layout to match).
+    """
+    if flag is not None:
+        return flag
+    return device.type == "cuda" and amp in (torch.bfloat16, torch.float16)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` at ``dtype``, or a disabled one for fp32."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -218,7 +218,9 @@ def prepare_evaluation(args: argparse.Namespace, sub: str, log_name: str) -> Eva
     return Evaluation(dist_info, exp_dir, out_dir, model, datasets, dtype, key, log_name)
 
 
-def features_from_args(ev: Evaluation, args: argparse.Namespace, folder: str, splits: dict, reuse: str = "auto"):
+def features_from_args(
+    ev: Evaluation, args: argparse.Namespace, folder: str, splits: dict, reuse: str = "auto", on_device: bool = False
+):
     """:func:`centre_crop_features` of ``splits`` with the flags' batch, workers and saving."""
     return centre_crop_features(
         ev.model,
@@ -231,6 +233,7 @@ def features_from_args(ev: Evaluation, args: argparse.Namespace, folder: str, sp
         dtype=ev.dtype,
         reuse=reuse,
         save=not args.no_save_features,
+        on_device=on_device,
     )
 
 
@@ -290,12 +293,15 @@ def centre_crop_features(
     dtype: torch.dtype | None,
     reuse: str = "auto",
     save: bool = True,
+    on_device: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """{split: (features (N, D) float16-rounded float32, labels (N,))} on rank 0 (None elsewhere).
 
     ``reuse``: ``auto`` reuses saved features whose key matches and recomputes otherwise;
     ``require`` (an explicit ``--use_cache``) refuses stale ones; ``never`` recomputes.
     Features are rounded to float16 in every case, so reused and fresh features give equal results.
+    ``on_device``: fresh features stay on the device that computed them when they fit (k-NN searches
+    there); saved ones are read into host memory.
     """
     splits = tuple(datasets)
     status, reason = store.check(key, splits)
@@ -311,9 +317,8 @@ def centre_crop_features(
         log.warning("saved features in %s are stale (%s); recomputing", store.folder, reason)
     out, start = {}, time.perf_counter()
     for split, dataset in datasets.items():
-        got = extract_features(
-            model, dataset, batch_size=batch_size, num_workers=workers, dist_info=dist_info, amp_dtype=dtype, desc=split
-        )
+        got = extract_features(model, dataset, batch_size=batch_size, num_workers=workers, dist_info=dist_info,
+                               amp_dtype=dtype, desc=split, on_device=on_device)  # fmt: skip
         if got is not None:
             out[split] = (got[0].to(torch.float16).float(), got[1])
     if not out:

@@ -33,7 +33,7 @@ def knn_monitor(
     ranks), rank 0 searches and gets ``{"knn_top1_k<k>": ..., "knn_weighted_top1_k<k>": ...}``;
     the other ranks get ``{}``. The encoder's train/eval mode is restored afterwards.
     """
-    kw = dict(batch_size=batch_size, num_workers=workers, dist_info=dist_info, amp_dtype=amp_dtype)
+    kw = dict(batch_size=batch_size, num_workers=workers, dist_info=dist_info, amp_dtype=amp_dtype, on_device=True)
     with torch.random.fork_rng(devices=[]):  # the loaders draw seeds: keep training's RNG stream untouched
         train = extract_features(encoder, datasets["train"], desc="k-NN train", **kw)
         val = extract_features(encoder, datasets["val"], desc="k-NN val", **kw)
@@ -42,7 +42,8 @@ def knn_monitor(
     ks = tuple(k for k in ks if k <= train[0].shape[0]) or (1,)
     num_classes = len(datasets["train"].classes)
     (train_x, train_y), (val_x, val_y) = train, val
-    # float16-rounded like eval_knn.py's saved features, so both report the same number.
+    # float16-rounded like eval_knn.py's saved features, so both report the same number (on the device that
+    # computed them: the search runs there, no round trip through host memory).
     train_x, val_x = train_x.half().float(), val_x.half().float()
     res = knn_classify(
         train_x, train_y, val_x, val_y, ks, device=dist_info.device, num_classes=num_classes, backend="torch"
