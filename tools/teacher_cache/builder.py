@@ -153,6 +153,8 @@ def _extract(
     """
     device, world_size = dist_info.device, dist_info.world_size
     channels_last = channels_last_default(None, device, amp)
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
     batches = iter(DevicePrefetcher(loader, device))
     try:
         for rows in tqdm(steps, desc=desc, disable=None if dist_info.is_main else True, dynamic_ncols=True):
@@ -195,6 +197,16 @@ def cache_shape(n_images: int, feat_dim: int, n_views: int = 0) -> tuple[int, ..
     return (n_images, feat_dim) if n_views == 0 else (n_views, n_images, feat_dim)
 
 
+def _complete_manifest(manifest: dict, dataset, shape: tuple, n_views: int, amp: torch.dtype | None) -> dict:
+    """The manifest as written: the caller's description, the views, the autocast, fingerprint and shape."""
+    views = {**manifest.get("views", CENTRE_CROP), "n_views": max(n_views, 1)}
+    if (views["mode"] == CENTRE_CROP["mode"]) != (n_views == 0):
+        raise ValueError(f"a cache of {n_views} views cannot be described as {views['mode']}")
+    preprocessing = {**manifest.get("preprocessing", {}), "autocast": autocast_name(amp)}
+    manifest = {"version": MANIFEST_VERSION, **manifest, "preprocessing": preprocessing, "views": views}
+    return {**manifest, **dataset_fingerprint(dataset), "shape": list(shape)}
+
+
 def build_cache(
     teacher: torch.nn.Module,
     dataset,
@@ -221,12 +233,7 @@ def build_cache(
     """
     n, device, world_size = len(dataset), dist_info.device, dist_info.world_size
     shape = cache_shape(n, int(teacher.feat_dim), n_views)
-    views = {**manifest.get("views", CENTRE_CROP), "n_views": max(n_views, 1)}
-    if (views["mode"] == CENTRE_CROP["mode"]) != (n_views == 0):
-        raise ValueError(f"a cache of {n_views} views cannot be described as {views['mode']}")
-    preprocessing = {**manifest.get("preprocessing", {}), "autocast": autocast_name(amp)}
-    manifest = {"version": MANIFEST_VERSION, **manifest, "preprocessing": preprocessing, "views": views}
-    manifest = {**manifest, **dataset_fingerprint(dataset), "shape": list(shape)}
+    manifest = _complete_manifest(manifest, dataset, shape, n_views, amp)
     build_info = {k: manifest[k] for k in BUILD_KEYS}
     done, finished = _agree_to_start(npy_path, shape, build_info, overwrite, dist_info)
     if finished:
@@ -244,8 +251,6 @@ def build_cache(
     )
     writer = _RowWriter(npy_path, done, order) if dist_info.is_main else None
     teacher.eval()
-    if channels_last_default(None, device, amp):
-        teacher = teacher.to(memory_format=torch.channels_last)
     started = time.monotonic()
     try:
         _extract(teacher, loader, steps, batch_size, writer, dist_info, amp, desc)
