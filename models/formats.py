@@ -571,7 +571,7 @@ def detect_format(raw: object, path: str = "", arch: str | None = None) -> str:
     if like and not is_safetensors(path):  # a strong resemblance is the likeliest fix
         fixes = f"it resembles {like[0]}: try --teacher_format {like[0]} (evaluation: --format); a timm model: {timm}"
     else:  # a .safetensors file, or no layout it resembles: most likely one of timm's networks
-        fixes = f"a timm model's file needs its name: {timm}; another layout: --teacher_format NAME (--help lists them)"
+        fixes = f"a timm model's file needs its name: {timm}; another layout: --teacher_format NAME (see --help)"
     raise CheckpointError(f"could not recognise the layout of '{path}' (keys {shown}); {fixes}")
 
 

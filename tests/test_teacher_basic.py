@@ -103,7 +103,7 @@ def test_wrong_architecture_is_named(tmp_path, net):
 def test_unknown_layout_is_one_sentence_with_the_likeliest_fix_first(tmp_path):
     """No layout it resembles (or a .safetensors file): a timm network's file is the likeliest, so its flag first."""
     timm_first = ("a timm model's file needs its name: --arch_teacher timm/<name> (evaluation: --arch); another "
-                  "layout: --teacher_format NAME (--help lists them)")  # fmt: skip
+                  "layout: --teacher_format NAME (see --help)")  # fmt: skip
     path = str(tmp_path / "odd.pth")
     torch.save({"stem.weird.weight": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError) as info:

@@ -195,7 +195,9 @@ def test_a_user_mistake_is_one_sentence_with_exit_status_2(inputs, name):
     inputs = {**inputs, "out": os.path.join(inputs["tmp"], re.sub(r"\W+", "_", name))}
     out = run_mistake(case, inputs)
     line = error_line(out)
-    assert len(line) <= MAX_CHARS, f"{len(line)} characters: {line}"
+    # the fixture's folder is as long as the machine's temporary root makes it: count it as one short name
+    shown = line.replace(inputs["tmp"], "/tmp/x")
+    assert len(shown) <= MAX_CHARS, f"{len(shown)} characters (temporary folder counted as /tmp/x): {line}"
     assert re.search(case.says, line), line
     if case.not_says:
         assert case.not_says not in line, line
