@@ -115,7 +115,7 @@ def test_unknown_layout_is_one_sentence_with_the_likeliest_fix_first(tmp_path):
         load_teacher(path)
     keys = "q_encoder.stem.weight, queue"
     assert str(info.value) == f"could not recognise the layout of '{path}' (keys {keys}); {timm_first}"
-    assert len(str(info.value)) <= 300
+    assert len(str(info.value).replace(str(tmp_path), "/tmp/x")) <= 300  # the temporary folder counted short
 
 
 def test_code_running_pickle_is_refused_and_runs_nothing(tmp_path):
