@@ -22,9 +22,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classes, split_folder
+from data.datasets import IndexedImages, dataset_fingerprint, split_folder
 from data.device_decode import describe
 from data.loaders import build_loader
+from data.sources import check_data, open_images
+from data.sources import describe as describe_data
 from data.transforms import training_views
 from models.backbones import canonical_arch, teacher_arch_names
 from models.errors import UserError
@@ -60,8 +62,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def add_data_args(g) -> None:
-    g.add_argument("data", nargs="?", help="dataset root holding train/ (and val/) in ImageFolder layout")
+    g.add_argument("data", nargs="?", help="training images: a dataset root holding train/ (and val/), any folder "
+                   "of images (class folders or not), or shards 'DIR/train-{000000..000099}.tar'")  # fmt: skip
     cli.add_dataset_args(g)
+    cli.add_layout_arg(g)
     cli.add_view_args(g)
     g.add_argument("--num_workers", type=nonneg_int, default=8, help="data loading processes per rank")
     g.add_argument("--skip_bad_images", action="store_true", help="replace unreadable images by the next readable one")
@@ -101,6 +105,8 @@ def add_runtime_args(g) -> None:
                         "any tolerance, whatever the CPU's kernels)")  # fmt: skip
     g.add_argument("--knn_every", type=nonneg_int, default=0, help="every N epochs (and the last) log k-NN on val/")
     g.add_argument("--knn_resize_size", type=nonneg_int, default=0, help="k-NN resize (0: image_size * 256/224)")
+    g.add_argument("--val_data", default=None, help="the k-NN monitor's labelled data: a root holding train/ and val/ "
+                   "in class folders (default: DATA's own, when its images are class folders)")  # fmt: skip
     cli.add_runtime_args(g)
 
 
@@ -120,7 +126,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[TeacherSpec]:
             f"--batch_size {args.batch_size} (global) does not divide across {world_size} "
             "processes; choose a multiple of the process count"
         )
-    split_folder(args.data, "train")
+    check_data(args.data)
+    check_monitor_data(args)
     specs = teacher_specs(args.teacher_weights, args.arch_teacher, args.teacher_format, args.teacher_fc,
                           args.teacher_feats, args.use_cache, args.teacher_pool)  # fmt: skip
     args.teacher_loss_weights = loss_weights(args.teacher_loss_weights, len(specs))
@@ -166,19 +173,39 @@ def train_one_epoch(
 
 
 # ============ building blocks of main ============
-def build_dataset(args, device: torch.device) -> IndexedImageFolder:
-    classes = select_classes(args.data, args.class_list, args.dataset)
-    train_dir = split_folder(args.data, "train")
-    dataset = IndexedImageFolder(train_dir, None, classes, seed=args.seed, skip_bad=args.skip_bad_images)
-    paths = [path for path, _ in dataset.samples]
+def build_dataset(args, device: torch.device) -> IndexedImages:
+    dataset = open_images(args.data, class_list=args.class_list, subset=args.dataset, layout=args.layout,
+                          seed=args.seed, skip_bad=args.skip_bad_images, skip_flag="--skip_bad_images")  # fmt: skip
     views = training_views(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode, device,
-                           paths, args.min_crop_scale, not args.no_flip)  # fmt: skip
+                           dataset.index.name_sample(), args.min_crop_scale, not args.no_flip)  # fmt: skip
     dataset.transform = views
-    log.info("data: %d images in %d classes from %s; %s, %d px; %s", len(dataset), len(dataset.classes), train_dir,
-             views.name, args.image_size, describe(views.decoder, device))  # fmt: skip
+    log.info("data: %s; %s, %d px; %s", describe_data(dataset), views.name, args.image_size,
+             describe(views.decoder, device))  # fmt: skip
     if len(dataset) < args.batch_size:
         raise UserError(f"the training set has {len(dataset)} images, fewer than --batch_size {args.batch_size}")
     return dataset
+
+
+def check_monitor_data(args) -> None:
+    """``--val_data``: an existing root with train/ and val/ (the k-NN monitor's bank and queries)."""
+    if args.val_data and not args.knn_every:
+        cli.note_ignored("--val_data", "it names the k-NN monitor's data; add --knn_every N to run the monitor")
+    if args.val_data and args.knn_every:
+        if not os.path.isdir(args.val_data):
+            what = "is a file" if os.path.exists(args.val_data) else "does not exist"
+            raise UserError(f"--val_data folder '{args.val_data}' {what}; give a root holding train/ and val/ "
+                            "in class folders, or drop --val_data")  # fmt: skip
+        split_folder(args.val_data, "train")
+        split_folder(args.val_data, "val")
+
+
+def monitor_data(args, dataset: IndexedImages) -> tuple[str, list[str] | None] | None:
+    """The k-NN monitor's (root, classes): ``--val_data`` with all its classes, else DATA with the training
+    classes when its images are class folders and it has val/; None (the monitor is off) otherwise."""
+    if args.val_data:
+        return args.val_data, None
+    own = dataset.classes and os.path.isdir(os.path.join(args.data, "val"))
+    return (args.data, dataset.classes) if own and dataset.root == os.path.join(args.data, "train") else None
 
 
 def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], dist_info) -> Run:
@@ -265,9 +292,13 @@ def main(args: argparse.Namespace) -> dict:
 def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: int, progress) -> dict:
     """The epochs from ``start_epoch`` on; returns the last epoch's statistics (``interrupted`` on a signal)."""
     writer = ScalarWriter(os.path.join(run.exp_dir, "logs") if run.is_main else None)
-    knn_sets = None
-    if args.knn_every:  # centre-crop train/ and val/, as eval_knn.py reads them
-        knn_sets = monitor_datasets(args.data, args.image_size, args.knn_resize_size, loader.dataset.classes)
+    knn_sets, knn_data = None, monitor_data(args, loader.dataset) if args.knn_every else None
+    if knn_data:  # centre-crop train/ and val/, as eval_knn.py reads them
+        knn_sets = monitor_datasets(knn_data[0], args.image_size, args.knn_resize_size, knn_data[1])
+    elif args.knn_every:
+        why = "has no val/" if loader.dataset.classes else "holds images without labels"
+        log.warning("--knn_every %d: the k-NN monitor is off: DATA %s; pass --val_data DIR (train/ and val/ in "
+                    "class folders) to run it", args.knn_every, why)  # fmt: skip
     per_rank_batch = loader.batch_size
     stats = {}
     try:
