@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import vit_layouts
+from models import hf_layouts, vit_layouts
 from models.io import CheckpointError
 from models.resnet_wide import tf_to_torchvision
 from models.schema import is_simreg_checkpoint
@@ -371,6 +371,14 @@ def _convert_vit(raw: object, family: str) -> Converted:
                      projection=src.projection, projection_name=src.projection_name)  # fmt: skip
 
 
+# ---------------------------------------------------------------- Hugging Face snapshots (models/hf_layouts.py)
+def _convert_hf(raw: object) -> Converted:
+    """A Hugging Face snapshot or bare weights file: the network and preprocessing travel in ``meta["hf"]``."""
+    hf = hf_layouts.convert(raw)
+    return Converted(hf.backbone, hf.dropped, hf.unknown, arch=hf.spec.name, meta={"hf": hf},
+                     projection=hf.projection, projection_name=hf.projection_name)  # fmt: skip
+
+
 # ---------------------------------------------------------------- timm models by name
 def _convert_timm(raw: object) -> Converted:
     """timm's own names (``--arch_teacher timm/<name>``): the network decides which keys are its classifier."""
@@ -396,6 +404,13 @@ def _vit_format(family: str, description: str, markers: tuple[str, ...]) -> Form
 
 # Order matters for auto-detection: the most specific layouts first, plain names last.
 FORMATS: dict[str, Format] = {
+    "huggingface": Format(  # before every other layout: a snapshot folder is no dict of the others' names
+        hf_layouts.is_hf,
+        _convert_hf,
+        "Hugging Face transformers snapshots (config.json + model.safetensors / shards / pytorch_model.bin, or a "
+        "bare weights file): DINOv2 (with registers), DINOv3 ViT and ConvNeXt, CLIP, SigLIP, ViT",
+        ("embeddings.patch_embeddings", "encoder.layer.0.attention", "vision_model.embeddings"),
+    ),
     "simreg": Format(
         is_simreg_checkpoint, _convert_simreg, "this project's training checkpoints", ("student", "head", "version")
     ),
@@ -552,6 +567,10 @@ def convert(raw: object, fmt: str = "auto", path: str = "", arch: str | None = N
         fmt = detect_format(raw, path, arch)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format '{fmt}'; choose one of: auto, {', '.join(FORMATS)}")
+    if fmt != "huggingface" and hf_layouts.is_hf(raw):  # a snapshot named as a hub format: say what it is
+        raise CheckpointError(
+            f"'{path}' is a Hugging Face checkpoint, not a '{fmt}' file: pass --teacher_format auto (or huggingface)"
+        )
     try:
         converted = FORMATS[fmt].convert(raw)
     except CheckpointError as exc:  # a layout's own sentence, about this file

@@ -38,7 +38,11 @@ SAFE_GLOBALS = [argparse.Namespace]
 
 # ---------------------------------------------------------------- reading
 def file_sha256(path: str, block: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks)."""
+    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks); of a Hugging Face snapshot folder, the files it reads."""
+    if os.path.isdir(path):  # models/hf_checkpoints.py: config, preprocessing and weights files together
+        from models.hf_checkpoints import snapshot_sha256
+
+        return snapshot_sha256(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):

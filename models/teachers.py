@@ -9,7 +9,9 @@ Which network runs is decided by the architecture (``--arch_teacher``, or what t
 checkpoint format together: BYOL's weights need the "SAME"-padding ``byol_resnet50``, SimCLR's the
 widened ``resnet50x1/x2/x4``; plain torchvision names need the flag to tell those apart (docs/teachers.md). ViT
 formats (DINO, DINOv2, DINOv3, MoCo v3) build the publisher's ViT from the file's shapes
-(:mod:`models.vit`); ``timm/<name>`` builds timm's network and reads timm's names.
+(:mod:`models.vit`); ``timm/<name>`` builds timm's network and reads timm's names; a Hugging Face
+snapshot (a folder with ``config.json``, or its weights file) builds the network its config describes,
+exact to transformers' forward (:mod:`models.hf_layouts`, :mod:`models.hf_networks`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from models.backbones import (
 from models.errors import UserError
 from models.formats import FORMATS, Converted, convert, detect_format, infer_arch
 from models.frozen import FrozenExtractor, out_dim
-from models.io import CheckpointError, load_strict, safe_load
+from models.hf_checkpoints import read_weights
+from models.hf_networks import load_hf_network
+from models.io import CheckpointError, load_strict
 from models.vit import POOLS, build_vit, check_patch_multiple, materialise
 from models.vit_layouts import PUBLISHER
 
@@ -185,6 +189,9 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
         if "vit" in conv.meta:
             net, arch = _vit_network(conv, arch, path, fmt, pool)
             return net, arch, fmt, conv
+        if "hf" in conv.meta:  # Hugging Face snapshots: models/hf_layouts.py, models/hf_networks.py
+            net, arch = load_hf_network(conv.meta["hf"], arch, path, pool)
+            return net, arch, fmt, conv
         net, arch = _cnn_network(conv, arch, path, fmt)
     if pool != "auto":
         raise UserError(
@@ -197,6 +204,8 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
 def _normalisation(net: nn.Module, conv: Converted, fmt: str) -> tuple:
     if fmt == "timm":
         return timm_mean_std(net)
+    if "hf" in conv.meta:  # preprocessor_config.json, or the model type's published mean/std
+        return conv.meta["hf"].mean, conv.meta["hf"].std
     return (IMAGENET_MEAN, IMAGENET_STD) if conv.input_norm == "imagenet" else (None, None)
 
 
@@ -219,7 +228,7 @@ def load_teacher(
     pool: str = "auto",
     input_size: int | None = None,
 ) -> Teacher:
-    """Build the frozen teacher from a checkpoint file in any registered format.
+    """Build the frozen teacher from a checkpoint file in any registered format, or a Hugging Face snapshot folder.
 
     Every backbone key must be present and fit; keys the format recognises as non-backbone parts
     (projection heads, predictors, prototypes, momentum encoders, queues, classifiers) are dropped and
@@ -230,9 +239,9 @@ def load_teacher(
     if pool not in ("auto", *POOLS):
         raise UserError(f"--teacher_pool {pool!r}: choose auto, {', '.join(POOLS)}")
     arch = arch or None  # an empty --arch_teacher (run.sh's default) means: read it from the file
-    net, arch, fmt, conv = _network(safe_load(weights, "teacher"), arch, fmt, weights, pool)
+    net, arch, fmt, conv = _network(read_weights(weights, "teacher"), arch, fmt, weights, pool)
     vit_pool = getattr(net, "pool_mode", None)
-    if use_fc and vit_pool not in (None, "cls"):
+    if use_fc and vit_pool not in (None, "cls", "head"):  # head: SigLIP's pooling, which no projection follows
         raise UserError(f"--teacher_fc projects the class token; it cannot follow --teacher_pool {pool}")
     head = _projection_head(conv, fmt, weights) if use_fc else None
     if conv.dropped:

@@ -12,11 +12,14 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
 import tarfile
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 import webdataset as wds
 from PIL import Image
 
@@ -27,7 +30,7 @@ from data.loaders import EpochSampler, build_loader
 from data.shards import index_path
 from data.sources import open_images
 from data.transforms import TrainViews
-from tests.conftest import write_random_resnet18
+from tests.conftest import ROOT, write_random_resnet18
 from tests.test_guarantees import assert_same_weights, final_state
 from tools import cache_teacher_features, embed, make_shards
 from tools.bench.scale import tuple_index_scan
@@ -377,3 +380,60 @@ def test_skip_bad_images_skips_an_unreadable_sample_of_a_shard(tmp_path, shards,
     stats = train_student.main(train_args(_corrupt_shard(tmp_path, shards), weights, tmp_path / "e", 1,
                                           "--skip_bad_images"))  # fmt: skip
     assert stats["bad_images_skipped"] == 1 and stats["steps"] == 3
+
+
+SHARD_MISTAKES = {
+    "no folder": (lambda t, s: [str(t / "nope"), str(t / "out")], r"data folder '.*nope' does not exist"),
+    "out is a file": (lambda t, s: [str(t), __file__], r"OUT '.*' is a file"),
+    "shards as folder": (lambda t, s: [s, str(t / "out")], r"names shards already; give the folder of images"),
+    "index and folder": (lambda t, s: [str(t), "--index", s], r"--index SHARDS indexes existing shards; give no"),
+    "index of nothing": (lambda t, s: ["--index", str(t / "x-{0..2}.tar")], r"no shard matches"),
+    "nothing": (lambda t, s: [], r"give FOLDER and OUT"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARD_MISTAKES))
+def test_make_shards_mistakes_are_one_sentence(case, tmp_path, shards, caplog):
+    make_argv, message = SHARD_MISTAKES[case]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(make_shards.main, make_shards.get_args_parser().parse_args(make_argv(tmp_path, shards)))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert exit_info.value.code == 2 and len(errors) == 1 and re.search(message, errors[0]), errors
+
+
+def test_embed_names_an_unreadable_sample_and_its_shard(tmp_path, shards, weights, caplog):
+    argv = [_corrupt_shard(tmp_path, shards), "--weights", weights, "--teacher", "--out", str(tmp_path / "f.npy"),
+            "--resize_size", "36", "--crop_size", "32", "-j", "0", "--device", "cpu"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(embed.main, embed.get_args_parser().parse_args(argv))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert re.search(r"cannot read image '.*' in shard '.*train-000001.tar' \(not an image format PIL knows\); "
+                     r"re-create that shard \(python -m tools.make_shards\)$", errors[0]), errors  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_killed_run_on_shards_resumes_mid_epoch_exactly(shards, weights, tmp_path):
+    from tests.test_guarantees import TRAIN, run_until
+
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    argv = [shards, "--teacher_weights", weights, "--arch_student", "resnet18", "--image_size", str(SIZE),
+            "--batch_size", "4", "--epochs", "2", "--num_workers", "1", "--device", "cpu", "--single_aug",
+            "--weak_weak", "--print_freq", "1", "--ckpt_every_steps", "1", "--exp_dir"]  # fmt: skip
+    subprocess.run(TRAIN + argv + [straight], cwd=ROOT, check=True, capture_output=True)
+    assert run_until(argv + [killed], 2, signal.SIGKILL) == -signal.SIGKILL  # after step 2 of epoch 1's 3
+    subprocess.run(TRAIN + argv + [killed], cwd=ROOT, check=True, capture_output=True)
+    assert_same_weights(final_state(straight), final_state(killed))
+
+
+@pytest.mark.slow
+def test_two_teachers_on_shards_equal_two_teachers_on_the_folder(folder, shards, weights, tmp_path):
+    torch.manual_seed(5)
+    other = str(tmp_path / "other.pth")
+    torch.save(torchvision.models.resnet18().state_dict(), other)
+    for name, data in (("folder", folder), ("shards", shards)):
+        args = train_args(data, weights, tmp_path / name, 1)
+        args.teacher_weights = [weights, other]
+        train_student.main(args)
+    assert losses(tmp_path / "folder") == losses(tmp_path / "shards")
+    assert_same_weights(final_state(str(tmp_path / "folder")), final_state(str(tmp_path / "shards")))

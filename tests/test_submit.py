@@ -91,16 +91,16 @@ SLOW_STEPS = """
 import sys, time
 sys.path.insert(0, {root!r})
 import train_student
-from tools.engine import step
+from models import simreg
 from tools.engine.cli import run_cli
 
-original = step.regression_loss
+original = simreg.regression_loss
 
 def slow_loss(pred, target):  # steps long enough for the test to signal in the middle of the run
     time.sleep(0.4)
     return original(pred, target)
 
-step.regression_loss = slow_loss
+simreg.regression_loss = slow_loss
 run_cli(train_student.main, train_student.get_args_parser().parse_args())
 """
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread everywhere: equal float sums need equal orders

@@ -79,7 +79,7 @@ def check_args(args: argparse.Namespace) -> None:
         cli.note_ignored("--single_aug/--weak_weak/--weak_strong/--min_crop_scale/--no_flip", "they choose the "
                          "crops of --views K; without it the cache holds centre crops")  # fmt: skip
     check_data(args.data)
-    cli.check_paths(files={"--teacher_weights": args.teacher_weights, "--class_list": args.class_list})
+    cli.check_paths(weights={"--teacher_weights": args.teacher_weights}, files={"--class_list": args.class_list})
     cli.check_batch_fits(args.batch_size, args.image_size if args.views else args.crop_size)
 
 

@@ -70,7 +70,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not is_shard_spec(args.data) and not os.path.isdir(args.data):
         what = "is a file" if os.path.exists(args.data) else "does not exist"
         raise UserError(f"image folder '{args.data}' {what}; give the folder holding the images (or shards '*.tar')")
-    cli.check_paths(files={"--weights": args.weights})
+    cli.check_paths(weights={"--weights": args.weights})
     cli.check_batch_fits(args.batch_size, args.crop_size)
 
 

@@ -128,9 +128,20 @@ def check_npy_output(out: str, crop_size: int, resize_size: int) -> None:
         raise UserError(f"--crop_size {crop_size} is larger than --resize_size {resize_size}")
 
 
-def check_paths(*, files: dict[str, str | None] = (), folders: dict[str, str | None] = ()) -> None:
-    """A UserError naming the first flag whose path is not an existing file (``files``) or folder."""
-    for flag, path in dict(files).items():
+def check_paths(
+    *, files: dict[str, str | None] = (), folders: dict[str, str | None] = (), weights: dict[str, str | None] = ()
+) -> None:
+    """A UserError naming the first flag whose path is not an existing file (``files``) or folder; ``weights``:
+    a checkpoint file or a Hugging Face snapshot folder (config.json with its weights)."""
+    files = dict(files)
+    for flag, path in dict(weights).items():
+        if path and os.path.isdir(path):
+            from models.hf_checkpoints import check_snapshot  # imported here: --help stays free of timm
+
+            check_snapshot(path, flag)
+        else:
+            files[flag] = path
+    for flag, path in files.items():
         if path and not os.path.isfile(path):
             what = "is a folder" if os.path.isdir(path) else "does not exist"
             raise UserError(f"{flag} '{path}' {what}; give an existing file")

@@ -82,7 +82,7 @@ def teacher_specs(weights, arch, fmt, use_fc, feats, use_cache: bool, pool="auto
         w, f = (None if weights[k] == NONE else weights[k]), (None if feats[k] == NONE else feats[k])
         if w is None and f is None:
             raise UserError(f"teacher {k + 1} has neither a --teacher_weights file nor a --teacher_feats cache")
-        check_paths(files={"--teacher_weights": w, "--teacher_feats": f})
+        check_paths(weights={"--teacher_weights": w}, files={"--teacher_feats": f})
         specs.append(TeacherSpec(w, archs[k], fmts[k], fcs[k], f, pools[k]))
     return specs
 

@@ -71,7 +71,7 @@ def check_common_args(args: argparse.Namespace, world_size: int) -> None:
         raise UserError(f"--exp_dir '{args.exp_dir}' is a file; give the experiment folder")
     if args.save and os.path.isfile(args.save):
         raise UserError(f"--save '{args.save}' is a file; give an output folder")
-    cli.check_paths(files={"--weights": args.weights, "--class_list": args.class_list})
+    cli.check_paths(weights={"--weights": args.weights}, files={"--class_list": args.class_list})
     cli.check_batch_fits(args.batch_size // world_size, args.crop_size, "--batch-size")
 
 
