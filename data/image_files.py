@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from data.datasets import IMG_EXTENSIONS, DataError, FolderFiles, IndexedImages
-from data.index import SampleIndex
+from data.index import SampleIndex, release_free_memory
 
 
 def scan_images(root: str) -> SampleIndex:
@@ -41,7 +41,10 @@ def scan_images(root: str) -> SampleIndex:
     if not found:
         raise DataError(f"'{root}' holds no images ({', '.join(IMG_EXTENSIONS)}) in any of its folders")
     found.sort()
-    return SampleIndex.from_names(found)
+    index = SampleIndex.from_names(found)
+    del found
+    release_free_memory()
+    return index
 
 
 def list_image_files(root: str) -> list[str]:

@@ -17,6 +17,7 @@ pages stay shared. Names are stored with ``surrogateescape``, so any file name t
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 from collections.abc import Iterator, Sequence
 
@@ -45,11 +46,19 @@ class SampleIndex:
 
     @classmethod
     def concat(cls, parts: Sequence[SampleIndex], classes: Sequence[str]) -> SampleIndex:
-        """The samples of ``parts`` one after the other, under one class list."""
-        builder = IndexBuilder()
-        for part in parts:
-            builder.add_encoded(part.blob.tobytes(), np.diff(part.starts.astype(np.int64)) - 1, part.labels)
-        return builder.build(classes)
+        """The samples of ``parts`` one after the other, under one class list (copied once into new arrays)."""
+        parts = [p for p in parts if len(p)]
+        total = sum(p.blob.nbytes for p in parts) + max(len(parts) - 1, 0)
+        blob, n = np.full(total, ord("\n"), dtype=np.uint8), sum(len(p) for p in parts)
+        starts = np.empty(n + 1, dtype=np.uint32 if total + 1 < 2**32 else np.int64)
+        pos = row = 0
+        for p in parts:
+            blob[pos : pos + p.blob.nbytes] = p.blob
+            starts[row : row + len(p)] = p.starts[:-1].astype(np.int64) + pos
+            pos, row = pos + p.blob.nbytes + 1, row + len(p)
+        starts[n] = pos if parts else 0
+        labels = np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.int32)
+        return cls(blob, starts, labels.astype(np.int32, copy=False), classes)
 
     # ============ reading ============
     def __len__(self) -> int:
@@ -137,3 +146,15 @@ class IndexBuilder:
         labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int32)
         self.chunks, self.lengths, self.labels = [], [], []
         return SampleIndex(blob, starts, labels, classes)
+
+
+def release_free_memory() -> None:
+    """Hand memory freed while building an index back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps freed heap pages for reuse, so the transient buffers of a 14M-sample build (the per-shard
+    arrays, the scanned names) would stay in the main process's resident memory, about 1 GB (measured).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

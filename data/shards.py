@@ -28,7 +28,7 @@ from webdataset import TarWriter
 from webdataset.tariterators import base_plus_ext
 
 from data.datasets import IMG_EXTENSIONS, DataError, unreadable_reason
-from data.index import ENCODING, SampleIndex
+from data.index import ENCODING, SampleIndex, release_free_memory
 from models.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,8 @@ def open_shards(spec: str) -> tuple[SampleIndex, ShardFiles]:
     offsets = np.concatenate([p["offsets"] for p in parts])
     largest = max(int(p["sizes"].max()) if len(p["sizes"]) else 0 for p in parts)
     sizes = np.concatenate([p["sizes"] for p in parts]).astype(np.uint32 if largest < 2**32 else np.int64)
+    del parts
+    release_free_memory()
     return index, ShardFiles(shards, bounds, offsets, sizes, index)
 
 

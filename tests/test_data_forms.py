@@ -437,3 +437,25 @@ def test_two_teachers_on_shards_equal_two_teachers_on_the_folder(folder, shards,
         train_student.main(args)
     assert losses(tmp_path / "folder") == losses(tmp_path / "shards")
     assert_same_weights(final_state(str(tmp_path / "folder")), final_state(str(tmp_path / "shards")))
+
+
+@pytest.mark.slow
+def test_data_scale_profile_measures_each_form_and_cleans_up(tmp_path):
+    from tools import benchmark
+
+    argv = [
+        "data_scale",
+        "--dry_run",
+        "--work_dir",
+        str(tmp_path),
+        "--set",
+        "files=300",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    rows = benchmark.main(benchmark.get_args_parser().parse_args(argv))
+    assert [r["key"] for r in rows] == ["index.folder_tuples_300", "index.folder_ours_300", "index.shards_ours_300"]
+    for r in rows:
+        assert r["n_images"] == 300 and r["workers"] == 2 and r["first_batch_s"] >= r["build_s"] > 0
+        assert r["worker_private_mb"] is not None and r["main_index_mb"] is not None and "load_1min" in r
+    assert not os.path.exists(tmp_path / "scale")  # the simulated folders and shards are removed
