@@ -199,13 +199,21 @@ def check_monitor_data(args) -> None:
         split_folder(args.val_data, "val")
 
 
-def monitor_data(args, dataset: IndexedImages) -> tuple[str, list[str] | None] | None:
-    """The k-NN monitor's (root, classes): ``--val_data`` with all its classes, else DATA with the training
-    classes when its images are class folders and it has val/; None (the monitor is off) otherwise."""
+def monitor_sets(args, dataset: IndexedImages) -> dict | None:
+    """The k-NN monitor's centre-crop train/ and val/, as eval_knn.py reads them: ``--val_data`` (all its
+    classes), else DATA's own when its training images are DATA/train's class folders and it has val/ (the
+    training classes); None when the monitor is off (said in the log)."""
+    if not args.knn_every:
+        return None
     if args.val_data:
-        return args.val_data, None
-    own = dataset.classes and os.path.isdir(os.path.join(args.data, "val"))
-    return (args.data, dataset.classes) if own and dataset.root == os.path.join(args.data, "train") else None
+        return monitor_datasets(args.val_data, args.image_size, args.knn_resize_size, None)
+    own = dataset.root == os.path.join(args.data, "train") and os.path.isdir(os.path.join(args.data, "val"))
+    if dataset.classes and own:
+        return monitor_datasets(args.data, args.image_size, args.knn_resize_size, dataset.classes)
+    why = "has no val/" if dataset.classes else "holds images without labels"
+    log.warning("--knn_every %d: the k-NN monitor is off: DATA %s; pass --val_data DIR (train/ and val/ in class "
+                "folders) to run it", args.knn_every, why)  # fmt: skip
+    return None
 
 
 def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], dist_info) -> Run:
@@ -292,13 +300,7 @@ def main(args: argparse.Namespace) -> dict:
 def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: int, progress) -> dict:
     """The epochs from ``start_epoch`` on; returns the last epoch's statistics (``interrupted`` on a signal)."""
     writer = ScalarWriter(os.path.join(run.exp_dir, "logs") if run.is_main else None)
-    knn_sets, knn_data = None, monitor_data(args, loader.dataset) if args.knn_every else None
-    if knn_data:  # centre-crop train/ and val/, as eval_knn.py reads them
-        knn_sets = monitor_datasets(knn_data[0], args.image_size, args.knn_resize_size, knn_data[1])
-    elif args.knn_every:
-        why = "has no val/" if loader.dataset.classes else "holds images without labels"
-        log.warning("--knn_every %d: the k-NN monitor is off: DATA %s; pass --val_data DIR (train/ and val/ in "
-                    "class folders) to run it", args.knn_every, why)  # fmt: skip
+    knn_sets = monitor_sets(args, loader.dataset)
     per_rank_batch = loader.batch_size
     stats = {}
     try:

@@ -178,7 +178,7 @@ def probe(spec: dict) -> dict:
 
 def worker_pass(dataset, touch, workers: int, batch: int, main_mb: float) -> list[dict]:
     """Fork ``workers`` processes that each read the index entries of their share of epoch 1; their
-    private memory before and after (MB), and the seconds the pass took."""
+    private memory before and after (MiB), and the seconds the pass took."""
     order = EpochSampler(len(dataset), seed=0).order() if workers else np.zeros(0, np.int64)
     available_mb = _meminfo_kb("MemAvailable") / 1024
     at_once = max(1, min(workers, int(0.5 * available_mb / max(main_mb, 1.0))))
@@ -350,7 +350,7 @@ def stage_scale(p, ctx: Context) -> list[dict]:
 
 
 def scale_row(n: int, form: str, impl: str, figures: dict, load: tuple) -> dict:
-    """One row: the probe's figures with the workers' private memory summarised (MB)."""
+    """One row: the probe's figures with the workers' private memory summarised (MiB)."""
     workers = figures.pop("workers")
     grown = [w["private_after_mb"] - w["private_before_mb"] for w in workers]
     index = "list of (path, label) tuples (before)" if impl == "tuples" else "numpy arrays"
@@ -371,7 +371,7 @@ def format_scale_table(rows: list[dict], p, ctx: Context) -> str:
     lines = [
         f"\n{head.get('device', '')} | {head.get('cpu_cores', '')} cores | load: 1-minute average at each row's start",
         f"{'files':>11} {'form, index':<46} {'first batch s':>13} {'build s (cpu)':>14} {'fingerprint s':>13} "
-        f"{'main MB':>8} {'worker MB':>9} {'load':>5}",
+        f"{'main MiB':>8} {'worker MiB':>10} {'load':>5}",
     ]
     for r in rows:
         if r.get("failed"):
@@ -379,7 +379,7 @@ def format_scale_table(rows: list[dict], p, ctx: Context) -> str:
             continue
         build = f"{r['build_s']:.1f} ({r['build_cpu_s']:.1f})"
         lines.append(f"{r['n_files']:>11,} {r['config']:<46} {r['first_batch_s']:>13.1f} {build:>14} "
-                     f"{r['fingerprint_s']:>13.2f} {r['main_index_mb']:>8.0f} {r['worker_private_mb']:>9.1f} "
+                     f"{r['fingerprint_s']:>13.2f} {r['main_index_mb']:>8.0f} {r['worker_private_mb']:>10.1f} "
                      f"{r['load_1min']:>5.2f}")  # fmt: skip
     return "\n".join(lines) + "\n"
 
