@@ -235,6 +235,18 @@ def test_folder_and_shards_give_the_same_crops_bit_for_bit(folder, shards):
                 assert all(torch.equal(u, v) for u, v in pairs), (key, decode, single)
 
 
+def test_device_decoding_of_shards_gives_the_folders_crops(folder, shards):
+    """--decode gpu: workers hand over the encoded JPEG bytes and boxes; decoded here on the CPU."""
+    views = TrainViews(SIZE, True, True, False, decode="gpu")
+    a, b = open_images(folder, views, seed=5), open_images(shards, views, seed=5)
+    keys = [(i, 2) for i in range(len(a))]
+    batch_a, labels_a, index_a = views.collate([a[k] for k in keys])
+    batch_b, labels_b, index_b = views.collate([b[k] for k in keys])
+    assert batch_a.lengths and batch_a.boxes == batch_b.boxes and batch_a.flips == batch_b.flips
+    assert torch.equal(labels_a, labels_b) and torch.equal(index_a, index_b)
+    assert torch.equal(batch_a.decode("cpu"), batch_b.decode("cpu"))
+
+
 def test_training_on_shards_equals_training_on_the_folder_and_resumes_across_them(folder, shards, weights, tmp_path):
     on_folder, on_shards, mixed = tmp_path / "folder", tmp_path / "shards", tmp_path / "mixed"
     train_student.main(train_args(folder, weights, on_folder, 2))
