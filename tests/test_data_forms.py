@@ -189,6 +189,26 @@ def test_a_folder_of_images_trains_resumes_and_says_the_monitor_is_off(tmp_path,
     assert dataset_fingerprint(dataset)["n_images"] == 8 and set(dataset.targets) == {-1}
 
 
+def test_a_folder_of_images_has_its_teacher_caches(tmp_path, weights):
+    photos = tmp_path / "photos"
+    write_pictures(str(photos), [f"p{i}.jpg" for i in range(6)] + ["deeper/q.png", "deeper/r.jpg"])
+    fingerprint = dataset_fingerprint(open_images(str(photos), layout="images"))
+    for views, shape in ((0, (8, 512)), (2, (2, 8, 512))):
+        out = str(tmp_path / f"views{views}.npy")
+        argv = [str(photos), "--layout", "images", "--teacher_weights", weights, "--out", out, "--batch_size",
+                "5", "--num_workers", "0", "--device", "cpu", "--single_aug", "--weak_weak", "--image_size",
+                str(SIZE)]  # fmt: skip
+        argv += ["--views", str(views)] if views else ["--resize_size", "36", "--crop_size", str(SIZE)]
+        cache_teacher_features.main(cache_teacher_features.get_args_parser().parse_args(argv))
+        with open(out[:-4] + ".json") as f:
+            manifest = json.load(f)
+        assert np.load(out).shape == shape and manifest["classes"] == [] and manifest["n_images"] == 8
+        assert manifest["paths_sha256"] == fingerprint["paths_sha256"]
+    cached = ("--layout", "images", "--use_cache", "--teacher_feats", str(tmp_path / "views2.npy"))
+    stats = train_student.main(train_args(str(photos), weights, tmp_path / "e", 2, *cached))
+    assert stats["epoch"] == 2 and np.isfinite(stats["loss"])
+
+
 def test_layout_auto_reads_sub_folders_as_classes_and_names_loose_images(tmp_path, caplog):
     write_pictures(str(tmp_path / "flat"), ["a.jpg", "b.png"])
     assert open_images(str(tmp_path / "flat")).index.names() == ["a.jpg", "b.png"]  # no sub-folder: no labels
