@@ -46,8 +46,8 @@ def check_data(data: str) -> None:
         return
     if not os.path.exists(data):
         raise DataError(
-            f"data folder '{data}' does not exist; give a folder of images (or a dataset root holding train/), "
-            "or shards as 'DIR/train-{000000..000099}.tar'"
+            f"data folder '{data}' does not exist; give the dataset root (a folder of images, or one holding "
+            "train/), or shards as 'DIR/train-{000000..000099}.tar'"
         )
     if not os.path.isdir(data):
         raise DataError(f"DATA '{data}' is a file; give a folder of images or shards named '*.tar'")

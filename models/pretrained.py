@@ -160,6 +160,9 @@ def _student_model(
     log.info("evaluating %s (%s, format %s%s)", weights, arch, fmt, shown)
     identity = _identity(weights, fmt, arch, "student", use_pred)
     identity["epoch"] = conv.meta.get("epoch")
+    if conv.meta.get("epochs"):  # a training checkpoint: how far its run had come, and at which crop size
+        keys = ("epochs", "steps_into_next", "image_size", "knn_resize_size")
+        identity["training"] = {k: conv.meta.get(k) for k in keys}
     return EvalModel(encoder, head, arch, identity)
 
 

@@ -128,15 +128,22 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * (p * t).sum(dim=1)).mean()
 
 
-def multi_teacher_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: Sequence[float]):
+def multi_teacher_loss(
+    preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor
+):
     """Several teachers at once: ``[sum_k w_k L_k, L_1, ..., L_K]`` as one (K + 1,) fp32 tensor.
 
     ``L_k = regression_loss(preds[k], targets[k])`` with pred k (B, D_k) from head k and target k (B, D_k)
     from teacher k; ``weights`` (K,) sum to 1 (the paper's plain average when equal). The first entry is
-    what the step minimises; the others are logged per teacher.
+    what the step minimises; the others are logged per teacher. The training step passes the weights as
+    a tensor already on the device (:meth:`models.teachers.TeacherSet.weight_tensor`): a list would be
+    copied to the device every step, and that copy waits for the queued work.
     """
     per_teacher = torch.stack([regression_loss(p, t) for p, t in zip(preds, targets, strict=True)])
-    w = torch.tensor(list(weights), dtype=per_teacher.dtype, device=per_teacher.device)
+    if isinstance(weights, torch.Tensor):
+        w = weights.to(per_teacher.device, per_teacher.dtype)  # a no-op for the step's own tensor
+    else:
+        w = torch.tensor(list(weights), dtype=per_teacher.dtype, device=per_teacher.device)
     return torch.cat([(w * per_teacher).sum().reshape(1), per_teacher])
 
 
@@ -166,5 +173,6 @@ def distillation_losses(
         pred = student(x_student)
     if not several:
         return {"loss": regression_loss(pred, target)}
-    losses = multi_teacher_loss(pred, target, teacher.weights)
+    weights = teacher.weight_tensor(pred[0].device, torch.promote_types(pred[0].dtype, torch.float32))
+    losses = multi_teacher_loss(pred, target, weights)
     return {"loss": losses[0], "per_teacher": losses[1:]}

@@ -180,6 +180,8 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
     """(network with the file's weights, its architecture name, the format, the converted file)."""
     if is_timm_arch(arch) or fmt == "timm":
         net, conv = _timm_network(raw, arch, path)
+        if fmt == "auto":
+            note_layout_overridden(raw, arch, path, timm_mean_std(net))
         fmt = "timm"
     else:
         fmt, conv = convert(raw, fmt, path, arch=TEACHER_ALIASES.get(arch, arch))
@@ -199,6 +201,39 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
             f"({arch}) gives its network's own pooled feature: drop --teacher_pool"
         )
     return net, arch, fmt, conv
+
+
+def note_layout_overridden(raw: object, arch: str, path: str, timm_norm: tuple) -> None:
+    """One line when ``--arch_teacher timm/<name>`` reads a file whose keys auto-detection reads as another
+    layout (a DINO ViT's keys are timm's names): the name decides, with timm's preprocessing, not the layout's."""
+    before = logging.root.manager.disable
+    logging.disable(logging.INFO)  # the probe's own notes would describe a reading that does not happen
+    try:
+        fmt = detect_format(raw, path)
+        if fmt in ("torchvision", "timm", "simreg", "huggingface"):  # plain names, or a distilled timm student
+            return
+        conv = FORMATS[fmt].convert(raw)
+    except (CheckpointError, KeyError, AttributeError, TypeError):
+        return
+    finally:
+        logging.disable(before)
+    theirs = _norm_name(*_normalisation(None, conv, fmt))
+    log.warning(
+        "teacher '%s' has the key layout of a %s file (read as one: input %s); --arch_teacher %s reads it as timm's "
+        "network with timm's preprocessing (input %s) - leave --arch_teacher unset to read it as %s",
+        path, fmt, theirs, arch, _norm_name(*timm_norm), fmt,
+    )  # fmt: skip
+
+
+def _norm_name(mean, std) -> str:
+    """``ImageNet mean/std``, ``[0, 1] without mean/std`` or ``mean (..) std (..)``."""
+    if mean is None:
+        return INPUT_NAMES["none"]
+    if torch.allclose(torch.tensor(mean), torch.tensor(IMAGENET_MEAN)) and torch.allclose(
+        torch.tensor(std), torch.tensor(IMAGENET_STD)
+    ):
+        return INPUT_NAMES["imagenet"]
+    return f"mean {tuple(round(v, 4) for v in mean)} std {tuple(round(v, 4) for v in std)}"
 
 
 def _normalisation(net: nn.Module, conv: Converted, fmt: str) -> tuple:
@@ -279,10 +314,22 @@ class TeacherSet:
         self.teachers = teachers
         self.weights = [w / sum(raw) for w in raw]
         self.feat_dims = [t.feat_dim for t in teachers]
+        self._weight_tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def weight_tensor(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The loss weights (K,) on ``device``, made once: the step uses them without a copy to the device."""
+        key = (torch.device(device), dtype)
+        if key not in self._weight_tensors:
+            self._weight_tensors[key] = torch.tensor(self.weights, dtype=dtype).to(device)
+        return self._weight_tensors[key]
 
     def targets(self, images: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
         """Every teacher's regression targets for the batch, in the order the teachers were given."""
         return [t.targets(images, indices) for t in self.teachers]
+
+    def read_ahead(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Each cached teacher reads a coming batch's rows ahead (a live teacher has nothing to read)."""
+        return [x for t in self.teachers if hasattr(t, "read_ahead") for x in t.read_ahead(indices)]
 
     def set_epoch(self, epoch: int) -> None:
         """Passed to every teacher (a K-view cache picks the epoch's view; a live teacher ignores it)."""

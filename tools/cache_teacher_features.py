@@ -37,13 +37,14 @@ from models.io import file_sha256
 from models.teachers import load_teacher
 from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
+from tools.engine.step import AMP_CHOICES, amp_dtype
 from tools.teacher_cache.builder import build_cache
 
 log = logging.getLogger("simreg.cache")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("teacher feature cache", add_help=add_help)
+    p = cli.ArgumentParser("teacher feature cache", add_help=add_help)
     g = p.add_argument_group("data")
     g.add_argument("data", help="the training images, given as to train_student.py (a dataset root, a folder of "
                    "images or shards)")  # fmt: skip
@@ -59,12 +60,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     cli.add_view_args(g)  # with --views K: the run's views, as train_student.py takes them
     g.add_argument("--batch_size", type=cli.positive_int, default=256, help="rows (crops) per batch and process")
-    g.add_argument("--num_workers", type=cli.nonneg_int, default=8, help="data loading processes per process")
+    cli.add_workers_arg(g, "num_workers")
     g = p.add_argument_group("teacher")
     cli.add_teacher_args(g, teacher_arch_names(), weights_required=True)
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out", required=True, help="output FILE.npy (FILE.json manifest is written beside it)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished cache built with other settings")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="autocast of the teacher, as train_student.py's --amp: auto = bf16 on CUDA (the targets a "
+                   "live teacher gives there), fp32 on CPU")  # fmt: skip
     cli.add_runtime_args(g)  # --seed: with --views K, the training run's seed (its crops)
     return p
 
@@ -151,6 +155,7 @@ def main(args: argparse.Namespace) -> None:
         dist_info=dist_info,
         overwrite=args.overwrite,
         n_views=args.views,
+        amp=amp_dtype(args.amp, dist_info.device),
     )
     distributed.barrier()
     distributed.cleanup()

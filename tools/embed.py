@@ -32,7 +32,7 @@ from models.pretrained import EvalModel, load_eval_model
 from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
 from tools.engine.step import amp_dtype, autocast
-from tools.eval.common import prediction
+from tools.eval.common import add_size_args, prediction, resolve_sizes
 from tools.teacher_cache.builder import build_cache
 from tools.teacher_cache.reader import manifest_path
 
@@ -40,14 +40,13 @@ log = logging.getLogger("simreg.embed")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("features of every image of a folder", add_help=add_help)
+    p = cli.ArgumentParser("features of every image of a folder", add_help=add_help)
     g = p.add_argument_group("data")
     g.add_argument("data", metavar="DATA", help="folder of images in any layout (searched recursively), or shards "
                    "'DIR/train-{000000..000099}.tar'")  # fmt: skip
-    g.add_argument("--resize_size", type=cli.image_size_int, default=256, help="shorter side before the centre crop")
-    g.add_argument("--crop_size", type=cli.image_size_int, default=224, help="centre crop size")
+    add_size_args(g)
     g.add_argument("-b", "--batch_size", type=cli.positive_int, default=256, help="images per batch and process")
-    g.add_argument("-j", "--workers", type=cli.nonneg_int, default=8, help="loader processes per process")
+    cli.add_workers_arg(g, "workers")
     g = p.add_argument_group("network")
     g.add_argument("--weights", required=True, help="checkpoint (any student or teacher format eval_knn.py reads)")
     g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")
@@ -65,13 +64,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Paths and sizes, before any work starts."""
+    """Paths and the sizes given, before any work starts (the defaults come from the checkpoint)."""
     cli.check_npy_output(args.out, args.crop_size, args.resize_size)
     if not is_shard_spec(args.data) and not os.path.isdir(args.data):
         what = "is a file" if os.path.exists(args.data) else "does not exist"
         raise UserError(f"image folder '{args.data}' {what}; give the folder holding the images (or shards '*.tar')")
     cli.check_paths(weights={"--weights": args.weights})
-    cli.check_batch_fits(args.batch_size, args.crop_size)
 
 
 class Autocast(nn.Module):
@@ -114,9 +112,11 @@ def main(args: argparse.Namespace) -> None:
         torch.backends.cudnn.benchmark = True
 
     # ============ the images and the network ============
+    model = load_eval_model(args.weights, args.arch, args.format, use_pred, args.teacher, args.teacher_pool)
+    resolve_sizes(args, model)  # the flags, else what the checkpoint was trained at
+    cli.check_batch_fits(args.batch_size, args.crop_size)
     dataset = open_image_files(args.data, CenterCrop(args.resize_size, args.crop_size))
     files = dataset.index.names()
-    model = load_eval_model(args.weights, args.arch, args.format, use_pred, args.teacher, args.teacher_pool)
     dtype = amp_dtype(args.amp, dist_info.device)
     log.info("embedding %d images under %s with %s (%d-d)", len(files), args.data, model.arch, model.feat_dim)
 
@@ -132,6 +132,7 @@ def main(args: argparse.Namespace) -> None:
         num_workers=args.workers,
         dist_info=dist_info,
         overwrite=args.overwrite,
+        desc="embedding",
     )
     if dist_info.is_main:
         log.info("features: %s (float16, %d rows), file list: %s", args.out, len(files), manifest_path(args.out))

@@ -43,7 +43,7 @@ log = logging.getLogger("simreg.export")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("export a network for deployment", add_help=add_help)
+    p = cli.ArgumentParser("export a network for deployment", add_help=add_help)
     g = p.add_argument_group("network")
     g.add_argument("weights", metavar="CKPT", help="checkpoint (any student or teacher format eval_knn.py reads)")
     g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")

@@ -18,7 +18,7 @@ from models.errors import UserError
 from models.fold import compile_frozen
 from models.teachers import TeacherSet, load_teacher
 from tools.engine.cli import TEACHER_POOLS, as_list, check_paths
-from tools.teacher_cache.reader import open_cached_teacher
+from tools.teacher_cache.reader import autocast_name, open_cached_teacher
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def build_one(spec: TeacherSpec, device: torch.device, fingerprint: dict, option
         teacher = {"arch": spec.arch, "weights": spec.weights, "use_fc": spec.use_fc, "pool": spec.pool}
         views, epochs = options.get("views"), options.get("epochs")
         return open_cached_teacher(spec.feats, fingerprint, device, options["cache_on_device"], options["image_size"],
-                                   teacher=teacher, views=views, epochs=epochs)  # fmt: skip
+                                   teacher=teacher, views=views, epochs=epochs,
+                                   autocast=autocast_name(options.get("amp")))  # fmt: skip
     teacher = load_teacher(spec.weights, spec.arch, spec.fmt, use_fc=spec.use_fc, pool=spec.pool,
                            input_size=options["image_size"])  # fmt: skip
     teacher = teacher.to(device, options.get("dtype", torch.float32))
@@ -123,7 +124,8 @@ def build_teachers(specs: list[TeacherSpec], device: torch.device, fingerprint: 
     """One teacher as itself; several as a :class:`TeacherSet` with the (normalised) loss weights.
 
     ``options``: ``channels_last``, ``compile_teacher``, ``cache_on_device``, ``image_size``, ``dtype`` (a live
-    teacher's parameters: float32, or float64 for ``--float64``), and for K-view
+    teacher's parameters: float32, or float64 for ``--float64``), ``amp`` (the run's autocast dtype, compared
+    with a cache's), and for K-view
     caches ``views`` (the run's ``TrainViews.record(seed)``, checked against each cache) and ``epochs``.
     """
     teachers = [build_one(spec, device, fingerprint, options) for spec in specs]

@@ -26,11 +26,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets import dataset_fingerprint
-from data.device_decode import EncodedBatch
+from data.loaders import ignore_stop_signals
+from data.prefetch import DevicePrefetcher
 from models.errors import UserError
 from models.io import atomic_npy, read_json, write_json
 from tools.engine.distributed import DistInfo
-from tools.teacher_cache.reader import CENTRE_CROP, MANIFEST_VERSION, manifest_path, read_manifest
+from tools.engine.step import autocast, channels_last_default
+from tools.teacher_cache.reader import CENTRE_CROP, MANIFEST_VERSION, autocast_name, manifest_path, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -131,30 +133,46 @@ def _finish(npy_path: str, manifest: dict) -> None:
         os.remove(p)
 
 
-@torch.inference_mode()
-def _extract(teacher, loader, steps: list[np.ndarray], batch: int, writer, dist_info: DistInfo) -> None:
+def _extract(
+    teacher,
+    loader,
+    steps: list[np.ndarray],
+    batch: int,
+    writer,
+    dist_info: DistInfo,
+    amp: torch.dtype | None,
+    desc: str,
+) -> None:
     """Run the teacher over this rank's steps; rank 0 gathers every rank's rows and hands them to ``writer``.
 
-    With several ranks each step's features are padded to ``batch`` rows (position -1) for the gather;
-    the padding is zeros, never a teacher forward.
+    The teacher runs as a live teacher runs in training: under ``amp`` autocast (bf16 on CUDA by
+    default), so the cached rows are the targets a live teacher would give, up to float16 storage. Batches
+    are made ready one ahead by :class:`data.prefetch.DevicePrefetcher` (``--decode gpu``: decoded there,
+    as training does). With several ranks each step's features are padded to ``batch`` rows (position
+    -1) for the gather; the padding is zeros, never a teacher forward.
     """
     device, world_size = dist_info.device, dist_info.world_size
-    batches = iter(loader)
-    for rows in tqdm(steps, desc="teacher features", disable=not dist_info.is_main, dynamic_ncols=True):
-        width = batch if world_size > 1 else len(rows)
-        feats = torch.zeros(width, int(teacher.feat_dim), dtype=torch.float16, device=device)  # (B, D)
-        position = torch.full((width,), -1, dtype=torch.int64, device=device)
-        if len(rows):
-            images, _, _ = next(batches)
-            if isinstance(images, EncodedBatch):  # --decode gpu: the crops are decoded here, as training does
-                images = images.decode(device)
-            x = images.to(device, non_blocking=True).float().div_(255.0)
-            feats[: len(rows)] = teacher(x).to(torch.float16)
-            position[: len(rows)] = torch.from_numpy(rows).to(device)
-        feats, position = _gather(feats, world_size), _gather(position, world_size)
-        if dist_info.is_main:
-            keep = position >= 0
-            writer(position[keep].cpu().numpy(), feats[keep].cpu().numpy())
+    channels_last = channels_last_default(None, device, amp)
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    batches = iter(DevicePrefetcher(loader, device))
+    try:
+        for rows in tqdm(steps, desc=desc, disable=None if dist_info.is_main else True, dynamic_ncols=True):
+            width = batch if world_size > 1 else len(rows)
+            feats = torch.zeros(width, int(teacher.feat_dim), dtype=torch.float16, device=device)  # (B, D)
+            position = torch.full((width,), -1, dtype=torch.int64, device=device)
+            if len(rows):
+                images, _, _ = next(batches)
+                x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+                with torch.inference_mode(), autocast(device, amp):
+                    feats[: len(rows)] = teacher(x.float().div_(255.0)).to(torch.float16)
+                position[: len(rows)] = torch.from_numpy(rows).to(device, non_blocking=True)
+            feats, position = _gather(feats, world_size), _gather(position, world_size)
+            if dist_info.is_main:
+                keep = position >= 0
+                writer(position[keep].cpu().numpy(), feats[keep].cpu().numpy())
+    finally:
+        batches.close()
 
 
 def _agree_to_start(npy_path: str, shape, build_info: dict, overwrite: bool, dist_info: DistInfo):
@@ -179,6 +197,16 @@ def cache_shape(n_images: int, feat_dim: int, n_views: int = 0) -> tuple[int, ..
     return (n_images, feat_dim) if n_views == 0 else (n_views, n_images, feat_dim)
 
 
+def _complete_manifest(manifest: dict, dataset, shape: tuple, n_views: int, amp: torch.dtype | None) -> dict:
+    """The manifest as written: the caller's description, the views, the autocast, fingerprint and shape."""
+    views = {**manifest.get("views", CENTRE_CROP), "n_views": max(n_views, 1)}
+    if (views["mode"] == CENTRE_CROP["mode"]) != (n_views == 0):
+        raise ValueError(f"a cache of {n_views} views cannot be described as {views['mode']}")
+    preprocessing = {**manifest.get("preprocessing", {}), "autocast": autocast_name(amp)}
+    manifest = {"version": MANIFEST_VERSION, **manifest, "preprocessing": preprocessing, "views": views}
+    return {**manifest, **dataset_fingerprint(dataset), "shape": list(shape)}
+
+
 def build_cache(
     teacher: torch.nn.Module,
     dataset,
@@ -190,22 +218,22 @@ def build_cache(
     dist_info: DistInfo,
     overwrite: bool = False,
     n_views: int = 0,
+    amp: torch.dtype | None = None,
+    desc: str = "teacher features",
 ) -> None:
     """Write ``teacher``'s features of every row to ``npy_path``: one forward per row, in batches of rows.
 
     ``dataset`` gives the crops: uint8 centre crops (``n_views`` 0, key = index) or, for K views, the
     training transform reduced to the teacher's view (``data.transforms.TeacherView``), whose key
     ``(index, v)`` gives view v. ``manifest`` describes the teacher, preprocessing and views (a
-    centre-crop cache gets ``CENTRE_CROP``); the dataset fingerprint and shape are added here. All ranks
-    call this with the same arguments; rows land in file order whatever the split.
+    centre-crop cache gets ``CENTRE_CROP``); the dataset fingerprint and shape are added here. ``amp``: the
+    autocast dtype the teacher runs under (None: float32), recorded in the manifest's preprocessing. All
+    ranks call this with the same arguments; rows land in file order whatever the split. ``desc`` labels the
+    progress bar. Ctrl-C keeps the rows computed so far: rerunning the same command resumes.
     """
     n, device, world_size = len(dataset), dist_info.device, dist_info.world_size
     shape = cache_shape(n, int(teacher.feat_dim), n_views)
-    views = {**manifest.get("views", CENTRE_CROP), "n_views": max(n_views, 1)}
-    if (views["mode"] == CENTRE_CROP["mode"]) != (n_views == 0):
-        raise ValueError(f"a cache of {n_views} views cannot be described as {views['mode']}")
-    manifest = {"version": MANIFEST_VERSION, **manifest, "views": views}
-    manifest = {**manifest, **dataset_fingerprint(dataset), "shape": list(shape)}
+    manifest = _complete_manifest(manifest, dataset, shape, n_views, amp)
     build_info = {k: manifest[k] for k in BUILD_KEYS}
     done, finished = _agree_to_start(npy_path, shape, build_info, overwrite, dist_info)
     if finished:
@@ -219,11 +247,17 @@ def build_cache(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=getattr(dataset.transform, "collate", None),
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
     writer = _RowWriter(npy_path, done, order) if dist_info.is_main else None
     teacher.eval()
     started = time.monotonic()
-    _extract(teacher, loader, steps, batch_size, writer, dist_info)
+    try:
+        _extract(teacher, loader, steps, batch_size, writer, dist_info, amp, desc)
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.flush()  # the rows done so far are kept; the same command resumes from them
+        raise
     if dist_info.is_main:
         writer.close()
         seconds = time.monotonic() - started
