@@ -32,7 +32,7 @@ log = logging.getLogger("simreg.shards")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("write image folders as indexed WebDataset shards", add_help=add_help)
+    p = cli.ArgumentParser("write image folders as indexed WebDataset shards", add_help=add_help)
     p.add_argument("folder", nargs="?", help="the images: a dataset root holding train/, or any folder of images")
     p.add_argument("out", nargs="?", help="output folder for <prefix>-NNNNNN.tar and their indexes")
     p.add_argument("--shard_size", type=cli.positive_int, default=10_000, help="images per shard")
