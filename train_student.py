@@ -23,10 +23,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classes, split_folder
+from data.datasets import IndexedImages, dataset_fingerprint, split_folder
 from data.device_decode import describe
 from data.loaders import build_loader
 from data.prefetch import DevicePrefetcher
+from data.sources import check_data, open_images
+from data.sources import describe as describe_data
 from data.transforms import training_views
 from models.backbones import canonical_arch, teacher_arch_names
 from models.errors import UserError
@@ -72,8 +74,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def add_data_args(g) -> None:
-    g.add_argument("data", nargs="?", help="dataset root holding train/ (and val/) in ImageFolder layout")
+    g.add_argument("data", nargs="?", help="training images: a dataset root holding train/ (and val/), any folder "
+                   "of images (class folders or not), or shards 'DIR/train-{000000..000099}.tar'")  # fmt: skip
     cli.add_dataset_args(g)
+    cli.add_layout_arg(g)
     cli.add_view_args(g)
     cli.add_workers_arg(g, "num_workers", what="per rank")
     g.add_argument("--skip_bad_images", action="store_true", help="replace unreadable images by the next readable one")
@@ -119,6 +123,8 @@ def add_runtime_args(g) -> None:
                         "any tolerance, whatever the CPU's kernels)")  # fmt: skip
     g.add_argument("--knn_every", type=nonneg_int, default=0, help="every N epochs (and the last) log k-NN on val/")
     g.add_argument("--knn_resize_size", type=nonneg_int, default=0, help="k-NN resize (0: image_size * 256/224)")
+    g.add_argument("--val_data", default=None, help="the k-NN monitor's labelled data: a root holding train/ and val/ "
+                   "in class folders (default: DATA's own, when its images are class folders)")  # fmt: skip
     cli.add_runtime_args(g)
 
 
@@ -138,7 +144,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[TeacherSpec]:
             f"--batch_size {args.batch_size} (global) does not divide across {world_size} "
             "processes; choose a multiple of the process count"
         )
-    split_folder(args.data, "train")
+    check_data(args.data)
+    check_monitor_data(args)
     specs = teacher_specs(args.teacher_weights, args.arch_teacher, args.teacher_format, args.teacher_fc,
                           args.teacher_feats, args.use_cache, args.teacher_pool)  # fmt: skip
     args.teacher_loss_weights = loss_weights(args.teacher_loss_weights, len(specs))
@@ -201,20 +208,47 @@ def train_one_epoch(
 
 
 # ============ building blocks of main ============
-def build_dataset(args, device: torch.device) -> IndexedImageFolder:
-    classes = select_classes(args.data, args.class_list, args.dataset)
-    train_dir = split_folder(args.data, "train")
-    dataset = IndexedImageFolder(train_dir, None, classes, seed=args.seed, skip_bad=args.skip_bad_images,
-                                 skip_flag="--skip_bad_images")  # fmt: skip
-    paths = [path for path, _ in dataset.samples]
+def build_dataset(args, device: torch.device) -> IndexedImages:
+    dataset = open_images(args.data, class_list=args.class_list, subset=args.dataset, layout=args.layout,
+                          seed=args.seed, skip_bad=args.skip_bad_images, skip_flag="--skip_bad_images")  # fmt: skip
     views = training_views(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode, device,
-                           paths, args.min_crop_scale, not args.no_flip)  # fmt: skip
+                           dataset.index.name_sample(), args.min_crop_scale, not args.no_flip)  # fmt: skip
     dataset.transform = views
-    log.info("data: %d images in %d classes from %s; %s, %d px; %s", len(dataset), len(dataset.classes), train_dir,
-             views.name, args.image_size, describe(views.decoder, device))  # fmt: skip
+    log.info("data: %s; %s, %d px; %s", describe_data(dataset), views.name, args.image_size,
+             describe(views.decoder, device))  # fmt: skip
     if len(dataset) < args.batch_size:
         raise UserError(f"the training set has {len(dataset)} images, fewer than --batch_size {args.batch_size}")
     return dataset
+
+
+def check_monitor_data(args) -> None:
+    """``--val_data``: an existing root with train/ and val/ (the k-NN monitor's bank and queries)."""
+    if args.val_data and not args.knn_every:
+        cli.note_ignored("--val_data", "it names the k-NN monitor's data; add --knn_every N to run the monitor")
+    if args.val_data and args.knn_every:
+        if not os.path.isdir(args.val_data):
+            what = "is a file" if os.path.exists(args.val_data) else "does not exist"
+            raise UserError(f"--val_data folder '{args.val_data}' {what}; give a root holding train/ and val/ "
+                            "in class folders, or drop --val_data")  # fmt: skip
+        split_folder(args.val_data, "train")
+        split_folder(args.val_data, "val")
+
+
+def monitor_sets(args, dataset: IndexedImages) -> dict | None:
+    """The k-NN monitor's centre-crop train/ and val/, as eval_knn.py reads them: ``--val_data`` (all its
+    classes), else DATA's own when its training images are DATA/train's class folders and it has val/ (the
+    training classes); None when the monitor is off (said in the log)."""
+    if not args.knn_every:
+        return None
+    if args.val_data:
+        return monitor_datasets(args.val_data, args.image_size, args.knn_resize_size, None)
+    own = dataset.root == os.path.join(args.data, "train") and os.path.isdir(os.path.join(args.data, "val"))
+    if dataset.classes and own:
+        return monitor_datasets(args.data, args.image_size, args.knn_resize_size, dataset.classes)
+    why = "has no val/" if dataset.classes else "holds images without labels"
+    log.warning("--knn_every %d: the k-NN monitor is off: DATA %s; pass --val_data DIR (train/ and val/ in class "
+                "folders) to run it", args.knn_every, why)  # fmt: skip
+    return None
 
 
 def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], dist_info) -> Run:
@@ -281,10 +315,7 @@ def main(args: argparse.Namespace) -> dict:
     loader = build_loader(dataset, args.batch_size // dist_info.world_size, num_workers=args.num_workers,
                           rank=dist_info.rank, world_size=dist_info.world_size, seed=args.seed,
                           pin_memory=dist_info.device.type == "cuda")  # fmt: skip
-    knn_sets = None
-    if args.knn_every:  # centre-crop train/ and val/, as eval_knn.py reads them
-        classes = select_classes(args.data, args.class_list, args.dataset)
-        knn_sets = monitor_datasets(args.data, args.image_size, args.knn_resize_size, classes)
+    knn_sets = monitor_sets(args, dataset)  # centre-crop train/ and val/, as eval_knn.py reads them
 
     # ============ building teacher and student ============
     teacher = build_teachers(specs, dist_info.device, dataset_fingerprint(dataset), args.teacher_loss_weights,

@@ -82,22 +82,24 @@ class EncodedImage:
         return self.width, self.height
 
 
-def open_image(path: str) -> EncodedImage | Image.Image:
+def open_image(path: str, data: bytes | None = None) -> EncodedImage | Image.Image:
     """Read a file for the fast decoders: an :class:`EncodedImage` for plain, complete JPEGs.
 
     Anything else (PNG, CMYK or truncated JPEG, ...) is decoded at once by the reference ``load_rgb``,
-    so it keeps exactly the reference behaviour, errors included.
+    so it keeps exactly the reference behaviour, errors included. ``data``: the file's bytes, already
+    read (a shard's sample); ``path`` then only names it.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise DataError(f"cannot read image '{path}' ({exc}); delete or replace the file") from exc
+    if data is None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise DataError(f"cannot read image '{path}' ({exc}); delete or replace the file") from exc
     info = jpeg_info(data)
     # A complete JPEG ends with the EOI marker; libjpeg would pad a truncated one with grey instead of failing.
     complete = data[-4096:].rstrip(b"\0").endswith(b"\xff\xd9")
     if info is None or info[2] not in (1, 3) or min(info[:2]) == 0 or not complete:
-        return load_rgb(path)
+        return load_rgb(path, data)
     return EncodedImage(path, data, info[0], info[1])
 
 
@@ -131,7 +133,7 @@ def resize_crop_uint8(img: torch.Tensor, box: Box, size: int) -> torch.Tensor:
 def decode_pil(img: EncodedImage, box: Box, size: int) -> torch.Tensor:
     """The reference: full decode by ``load_rgb``, PIL bilinear resize of the box."""
     left, top, w, h = box
-    rgb = load_rgb(img.path)
+    rgb = load_rgb(img.path, img.data)
     return pil_to_uint8(rgb.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
 
 

@@ -7,6 +7,7 @@ import signal
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -56,18 +57,24 @@ class EpochSampler(Sampler):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def indices(self) -> list[int]:
+    def order(self) -> np.ndarray:
+        """This rank's sample indices of the epoch (int64, numpy: no Python object per sample)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
+            order = torch.randperm(self.n, generator=g).numpy()
         else:
-            order = list(range(self.n))
+            order = np.arange(self.n, dtype=np.int64)
         total = self.per_rank * self.world_size
-        order += (order * (total // max(len(order), 1) + 1))[: total - len(order)]
+        if total > len(order):  # wrap around: the first samples again
+            order = np.concatenate([order, np.resize(order, total - len(order))])
         return order[self.rank : total : self.world_size]
 
+    def indices(self) -> list[int]:
+        return self.order().tolist()
+
     def __iter__(self):
-        return iter([(i, self.epoch) for i in self.indices()[self.start :]])
+        epoch = self.epoch
+        return ((int(i), epoch) for i in self.order()[self.start :])
 
     def __len__(self) -> int:
         return self.per_rank - self.start

@@ -169,7 +169,7 @@ def _set(argv: list[str], flag: str, value: str) -> list[str]:
 MAIN = {
     "train: exp_dir is a file": ("train", lambda a, p: _set(a, "--exp_dir", p["file"]), "is an existing file"),
     "train: no data folder": ("train", lambda a, p: [p["tmp"] + "/nope", *a[1:]], "does not exist"),
-    "train: no train/": ("train", lambda a, p: [p["tmp"], *a[1:]], "has no train/ sub-folder"),
+    "train: no images": ("train", lambda a, p: [p["tmp"] + "/only_train", *a[1:]], "train' holds no images"),
     "train: teacher missing": ("train", lambda a, p: _set(a, "--teacher_weights", "x.pth"), "'x.pth' does not exist"),
     "train: teacher is a folder": ("train", lambda a, p: _set(a, "--teacher_weights", p["data"]), "is a folder"),
     "train: class list missing": ("train", lambda a, p: a + ["--class_list", "c.txt"], "--class_list 'c.txt' does"),
@@ -232,7 +232,7 @@ MAIN = {
     "cache: out is a folder": ("cache", lambda a, p: _set(a, "--out", p["tmp"] + "/d.npy"), "is a folder"),
     "cache: teacher missing": ("cache", lambda a, p: _set(a, "--teacher_weights", "t.pth"), "'t.pth' does not exist"),
     "cache: crop above resize": ("cache", lambda a, p: _set(a, "--crop_size", "64"), "is larger than --resize_size"),
-    "cache: no train/": ("cache", lambda a, p: [p["tmp"], *a[1:]], "has no train/ sub-folder"),
+    "cache: no images": ("cache", lambda a, p: [p["tmp"] + "/only_train", *a[1:]], "train' holds no images"),
     "cache: ViT teacher, crop not a multiple of its patch": (
         "cache",
         lambda a, p: _set(a, "--teacher_weights", p["vit"]),

@@ -317,8 +317,9 @@ def make_bad_inputs(tmp_path, kind, resnet18_teacher_file):
     if kind != "no_data":
         write_image_folder(str(root / "train"), per_class=4)
     extra = []
-    if kind == "no_train":
-        os.rename(root / "train", root / "images")
+    if kind == "empty_folder":
+        root = tmp_path / "empty"
+        os.makedirs(root)
     elif kind == "empty_class":
         os.makedirs(root / "train" / "c_empty")
     elif kind == "no_images":
@@ -341,7 +342,7 @@ def make_bad_inputs(tmp_path, kind, resnet18_teacher_file):
 
 BAD_INPUTS = {
     "no_data": "does not exist",
-    "no_train": "has no train/ sub-folder",
+    "empty_folder": "empty' holds no images",
     "empty_class": "c_empty' holds no images",
     "no_images": "holds no images",
     "truncated": "cannot read image '.*001.png'.*--skip_bad_images",

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass, field
 
 import pytest
@@ -104,6 +105,23 @@ CASES: dict[str, Mistake] = {
         [*TRAIN, "--teacher_weights", "{timm_file}"],
         r"^error: could not recognise the layout of '.*resnet10t.safetensors' \(keys .*\); a timm model's file needs "
         r"its name: --arch_teacher timm/<name>", absent=("{out}",)),
+    "train: an empty data folder": Mistake(
+        [*TRAIN[:2], "{tmp}/empty", *TRAIN[3:]], r"'.*/empty' holds no images \(.jpg, .* in any of its folders$",
+        absent=("{out}",)),
+    "train: a shard pattern that matches no file": Mistake(
+        [*TRAIN[:2], "{tmp}/shards/train-{{000000..000009}}.tar", *TRAIN[3:]],
+        r"no shard matches '.*/shards/train-\{000000..000009\}.tar': '.*/train-000000.tar' does not exist \(nor "
+        r"the 9 others\); check the folder and the \{first..last\} range$", absent=("{out}",)),
+    "train: a shard without its index": Mistake(
+        [*TRAIN[:2], "{lone_tar}", *TRAIN[3:]],
+        r"shard '.*/lone.tar' has no index '.*/lone.tar.index.npz'; write it with python -m tools.make_shards "
+        r"--index '.*/lone.tar'$", absent=("{out}",)),
+    "train: --val_data missing": Mistake(
+        [*TRAIN, "--knn_every", "1", "--val_data", "{tmp}/nope"],
+        r"--val_data folder '.*/nope' does not exist; give a root holding train/ and val/", absent=("{out}",)),
+    "make_shards: folder missing": Mistake(
+        [*PY, "-m", "tools.make_shards", "{tmp}/nope", "{out}"], r"data folder '.*/nope' does not exist",
+        absent=("{out}",)),
     # ---- evaluation and the other commands
     "eval_knn: no val/": Mistake(
         [*KNN[:2], "{tmp}/only_train", *KNN[3:]], r"has no val/ sub-folder", absent=("{out}",), fast=True),
@@ -162,9 +180,12 @@ def inputs(tmp_path_factory) -> dict:
     pickle = tmp / "whole_model.pth"
     torch.save(torch.nn.Linear(2, 2), pickle)  # a whole module pickled: needs code to load
     os.makedirs(tmp / "d.npy")
+    os.makedirs(tmp / "empty")
+    with tarfile.open(tmp / "lone.tar", "w") as tar:  # a WebDataset shard made elsewhere, not indexed yet
+        tar.add(str(data / "train" / "a" / "000.png"), arcname="000000.png")
     return {"tmp": str(tmp), "data": str(data), "teacher": str(teacher), "bad_data": str(bad),
             "extra_val": str(extra_val), "truncated": str(truncated), "pickle": str(pickle),
-            "timm_file": str(timm_file)}  # fmt: skip
+            "timm_file": str(timm_file), "lone_tar": str(tmp / "lone.tar")}  # fmt: skip
 
 
 def fill(text: str, values: dict) -> str:

@@ -28,7 +28,9 @@ import os
 
 import torch
 
-from data.datasets import IndexedImageFolder, select_classes, split_folder
+from data.datasets import IndexedImages
+from data.sources import check_data, open_images
+from data.sources import describe as describe_data
 from data.transforms import PAPER_MIN_SCALE, CenterCrop, TeacherView, training_views
 from models.backbones import teacher_arch_names
 from models.io import file_sha256
@@ -44,8 +46,10 @@ log = logging.getLogger("simreg.cache")
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = cli.ArgumentParser("teacher feature cache", add_help=add_help)
     g = p.add_argument_group("data")
-    g.add_argument("data", help="dataset root holding train/ (ImageFolder layout), as for train_student.py")
+    g.add_argument("data", help="the training images, given as to train_student.py (a dataset root, a folder of "
+                   "images or shards)")  # fmt: skip
     cli.add_dataset_args(g, "cache")
+    cli.add_layout_arg(g)
     g.add_argument("--resize_size", type=cli.image_size_int, default=256, help="shorter side before the centre crop")
     g.add_argument("--crop_size", type=cli.image_size_int, default=224, help="centre crop size (the cached view)")
     g.add_argument(
@@ -78,27 +82,26 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.views and view_flags:
         cli.note_ignored("--single_aug/--weak_weak/--weak_strong/--min_crop_scale/--no_flip", "they choose the "
                          "crops of --views K; without it the cache holds centre crops")  # fmt: skip
-    split_folder(args.data, "train")
+    check_data(args.data)
     cli.check_paths(weights={"--teacher_weights": args.teacher_weights}, files={"--class_list": args.class_list})
     cli.check_batch_fits(args.batch_size, args.image_size if args.views else args.crop_size)
 
 
-def build_dataset(args, device: torch.device) -> IndexedImageFolder:
+def build_dataset(args, device: torch.device) -> IndexedImages:
     """The training images in train_student.py's order and class subset: uint8 centre crops, or with
     ``--views`` the teacher's view of the training transform (key ``(index, v)``: its crop in epoch v)."""
-    classes = select_classes(args.data, args.class_list, args.dataset)
-    dataset = IndexedImageFolder(split_folder(args.data, "train"), None, classes, seed=args.seed)
+    dataset = open_images(args.data, class_list=args.class_list, subset=args.dataset, layout=args.layout,
+                          seed=args.seed)  # fmt: skip
     if args.views:  # the decoder chosen as training chooses it, so the crops (and the record) are the run's
-        paths = [path for path, _ in dataset.samples]
         views = training_views(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode,
-                               device, paths, args.min_crop_scale, not args.no_flip)  # fmt: skip
+                               device, dataset.index.name_sample(), args.min_crop_scale, not args.no_flip)  # fmt: skip
         dataset.transform = TeacherView(views)
     else:
         dataset.transform = CenterCrop(args.resize_size, args.crop_size)
     return dataset
 
 
-def describe(args, teacher, dataset: IndexedImageFolder, is_main: bool) -> dict:
+def describe(args, teacher, dataset: IndexedImages, is_main: bool) -> dict:
     """The manifest's teacher, preprocessing and views sections (the fingerprint and shape come later)."""
     sha = file_sha256(args.teacher_weights) if is_main else ""
     teacher_id = {"arch": teacher.arch, "format": teacher.fmt, "use_fc": args.teacher_fc, "pool": teacher.pool,
@@ -137,7 +140,7 @@ def main(args: argparse.Namespace) -> None:
     )
     teacher = teacher.to(dist_info.device)
     what = f"{args.views} views ({dataset.transform.views.name}, seed {args.seed})" if args.views else "centre crops"
-    log.info("caching %s of %d images of %d classes from %s", what, len(dataset), len(dataset.classes), dataset.root)
+    log.info("caching %s of %s", what, describe_data(dataset))
     manifest = describe(args, teacher, dataset, dist_info.is_main)
 
     # ============ extraction ============

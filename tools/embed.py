@@ -23,7 +23,8 @@ import os
 import torch
 from torch import nn
 
-from data.image_files import ImageFiles, list_image_files
+from data.shards import is_shard_spec
+from data.sources import open_image_files
 from data.transforms import CenterCrop
 from models.errors import UserError
 from models.formats import FORMATS
@@ -41,7 +42,8 @@ log = logging.getLogger("simreg.embed")
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = cli.ArgumentParser("features of every image of a folder", add_help=add_help)
     g = p.add_argument_group("data")
-    g.add_argument("data", metavar="DIR", help="folder of images in any layout (searched recursively)")
+    g.add_argument("data", metavar="DATA", help="folder of images in any layout (searched recursively), or shards "
+                   "'DIR/train-{000000..000099}.tar'")  # fmt: skip
     add_size_args(g)
     g.add_argument("-b", "--batch_size", type=cli.positive_int, default=256, help="images per batch and process")
     cli.add_workers_arg(g, "workers")
@@ -64,9 +66,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Paths and the sizes given, before any work starts (the defaults come from the checkpoint)."""
     cli.check_npy_output(args.out, args.crop_size, args.resize_size)
-    if not os.path.isdir(args.data):
+    if not is_shard_spec(args.data) and not os.path.isdir(args.data):
         what = "is a file" if os.path.exists(args.data) else "does not exist"
-        raise UserError(f"image folder '{args.data}' {what}; give the folder holding the images")
+        raise UserError(f"image folder '{args.data}' {what}; give the folder holding the images (or shards '*.tar')")
     cli.check_paths(weights={"--weights": args.weights})
 
 
@@ -110,11 +112,11 @@ def main(args: argparse.Namespace) -> None:
         torch.backends.cudnn.benchmark = True
 
     # ============ the images and the network ============
-    files = list_image_files(args.data)
     model = load_eval_model(args.weights, args.arch, args.format, use_pred, args.teacher, args.teacher_pool)
     resolve_sizes(args, model)  # the flags, else what the checkpoint was trained at
     cli.check_batch_fits(args.batch_size, args.crop_size)
-    dataset = ImageFiles(args.data, files, CenterCrop(args.resize_size, args.crop_size))
+    dataset = open_image_files(args.data, CenterCrop(args.resize_size, args.crop_size))
+    files = dataset.index.names()
     dtype = amp_dtype(args.amp, dist_info.device)
     log.info("embedding %d images under %s with %s (%d-d)", len(files), args.data, model.arch, model.feat_dim)
 

@@ -56,7 +56,7 @@ class OriginalFolder(torch.utils.data.Dataset):
     """The files of an :class:`IndexedImageFolder`, read the original's way: ``([q, q], label)``."""
 
     def __init__(self, folder: IndexedImageFolder, size: int) -> None:
-        self.samples, self.root = folder.samples, folder.root
+        self.samples, self.root = list(folder.samples), folder.root  # a list of (path, label), as torchvision's
         self.view = OriginalSingleView(size)
 
     def __len__(self) -> int:

@@ -24,6 +24,7 @@ from tools.bench.eval_stages import knn_backends, stage_knn, stage_knn_backends,
 from tools.bench.main_job import STAGES as MAIN_JOB_STAGES
 from tools.bench.main_job import format_job_table
 from tools.bench.projection import assumptions, format_hours_table, project, split_rows, stage_hours
+from tools.bench.scale import check_scale, format_scale_table, stage_scale
 from tools.bench.train_stages import stage_cached, stage_data, stage_e2e, stage_step, stage_students
 from tools.engine import cli
 from tools.eval.knn import faiss_module
@@ -209,6 +210,18 @@ DEMO = {  # the demo's students at its 32 px (bash run.sh on a CPU)
     "rounds": 3,
     "threads": 1,
 }
+DATA_SCALE = {  # the sample index at 10^5, 1.28M and 14M files (2 CPU cores: about an hour, most of it making links)
+    "files": "100000,1281167,14000000",  # simulated dataset sizes, comma-separated
+    "per_folder": 1281,  # files per class folder (ImageNet-1k's mean)
+    "sources": 256,  # real JPEGs behind the hard links (ext4: at most 65,000 links each)
+    "jpeg_size": (500, 375),
+    "shard_size": 10_000,  # samples per shard (the real shard behind the links is about 1 GB)
+    "workers": 8,  # loader processes (each one's private memory is measured)
+    "batch": 256,
+    "image_size": 224,
+    "timeout": 3600,  # seconds per measurement (hang guard)
+    "keep": False,  # keep the simulated folders and shards for the next run (else removed)
+}
 # How a --set value is read, where the default's type is not enough (ints are positive, floats > 0 otherwise).
 SIZE_TYPES = {
     "jpeg_size": cli.width_x_height,
@@ -220,6 +233,7 @@ SIZE_TYPES = {
     "threads": cli.nonneg_int,
     "knn_chunk": cli.nonneg_int,
     "ddp_efficiency": cli.fraction_float,
+    "files": str,
 }
 
 
@@ -322,6 +336,25 @@ PROFILES: dict[str, dict] = {
         "dry_run": MAIN_JOB_TOY,
         "needs_cuda": True,
         "table": lambda rows, p, ctx: format_job_table(rows),
+    },
+    "data_scale": {
+        "help": "the sample index at 10^5, 1.28M and 14M files, folder and shards: time to the first batch, the main "
+        "process's memory, each loader worker's private memory, fingerprint time (list-of-tuples index the baseline)",
+        "stages": {"index": stage_scale},
+        "sizes": DATA_SCALE,
+        "dry_run": {
+            "files": "600,1500",
+            "per_folder": 100,
+            "sources": 4,
+            "jpeg_size": (64, 48),
+            "shard_size": 200,
+            "workers": 2,
+            "batch": 8,
+            "image_size": 32,
+            "timeout": 300,
+        },  # fmt: skip
+        "check": check_scale,
+        "table": format_scale_table,
     },
     "hours": {
         "help": "hours for the paper's runs (130 epochs of ImageNet-1k, 1 and 8 GPUs) from gpu and main_job rows",

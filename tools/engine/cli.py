@@ -296,6 +296,13 @@ def add_dataset_args(g: argparse._ArgumentGroup, what: str = "train on") -> None
     g.add_argument("--class_list", default=None, help=f"file of class folder names to {what}, one per line")
 
 
+def add_layout_arg(g: argparse._ArgumentGroup) -> None:
+    """``--layout``: how a folder of training images is read (training, the cache builder, tools.make_shards)."""
+    g.add_argument("--layout", default="auto", choices=("auto", "classes", "images"),
+                   help="a folder's layout: classes (DATA[/train]/<class>/<image>, labelled), images (every image "
+                   "under it, any nesting, no labels); auto = classes when it has sub-folders")  # fmt: skip
+
+
 def add_view_args(g: argparse._ArgumentGroup) -> None:
     """The training views (crop size, view mode, crop scale, flip, decoder): training and the K-view cache
     builder share them."""

@@ -19,7 +19,7 @@ from data.datasets import (
     DataError,
     dataset_fingerprint,
     list_class_folders,
-    scan_image_folder,
+    scan_class_folders,
     select_classes,
     split_folder,
 )
@@ -355,7 +355,7 @@ def check_val_classes(root: str, train_classes: list[str]) -> None:
     """A DataError when ``root/val`` holds class folders that ``root/train`` lacks, naming them."""
     extra = [c for c in list_class_folders(split_folder(root, "val")) if c not in set(train_classes)]
     if extra:
-        _, samples = scan_image_folder(os.path.join(root, "val"), extra)
+        samples = scan_class_folders(os.path.join(root, "val"), extra)
         names = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         raise DataError(
             f"val/ has {len(extra)} class folder(s) that train/ lacks ({names}; {len(samples)} images), which no "
