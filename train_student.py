@@ -29,7 +29,7 @@ from data.transforms import training_views
 from models.backbones import canonical_arch, teacher_arch_names
 from models.errors import UserError
 from models.io import write_json
-from models.simreg import HEAD_LAYERS, Student
+from models.simreg import HEAD_LAYERS, OBJECTIVES, Student, loss_names
 from tools.engine import cli, distributed
 from tools.engine.cli import nonneg_float, nonneg_int, positive_int
 from tools.engine.logs import ScalarWriter, append_json_line, setup_logging
@@ -73,6 +73,14 @@ def add_model_args(g) -> None:
                    help="several teachers: the loss weights (normalised to sum 1; default equal)")  # fmt: skip
     g.add_argument("--arch_student", default="resnet18", help="a torchvision classification model or timm/<name>")
     g.add_argument("--n_mlp_layers", type=int, default=4, choices=HEAD_LAYERS, help="prediction head depth")
+    g.add_argument("--loss", default="global", choices=OBJECTIVES,
+                   help="global: regress the pooled feature (the paper); dense: the teacher's feature map (a "
+                        "ViT's patch tokens) with a dense head on the student's map; both (docs/dense.md)")  # fmt: skip
+    g.add_argument("--dense_weight", type=nonneg_float, default=None,
+                   help="--loss both: the dense term's weight (loss = global + W * dense; default 1)")  # fmt: skip
+    g.add_argument("--dense_blocks", type=positive_int, default=None,
+                   help="--loss dense/both with ViT teachers: the last N blocks' normalised patch tokens, "
+                        "concatenated (default 1: the final ones)")  # fmt: skip
     g.add_argument("--linear_pred", action="store_true", help="alias of --n_mlp_layers 0 (linear predictor)")
     g.add_argument("--use_cache", action="store_true", help="regress cached teacher features (no teacher network)")
     g.add_argument("--teacher_feats", nargs="+", action=cli.OneOrMany, default=None,
@@ -124,9 +132,29 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[TeacherSpec]:
     specs = teacher_specs(args.teacher_weights, args.arch_teacher, args.teacher_format, args.teacher_fc,
                           args.teacher_feats, args.use_cache, args.teacher_pool)  # fmt: skip
     args.teacher_loss_weights = loss_weights(args.teacher_loss_weights, len(specs))
+    check_objective(args, specs)
     cli.check_paths(files={"--class_list": args.class_list, "--resume": args.resume, "--weights": args.weights})
     cli.check_batch_fits(args.batch_size // world_size, args.image_size)
     return specs
+
+
+def check_objective(args: argparse.Namespace, specs: list[TeacherSpec]) -> None:
+    """``--loss`` and the flags that belong to it; a dense objective gets the defaults of ``--dense_weight`` (1)
+    and ``--dense_blocks`` (1)."""
+    if args.dense_weight is not None and args.loss != "both":
+        raise UserError(f"--dense_weight weighs the dense term of --loss both; drop it with --loss {args.loss}")
+    if args.dense_blocks is not None and args.loss == "global":
+        raise UserError("--dense_blocks chooses the dense targets; add --loss dense or --loss both, or drop it")
+    if args.loss == "dense":
+        if any(spec.use_fc for spec in specs):
+            raise UserError("--teacher_fc chooses the pooled target; --loss dense regresses the feature map only: "
+                            "drop --teacher_fc, or use --loss both")  # fmt: skip
+        if any(spec.pool != "auto" for spec in specs):
+            raise UserError("--teacher_pool chooses the pooled target; --loss dense regresses the patch tokens only: "
+                            "drop --teacher_pool, or use --loss both")  # fmt: skip
+    if args.loss != "global":
+        args.dense_weight = 1.0 if args.dense_weight is None else args.dense_weight
+        args.dense_blocks = 1 if args.dense_blocks is None else args.dense_blocks
 
 
 # ============ one epoch ============
@@ -144,7 +172,7 @@ def train_one_epoch(
     progress = progress or EpochProgress()
     student.train()
     is_main = cfg.dist_info.is_main
-    meters = Meters(cfg.device, progress if is_main else EpochProgress(step=progress.step))
+    meters = Meters(cfg.device, progress if is_main else EpochProgress(step=progress.step), cfg.loss_names)
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)
     for views, _, index in bar:
         loss = distill_step(student, teacher, views, index, optimizer, scaler, cfg)
@@ -186,7 +214,8 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
     teachers = members(teacher)
     dims = teachers[0].feat_dim if len(teachers) == 1 else [t.feat_dim for t in teachers]
     with default_dtype(compute_dtype(args)):
-        student = Student(args.arch_student, dims, args.n_mlp_layers).to(dist_info.device, compute_dtype(args))
+        student = Student(args.arch_student, dims, args.n_mlp_layers, args.loss, [t.dense_dim for t in teachers],
+                          args.image_size).to(dist_info.device, compute_dtype(args))  # fmt: skip
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
@@ -197,6 +226,10 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
                   "image_size": args.image_size, "views": dataset.transform.name}  # fmt: skip
     if args.float64:  # only when set, so float32 runs keep the identities they were recorded with
         student_id["float64"] = True
+    if args.loss != "global":  # likewise: a global run's identity is the one it always had
+        student_id.update(loss=args.loss, dense_blocks=args.dense_blocks)
+        if args.loss == "both":
+            student_id["dense_weight"] = args.dense_weight
     ids = [teacher_fingerprint(t, spec.weights, spec.use_fc) for t, spec in zip(teachers, specs, strict=True)]
     if len(ids) > 1:  # every teacher, in order, and how their losses are weighted
         student_id["teacher_loss_weights"] = teacher.weights
@@ -243,7 +276,8 @@ def main(args: argparse.Namespace) -> dict:
                              channels_last=args.channels_last, compile_teacher=args.compile_teacher,
                              cache_on_device=args.cache_on_device, image_size=args.image_size,
                              views=dataset.transform.record(args.seed), epochs=args.epochs,
-                             dtype=compute_dtype(args))  # fmt: skip
+                             dtype=compute_dtype(args), objective=args.loss,
+                             dense_blocks=args.dense_blocks)  # fmt: skip
     dataset.epoch_period = view_period(teacher)  # the loader's crops repeat with a K-view cache's K views
     run = build_run(args, exp_dir, dataset, teacher, specs, dist_info)
     start_epoch, progress = resume(run, args.resume, args.no_resume, args.weights)
@@ -254,7 +288,8 @@ def main(args: argparse.Namespace) -> dict:
         write_json(os.path.join(exp_dir, "logs", "train_args.json"), vars(args))
     amp = None if args.float64 else amp_dtype(args.amp, dist_info.device)
     cfg = StepConfig(dist_info, amp, args.channels_last, args.print_freq, args.ckpt_every_steps,
-                     StopRequest().install(), compute_dtype(args))  # fmt: skip
+                     StopRequest().install(), compute_dtype(args), args.dense_weight or 1.0,
+                     loss_names(len(members(teacher)), args.loss))  # fmt: skip
     stats = train(args, run, model, teacher, loader, cfg, start_epoch, progress)
     if not stats.get("interrupted"):
         finish(run)
@@ -306,6 +341,11 @@ def log_epoch(run: Run, writer: ScalarWriter, stats: dict) -> None:
     log.info("epoch %d/%d: loss %.4f, lr %.4g, %.0f images/s", stats["epoch"], run.epochs, stats["loss"], stats["lr"],
              stats["images_per_s"])  # fmt: skip
     writer.add({f"knn/{k[4:]}": v for k, v in stats.items() if k.startswith("knn_")}, stats["epoch"])
+    parts = {f"train/{k}": v for k, v in stats.items() if k in ("loss_global", "loss_dense")}
+    if parts:  # --loss both: the two terms beside their sum
+        writer.add(parts, stats["epoch"])
+        log.info("epoch %d: global loss %.4f, dense loss %.4f", stats["epoch"], stats["loss_global"],
+                 stats["loss_dense"])  # fmt: skip
     per_teacher = {f"train/{k}": v for k, v in stats.items() if k.startswith("loss_teacher_")}
     if per_teacher:  # several teachers: each one's loss beside the weighted total
         writer.add(per_teacher, stats["epoch"])

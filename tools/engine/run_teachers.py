@@ -107,15 +107,19 @@ def build_one(spec: TeacherSpec, device: torch.device, fingerprint: dict, option
     if spec.feats:
         teacher = {"arch": spec.arch, "weights": spec.weights, "use_fc": spec.use_fc, "pool": spec.pool}
         views, epochs = options.get("views"), options.get("epochs")
-        return open_cached_teacher(spec.feats, fingerprint, device, options["cache_on_device"], options["image_size"],
-                                   teacher=teacher, views=views, epochs=epochs)  # fmt: skip
+        cached = open_cached_teacher(spec.feats, fingerprint, device, options["cache_on_device"],
+                                     options["image_size"], teacher=teacher, views=views, epochs=epochs)  # fmt: skip
+        return cached.use_objective(options.get("objective", "global"), options.get("dense_blocks", 1))
     teacher = load_teacher(spec.weights, spec.arch, spec.fmt, use_fc=spec.use_fc, pool=spec.pool,
                            input_size=options["image_size"])  # fmt: skip
     teacher = teacher.to(device, options.get("dtype", torch.float32))
     if options["channels_last"]:
         teacher = teacher.to(memory_format=torch.channels_last)
+    objective = options.get("objective", "global")
+    teacher.use_objective(objective, options.get("dense_blocks", 1), options["image_size"])
     if options["compile_teacher"]:  # inference only: BatchNorm folds into the convs (a ViT is compiled as is)
-        teacher.encoder = compile_frozen(teacher.encoder)
+        # the dense objectives read the map where the network pools, so the graph keeps its modules unfolded
+        teacher.encoder = compile_frozen(teacher.encoder, fold=objective == "global")
     return teacher
 
 
@@ -123,8 +127,9 @@ def build_teachers(specs: list[TeacherSpec], device: torch.device, fingerprint: 
     """One teacher as itself; several as a :class:`TeacherSet` with the (normalised) loss weights.
 
     ``options``: ``channels_last``, ``compile_teacher``, ``cache_on_device``, ``image_size``, ``dtype`` (a live
-    teacher's parameters: float32, or float64 for ``--float64``), and for K-view
-    caches ``views`` (the run's ``TrainViews.record(seed)``, checked against each cache) and ``epochs``.
+    teacher's parameters: float32, or float64 for ``--float64``), ``objective`` and ``dense_blocks``
+    (``--loss``: what the targets are), and for K-view caches ``views`` (the run's
+    ``TrainViews.record(seed)``, checked against each cache) and ``epochs``.
     """
     teachers = [build_one(spec, device, fingerprint, options) for spec in specs]
     if len(teachers) == 1:

@@ -11,6 +11,10 @@ It is resumable: rows go into ``FILE.npy.partial`` with a done-mask ``FILE.npy.d
 order) saved after every flush, so a rerun computes only the missing rows; the final file appears by an
 atomic rename, then the manifest. Only rank 0 touches these files, so no shared filesystem between
 nodes is needed.
+
+With dense targets (``--dense``) the same forward also gives the teacher's feature map, stored row by
+row in ``FILE.dense.npy`` (float16, the map resampled to the stored grid exactly as the training loss
+resamples it: :class:`DenseSpec`); its partial file shares the done-mask.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,17 +34,43 @@ from data.datasets import dataset_fingerprint
 from data.device_decode import EncodedBatch
 from models.errors import UserError
 from models.io import atomic_npy, read_json, write_json
+from models.simreg import resample_grid
 from tools.engine.distributed import DistInfo
-from tools.teacher_cache.reader import CENTRE_CROP, MANIFEST_VERSION, manifest_path, read_manifest
+from tools.teacher_cache.reader import CENTRE_CROP, MANIFEST_VERSION, dense_path, manifest_path, read_manifest
 
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 60.0  # at most this much work is lost when a build is interrupted
-BUILD_KEYS = ("teacher", "preprocessing", "views", "n_images", "paths_sha256", "classes", "shape")
+BUILD_KEYS = ("teacher", "preprocessing", "views", "n_images", "paths_sha256", "classes", "shape", "dense")
 
 
 def _partial_paths(npy_path: str) -> tuple[str, str, str]:
     return npy_path + ".partial", npy_path + ".done.npy", npy_path + ".partial.json"
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """Dense targets stored beside the pooled ones: the teacher's map (C, H, W) resampled to ``grid`` (h, w).
+
+    Rows of ``FILE.dense.npy`` are float16 (h * w * C,), location by location with the channels last.
+    """
+
+    blocks: int
+    channels: int
+    teacher_grid: tuple[int, int]
+    grid: tuple[int, int]
+    source: str
+
+    @property
+    def row_width(self) -> int:
+        return self.grid[0] * self.grid[1] * self.channels
+
+    def record(self, npy_path: str) -> dict:
+        """The manifest's ``dense`` section."""
+        return {"file": os.path.basename(dense_path(npy_path)), "channels": self.channels, "grid": list(self.grid),
+                "teacher_grid": list(self.teacher_grid), "blocks": self.blocks, "source": self.source,
+                "dtype": "float16", "layout": "row = (h, w, C): locations row by row, channels last",
+                "bytes_per_row": 2 * self.row_width}  # fmt: skip
 
 
 def _gather(t: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -98,9 +129,11 @@ class _Batches:
         return len(self.steps)
 
 
-def _prepare(npy_path: str, shape: tuple[int, ...], build_info: dict, overwrite: bool) -> np.ndarray | None:
-    """Rank 0: create or resume the partial file; returns the done-mask (None when already complete)."""
+def _prepare(npy_path: str, shapes: list[tuple[int, ...]], build_info: dict, overwrite: bool) -> np.ndarray | None:
+    """Rank 0: create or resume the partial file(s) (pooled targets, then dense ones); returns the done-mask
+    (None when already complete)."""
     data, done_path, info_path = _partial_paths(npy_path)
+    partials = [data] + [dense_path(npy_path) + ".partial"] * (len(shapes) > 1)
     if os.path.exists(npy_path) and os.path.exists(manifest_path(npy_path)) and not overwrite:
         old = read_manifest(npy_path)
         if {k: old.get(k) for k in build_info} == build_info:
@@ -110,14 +143,15 @@ def _prepare(npy_path: str, shape: tuple[int, ...], build_info: dict, overwrite:
             f"'{npy_path}' already holds a teacher cache built with other settings; delete it, choose another "
             "--out, or pass --overwrite"
         )
-    if os.path.exists(data) and os.path.exists(done_path) and os.path.exists(info_path):
+    if all(os.path.exists(p) for p in (*partials, done_path, info_path)):
         if read_json(info_path) == build_info:
             done = np.load(done_path)
             log.info("resuming %s: %d of %d rows already done", data, int(done.sum()), len(done))
             return done
         log.warning("discarding %s: it was started with other settings", data)
-    np.lib.format.open_memmap(data, mode="w+", dtype=np.float16, shape=shape).flush()
-    done = np.zeros(int(np.prod(shape[:-1])), dtype=bool)
+    for path, shape in zip(partials, shapes, strict=True):
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape).flush()
+    done = np.zeros(int(np.prod(shapes[0][:-1])), dtype=bool)
     atomic_npy(done_path, done)
     write_json(info_path, build_info)
     return done
@@ -125,44 +159,60 @@ def _prepare(npy_path: str, shape: tuple[int, ...], build_info: dict, overwrite:
 
 def _finish(npy_path: str, manifest: dict) -> None:
     data, done_path, info_path = _partial_paths(npy_path)
+    if "dense" in manifest:  # before the pooled file: a cache is complete once its manifest is written
+        os.replace(dense_path(npy_path) + ".partial", dense_path(npy_path))
     os.replace(data, npy_path)  # atomic: the cache appears complete or not at all
     write_json(manifest_path(npy_path), manifest)
     for p in (done_path, info_path):
         os.remove(p)
 
 
+def _teacher_rows(teacher, x: torch.Tensor, dense: DenseSpec | None) -> list[torch.Tensor]:
+    """float16 rows of a batch: the pooled features (B, D), and with ``dense`` the maps at the stored grid,
+    (B, h * w * C) channels last."""
+    if dense is None:
+        return [teacher(x).to(torch.float16)]
+    out = teacher.targets(x, None)  # one forward: {"global": (B, D), "dense": (B, C, H, W)}
+    fmap = resample_grid(out["dense"], dense.grid)  # (B, C, h, w), as the training loss resamples
+    return [out["global"].to(torch.float16), fmap.permute(0, 2, 3, 1).flatten(1).to(torch.float16)]
+
+
 @torch.inference_mode()
-def _extract(teacher, loader, steps: list[np.ndarray], batch: int, writer, dist_info: DistInfo) -> None:
+def _extract(
+    teacher, loader, steps: list[np.ndarray], batch: int, writer, dist_info: DistInfo, dense: DenseSpec | None = None
+) -> None:
     """Run the teacher over this rank's steps; rank 0 gathers every rank's rows and hands them to ``writer``.
 
     With several ranks each step's features are padded to ``batch`` rows (position -1) for the gather;
     the padding is zeros, never a teacher forward.
     """
     device, world_size = dist_info.device, dist_info.world_size
+    widths = [int(teacher.feat_dim)] + ([dense.row_width] if dense else [])
     batches = iter(loader)
     for rows in tqdm(steps, desc="teacher features", disable=not dist_info.is_main, dynamic_ncols=True):
         width = batch if world_size > 1 else len(rows)
-        feats = torch.zeros(width, int(teacher.feat_dim), dtype=torch.float16, device=device)  # (B, D)
+        feats = [torch.zeros(width, w, dtype=torch.float16, device=device) for w in widths]  # (B, D), (B, h*w*C)
         position = torch.full((width,), -1, dtype=torch.int64, device=device)
         if len(rows):
             images, _, _ = next(batches)
             if isinstance(images, EncodedBatch):  # --decode gpu: the crops are decoded here, as training does
                 images = images.decode(device)
             x = images.to(device, non_blocking=True).float().div_(255.0)
-            feats[: len(rows)] = teacher(x).to(torch.float16)
+            for f, rows_of_x in zip(feats, _teacher_rows(teacher, x, dense), strict=True):
+                f[: len(rows)] = rows_of_x
             position[: len(rows)] = torch.from_numpy(rows).to(device)
-        feats, position = _gather(feats, world_size), _gather(position, world_size)
+        feats, position = [_gather(f, world_size) for f in feats], _gather(position, world_size)
         if dist_info.is_main:
             keep = position >= 0
-            writer(position[keep].cpu().numpy(), feats[keep].cpu().numpy())
+            writer(position[keep].cpu().numpy(), *(f[keep].cpu().numpy() for f in feats))
 
 
-def _agree_to_start(npy_path: str, shape, build_info: dict, overwrite: bool, dist_info: DistInfo):
-    """Rank 0 prepares the partial file; every rank learns whether to build (done-mask), stop or fail."""
+def _agree_to_start(npy_path: str, shapes, build_info: dict, overwrite: bool, dist_info: DistInfo):
+    """Rank 0 prepares the partial file(s); every rank learns whether to build (done-mask), stop or fail."""
     done, failure = None, None
     if dist_info.is_main:
         try:
-            done = _prepare(npy_path, shape, build_info, overwrite)
+            done = _prepare(npy_path, shapes, build_info, overwrite)
         except UserError as exc:  # tell the other ranks before raising, or they would wait forever
             failure = exc
     code = 2 if failure else int(dist_info.is_main and done is None)
@@ -190,6 +240,7 @@ def build_cache(
     dist_info: DistInfo,
     overwrite: bool = False,
     n_views: int = 0,
+    dense: DenseSpec | None = None,
 ) -> None:
     """Write ``teacher``'s features of every row to ``npy_path``: one forward per row, in batches of rows.
 
@@ -197,17 +248,21 @@ def build_cache(
     training transform reduced to the teacher's view (``data.transforms.TeacherView``), whose key
     ``(index, v)`` gives view v. ``manifest`` describes the teacher, preprocessing and views (a
     centre-crop cache gets ``CENTRE_CROP``); the dataset fingerprint and shape are added here. All ranks
-    call this with the same arguments; rows land in file order whatever the split.
+    call this with the same arguments; rows land in file order whatever the split. With ``dense`` (a
+    teacher set to ``use_objective("both")``) every row also gets its dense targets in ``FILE.dense.npy``.
     """
     n, device, world_size = len(dataset), dist_info.device, dist_info.world_size
-    shape = cache_shape(n, int(teacher.feat_dim), n_views)
+    shapes = [cache_shape(n, int(teacher.feat_dim), n_views)]
     views = {**manifest.get("views", CENTRE_CROP), "n_views": max(n_views, 1)}
     if (views["mode"] == CENTRE_CROP["mode"]) != (n_views == 0):
         raise ValueError(f"a cache of {n_views} views cannot be described as {views['mode']}")
     manifest = {"version": MANIFEST_VERSION, **manifest, "views": views}
-    manifest = {**manifest, **dataset_fingerprint(dataset), "shape": list(shape)}
-    build_info = {k: manifest[k] for k in BUILD_KEYS}
-    done, finished = _agree_to_start(npy_path, shape, build_info, overwrite, dist_info)
+    manifest = {**manifest, **dataset_fingerprint(dataset), "shape": list(shapes[0])}
+    if dense is not None:
+        shapes.append(cache_shape(n, dense.row_width, n_views))
+        manifest["dense"] = {**dense.record(npy_path), "shape": list(shapes[1])}
+    build_info = {k: manifest[k] for k in BUILD_KEYS if k in manifest}  # dense: only in dense builds
+    done, finished = _agree_to_start(npy_path, shapes, build_info, overwrite, dist_info)
     if finished:
         return
     order = WorkOrder(n, n_views)
@@ -220,38 +275,43 @@ def build_cache(
         pin_memory=device.type == "cuda",
         collate_fn=getattr(dataset.transform, "collate", None),
     )
-    writer = _RowWriter(npy_path, done, order) if dist_info.is_main else None
+    writer = _RowWriter(npy_path, done, order, dense is not None) if dist_info.is_main else None
     teacher.eval()
     started = time.monotonic()
-    _extract(teacher, loader, steps, batch_size, writer, dist_info)
+    _extract(teacher, loader, steps, batch_size, writer, dist_info, dense)
     if dist_info.is_main:
         writer.close()
         seconds = time.monotonic() - started
         stamp = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": world_size}
         _finish(npy_path, {**manifest, **stamp, "build_seconds": round(seconds, 3), "rows_built": len(pending)})
-        log.info("teacher cache written: %s %s float16 and %s (%d rows in %.1f s)", npy_path, shape,
-                 manifest_path(npy_path), len(pending), seconds)  # fmt: skip
+        log.info("teacher cache written: %s %s float16%s and %s (%d rows in %.1f s)", npy_path, shapes[0],
+                 f" and {dense_path(npy_path)} {shapes[1]} float16" if dense else "", manifest_path(npy_path),
+                 len(pending), seconds)  # fmt: skip
 
 
 class _RowWriter:
-    """Rank 0's writer: rows into the memory-mapped partial file, the done-mask saved after each flush."""
+    """Rank 0's writer: rows into the memory-mapped partial file(s) (pooled, and dense when built), the
+    done-mask saved after each flush."""
 
-    def __init__(self, npy_path: str, done: np.ndarray, order: WorkOrder) -> None:
+    def __init__(self, npy_path: str, done: np.ndarray, order: WorkOrder, dense: bool = False) -> None:
         data, self.done_path, _ = _partial_paths(npy_path)
-        self.file = np.load(data, mmap_mode="r+")
-        self.rows = self.file.reshape(-1, self.file.shape[-1])  # (K * N, D), a view of the mapped file
+        paths = [data] + [dense_path(npy_path) + ".partial"] * dense
+        self.files = [np.load(p, mmap_mode="r+") for p in paths]
+        self.rows = [f.reshape(-1, f.shape[-1]) for f in self.files]  # (K * N, width), views of the mapped files
         self.done, self.order, self.last_flush = done, order, time.monotonic()
 
-    def __call__(self, position: np.ndarray, feats: np.ndarray) -> None:
+    def __call__(self, position: np.ndarray, *feats: np.ndarray) -> None:
         keep = ~self.done[position]  # never write a row twice
-        position, feats = position[keep], feats[keep]
-        self.rows[self.order.file_rows(position)] = feats
+        position = position[keep]
+        for rows, f in zip(self.rows, feats, strict=True):
+            rows[self.order.file_rows(position)] = f[keep]
         self.done[position] = True
         if time.monotonic() - self.last_flush > FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
-        self.file.flush()  # rows reach the file before the mask says they are done
+        for f in self.files:
+            f.flush()  # rows reach the file before the mask says they are done
         atomic_npy(self.done_path, self.done)
         self.last_flush = time.monotonic()
 
@@ -259,4 +319,4 @@ class _RowWriter:
         self.flush()
         if not self.done.all():
             raise RuntimeError(f"teacher cache build ended with {int((~self.done).sum())} rows missing")
-        del self.rows, self.file
+        del self.rows, self.files
