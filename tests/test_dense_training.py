@@ -123,9 +123,10 @@ def test_a_run_cannot_resume_with_another_loss(data, teacher, tmp_path):
 
 
 # ============ teacher caches with dense targets ============
-def build_cache(data: str, teacher: str, out, *extra: str) -> str:
+def build_cache(data: str, teacher: str, out, *extra: str, dense: bool = True) -> str:
     argv = [data, "--teacher_weights", teacher, "--out", str(out), "--batch_size", "5", "--num_workers", "0",
-            "--device", "cpu", "--resize_size", str(SIZE), "--crop_size", str(SIZE), "--dense", *extra]  # fmt: skip
+            "--device", "cpu", "--resize_size", str(SIZE), "--crop_size", str(SIZE), *extra]  # fmt: skip
+    argv += ["--dense"] if dense else []
     cache_teacher_features.main(cache_teacher_features.get_args_parser().parse_args(argv))
     return str(out)
 
@@ -165,6 +166,21 @@ def test_k_view_cache_dense_rows_are_the_training_crops_and_train(data, teacher,
     stats = train(*argv_for(data, teacher, str(tmp_path / "exp"), 2, "--loss", "dense", "--use_cache",
                             "--teacher_feats", path))  # fmt: skip
     assert 0 < stats["loss"] < 4
+
+
+def test_a_cache_without_the_run_s_dense_targets_is_one_sentence(data, teacher, tmp_path, caplog):
+    plain = build_cache(data, teacher, tmp_path / "p.npy", dense=False)
+    dense = build_cache(data, teacher, tmp_path / "d.npy")
+    for cache, extra, message in (
+        (plain, (), "holds pooled features only; --loss dense needs its dense targets: rebuild it with"),
+        (dense, ("--dense_blocks", "2"), "holds the tokens of the last 1 block(s), but --dense_blocks is 2"),
+    ):
+        caplog.clear()
+        argv = argv_for(data, teacher, str(tmp_path / "e"), 1, "--loss", "dense", "--use_cache", "--teacher_feats",
+                        cache, *extra)  # fmt: skip
+        with caplog.at_level(logging.ERROR), pytest.raises(SystemExit):
+            run_cli(train_student.main, train_student.get_args_parser().parse_args(argv))
+        assert message in caplog.text
 
 
 def training_crops(data: str, epoch: int, seed: int = 0) -> torch.Tensor:
