@@ -18,21 +18,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 
-import torch
-
-from data.segmentation import SegmentationSet, detect_layout, pairs_fingerprint
-from models.backbones import innermost_encoder
+from data.segmentation import detect_layout, list_pairs
 from models.errors import UserError
 from models.formats import FORMATS
 from models.io import atomic_save, write_json
-from models.vit import check_patch_multiple
 from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
 from tools.engine.step import amp_dtype
 from tools.eval.common import build_model_from_args, exp_dir_of, output_dir
-from tools.eval.segmentation import MapStore, SegProbe, evaluate_probe, extract_maps, scores, train_probe
+from tools.eval.segmentation import ProbeSettings, segmentation_probe
 
 log = logging.getLogger("simreg.eval_seg")
 
@@ -77,20 +72,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.random_init and args.teacher:
         raise UserError("--random_init evaluates an untrained student --arch; drop --teacher")
     cli.check_batch_fits(max(args.extract_batch, args.batch_size), args.image_size, "--extract_batch")
-
-
-def protocol(args: argparse.Namespace, layout) -> dict:
-    return {
-        "probe": ("BatchNorm2d + " if not args.no_bn else "") + "1x1 convolution on the frozen last feature map",
-        "input": f"the whole image resized to {args.image_size} x {args.image_size} (bilinear; aspect not kept)",
-        "training": f"cross-entropy (255 ignored) at {args.image_size} x {args.image_size} labels (nearest), "
-        f"AdamW lr {args.lr} cosine, weight decay {args.weight_decay}, batch {args.batch_size}, {args.epochs} epochs, "
-        f"seed {args.seed}",
-        "scores": "val logits bilinearly upsampled to each image's own size; mIoU over the classes present in "
-        "labels or predictions; pixel accuracy over the non-ignored pixels",
-        "layout": layout.name,
-        "classes": len(layout.classes),
-    }
+    layout = detect_layout(args.data)  # the data's mistakes before a network is loaded
+    for split in ("train", "val"):
+        list_pairs(layout, split)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -100,38 +84,14 @@ def main(args: argparse.Namespace) -> dict:
     setup_logging(os.path.join(out_dir, "eval_seg.log"), True, args.debug)
     device = distributed.pick_device(args.device, 0)  # one process: the probe is small next to the extraction
 
-    # ============ data and network ============
-    layout = detect_layout(args.data)
-    sets = {split: SegmentationSet(layout, split, args.image_size) for split in ("train", "val")}
+    # ============ the network ============
     model = build_model_from_args(args).to(device)
-    backbone = innermost_encoder(model).backbone
-    patch = getattr(backbone, "patch", None) or getattr(backbone, "patch_size", None)
-    if isinstance(patch, int):  # a ViT: the patch size must divide the image size
-        check_patch_multiple(args.image_size, args.image_size, patch, "--image_size")
-    log.info("%s layout, %d classes: %d train and %d val images at %d px", layout.name, len(layout.classes),
-             len(sets["train"]), len(sets["val"]), args.image_size)  # fmt: skip
 
-    # ============ feature maps, once ============
-    dtype = amp_dtype(args.amp, device)
-    store = MapStore(args.features_dir or os.path.join(out_dir, "features"))
-    ident = model.identity
-    maps = {}
-    for split, dataset in sets.items():
-        key = {"model": {k: ident.get(k) for k in ("kind", "weights_sha256", "format", "arch", "pool")},
-               "image_size": args.image_size, "autocast": str(dtype or "float32"), "layout": layout.name,
-               "root": os.path.abspath(layout.root), "data": pairs_fingerprint(dataset.pairs, layout.root)}  # fmt: skip
-        maps[split] = extract_maps(model, dataset, store, key, batch_size=args.extract_batch, workers=args.workers,
-                                   device=device, amp_dtype=dtype)  # fmt: skip
-
-    # ============ the probe ============
-    start = time.perf_counter()
-    torch.manual_seed(args.seed)  # here: extracting (or not) the maps draws from the generator
-    probe = SegProbe(maps["train"][0].shape[1], len(layout.classes), not args.no_bn).to(device)
-    losses = train_probe(probe, *maps["train"], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, seed=args.seed, device=device)  # fmt: skip
-    result = scores(evaluate_probe(probe, maps["val"][0], sets["val"], device), layout.classes)
-    result = {**result, "protocol": protocol(args, layout), "feature_map": list(maps["train"][0].shape[1:]),
-              "train_losses": losses, "model": ident, "probe_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+    # ============ feature maps (once), the probe, its scores ============
+    settings = ProbeSettings(args.image_size, args.epochs, args.batch_size, args.lr, args.weight_decay,
+                             not args.no_bn, args.seed, args.extract_batch, args.workers)  # fmt: skip
+    store = args.features_dir or os.path.join(out_dir, "features")
+    result, probe = segmentation_probe(model, args.data, store, settings, device, amp_dtype(args.amp, device))
     atomic_save(probe.state_dict(), os.path.join(out_dir, "probe.pth"))
     write_json(os.path.join(out_dir, "seg_results.json"), result)
     log.info("mIoU %.2f, pixel accuracy %.2f (%d classes scored) -> %s", result["miou"], result["pixel_acc"],

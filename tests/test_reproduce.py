@@ -96,11 +96,15 @@ def test_shared_runs_and_rows():
     runs = grid.runs_of(rows)
     paper = grid.RunConfig(student="timm/resnet10t")
     assert sum(v.run == paper for r in rows for v in r.variants) == 7  # every row, twice in "features"
-    assert len(runs) == len(set(runs)) == 12 and runs[0] == paper
+    assert len(runs) == len(set(runs)) == 15 and runs[0] == paper
+    dense = [r for r in runs if r.data == "segdemo"]
+    assert [r.loss for r in dense] == ["global", "dense", "both"] and {r.teachers for r in dense} == {("S",)}
+    assert paper.key() == "timm_resnet10t-h4-single_weak-live-A-ec8e23"  # the folders recorded before the dense row
     assert [r.name for r in grid.select_rows(rows, ["views", "head"])] == ["head", "views"]
     with pytest.raises(UserError, match="'heads' is not a row of the study; choose from head, views"):
         grid.select_rows(rows, ["heads"])
-    assert grid.teachers_of(rows) == ["A", "B"] and grid.students_of(rows) == [
+    assert grid.students_of(rows, "segdemo") == ["timm/resnet10t"]
+    assert grid.teachers_of(rows) == ["A", "B", "S"] and grid.students_of(rows) == [
         "mobilenet_v2",
         "resnet18",
         "timm/resnet10t",

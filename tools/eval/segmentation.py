@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data.segmentation import IGNORE, SegmentationSet
+from data.segmentation import IGNORE, SegLayout, SegmentationSet, detect_layout, pairs_fingerprint
 from models.backbones import innermost_encoder
 from models.feature_maps import MapTap
 from models.io import differences, read_json, write_json
 from models.simreg import fp32_or_wider
+from models.vit import check_patch_multiple
 from tools.engine.step import autocast
 
 log = logging.getLogger(__name__)
@@ -198,3 +200,67 @@ def evaluate_probe(probe: SegProbe, maps: np.ndarray, dataset: SegmentationSet, 
         pred = probe(x, tuple(label.shape)).argmax(dim=1)[0]
         conf += confusion_matrix(pred, label, n_classes)
     return conf
+
+
+# ---------------------------------------------------------------- the whole protocol
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The probe's protocol (``eval_seg.py``'s defaults)."""
+
+    image_size: int = 448
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batchnorm: bool = True
+    seed: int = 0
+    extract_batch: int = 32
+    workers: int = 0
+
+    def protocol(self, layout: SegLayout) -> dict:
+        """The protocol in words, as ``seg_results.json`` records it."""
+        s = self.image_size
+        return {
+            "probe": ("BatchNorm2d + " if self.batchnorm else "") + "1x1 convolution on the frozen last feature map",
+            "input": f"the whole image resized to {s} x {s} (bilinear; aspect not kept)",
+            "training": f"cross-entropy (255 ignored) at {s} x {s} labels (nearest), AdamW lr {self.lr} cosine, "
+            f"weight decay {self.weight_decay}, batch {self.batch_size}, {self.epochs} epochs, seed {self.seed}",
+            "scores": "val logits bilinearly upsampled to each image's own size; mIoU over the classes present in "
+            "labels or predictions; pixel accuracy over the non-ignored pixels",
+            "layout": layout.name,
+            "classes": len(layout.classes),
+        }
+
+
+def segmentation_probe(
+    model: nn.Module, data: str, store_dir: str, settings: ProbeSettings, device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[dict, SegProbe]:  # fmt: skip
+    """The linear segmentation probe of ``model`` (an :class:`models.pretrained.EvalModel`) on the VOC or
+    ADE20K folder ``data``: maps stored in ``store_dir`` (reused while current), the probe trained and scored.
+    Returns (the results: mIoU, pixel accuracy, per-class IoU, protocol, ...; the trained probe)."""
+    layout = detect_layout(data)
+    sets = {split: SegmentationSet(layout, split, settings.image_size) for split in ("train", "val")}
+    backbone = innermost_encoder(model).backbone
+    patch = getattr(backbone, "patch", None) or getattr(backbone, "patch_size", None)
+    if isinstance(patch, int):  # a ViT: the patch size must divide the image size
+        check_patch_multiple(settings.image_size, settings.image_size, patch, "--image_size")
+    log.info("%s layout, %d classes: %d train and %d val images at %d px", layout.name, len(layout.classes),
+             len(sets["train"]), len(sets["val"]), settings.image_size)  # fmt: skip
+    store, ident, maps = MapStore(store_dir), model.identity, {}
+    for split, dataset in sets.items():
+        key = {"model": {k: ident.get(k) for k in ("kind", "weights_sha256", "format", "arch", "pool")},
+               "image_size": settings.image_size, "autocast": str(amp_dtype or "float32"), "layout": layout.name,
+               "root": os.path.abspath(layout.root), "data": pairs_fingerprint(dataset.pairs, layout.root)}  # fmt: skip
+        maps[split] = extract_maps(model, dataset, store, key, batch_size=settings.extract_batch,
+                                   workers=settings.workers, device=device, amp_dtype=amp_dtype)  # fmt: skip
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)  # here: extracting (or not) the maps draws from the generator
+    probe = SegProbe(maps["train"][0].shape[1], len(layout.classes), settings.batchnorm).to(device)
+    losses = train_probe(probe, *maps["train"], epochs=settings.epochs, batch_size=settings.batch_size,
+                         lr=settings.lr, weight_decay=settings.weight_decay, seed=settings.seed,
+                         device=device)  # fmt: skip
+    result = scores(evaluate_probe(probe, maps["val"][0], sets["val"], device), layout.classes)
+    result.update(protocol=settings.protocol(layout), feature_map=list(maps["train"][0].shape[1:]),
+                  train_losses=losses, model=ident, probe_s=round(time.perf_counter() - start, 1))  # fmt: skip
+    return result, probe
