@@ -27,7 +27,7 @@ from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
 from tools.engine.step import amp_dtype
 from tools.eval.common import build_model_from_args, exp_dir_of, output_dir
-from tools.eval.segmentation import ProbeSettings, segmentation_probe
+from tools.eval.seg_probe import ProbeSettings, segmentation_probe
 
 log = logging.getLogger("simreg.eval_seg")
 

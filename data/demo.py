@@ -162,13 +162,14 @@ def main() -> None:
     parser.add_argument("root", nargs="?", default=None, help="output folder (default: demo_data)")
     parser.add_argument("--seg", default=None, metavar="DIR", help="write the segmentation demo (VOC layout) in DIR")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.seg and args.root:
+    print(write(parser, **vars(parser.parse_args())))
+
+
+def write(parser: argparse.ArgumentParser, root: str | None, seg: str | None, seed: int) -> str:
+    """The classification demo in ``root``, or the segmentation demo in ``seg``; returns the folder."""
+    if seg and root:
         parser.error("give either ROOT (the classification demo) or --seg DIR (the segmentation demo), not both")
-    if args.seg:
-        print(make_seg_dataset(args.seg, args.seed))
-    else:
-        print(make_demo_dataset(args.root or "demo_data", args.seed))
+    return make_seg_dataset(seg, seed) if seg else make_demo_dataset(root or "demo_data", seed)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import eval_seg
 from data.demo import make_seg_dataset, voc_palette
 from data.segmentation import IGNORE, SegmentationSet, detect_layout, read_label
 from tools.engine.cli import run_cli
-from tools.eval.segmentation import SegProbe, confusion_matrix, scores
+from tools.eval.seg_probe import SegProbe, confusion_matrix, scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

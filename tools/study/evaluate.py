@@ -24,7 +24,7 @@ from tools.eval.linear_probe import (
     step_lr,
     train_epoch_cached,
 )
-from tools.eval.segmentation import ProbeSettings, segmentation_probe
+from tools.eval.seg_probe import ProbeSettings, segmentation_probe
 
 PROBE = {"lr": 0.01, "batch_size": 256, "milestones": (15, 30), "seed": 0}  # eval_linear.py's defaults
 KNN_SEED = 0  # eval_knn.py's default tie-break seed
