@@ -24,6 +24,7 @@ from tests.conftest import write_image_folder, write_random_resnet18
 from tests.vit_reference import dinov2_file
 from tools import cache_teacher_features, export
 from tools.engine.cli import run_cli
+from tools.engine.run_state import teacher_fingerprint
 from tools.teacher_cache.reader import open_cached_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,9 +146,17 @@ def test_centre_crop_cache_holds_the_live_dense_targets(data, teacher, tmp_path)
     got = cached.targets(x, index)
     for part in ("global", "dense"):
         torch.testing.assert_close(got[part], want[part], rtol=2e-3, atol=2e-3)  # float16 rows
+    on_device = open_cached_teacher(path, None, torch.device("cpu"), on_device=True).use_objective("both")
+    assert on_device.dense_table is not None
+    for part in ("global", "dense"):
+        assert torch.equal(on_device.targets(x, index)[part], got[part])
     coarse = build_cache(data, teacher, tmp_path / "g.npy", "--cache_grid", "1")
-    got = open_cached_teacher(coarse, None, torch.device("cpu")).use_objective("dense").targets(x, index)
+    pooled = open_cached_teacher(coarse, None, torch.device("cpu")).use_objective("dense")
+    got = pooled.targets(x, index)
     torch.testing.assert_close(got["dense"], resample_grid(want["dense"], (1, 1)), rtol=2e-3, atol=2e-3)
+    # targets on another grid are other targets: the run identity says so
+    assert teacher_fingerprint(pooled, None, False).endswith("/dense 1x1")
+    assert teacher_fingerprint(cached, None, False).endswith("/dense 2x2")
 
 
 def test_k_view_cache_dense_rows_are_the_training_crops_and_train(data, teacher, tmp_path):
