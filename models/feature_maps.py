@@ -60,6 +60,7 @@ class MapTap:
     def __init__(self, net: nn.Module, blocks: int = 1, name: str = "") -> None:
         self.net, self.blocks, self.name = net, blocks, name or type(net).__name__
         self.captured: list[torch.Tensor] = []
+        self.active = False  # only between start() and read(): other forwards (k-NN monitoring) keep nothing
         self.input_hw: tuple[int, int] = (0, 0)
         self.post = None
         if _is_vit(net):
@@ -95,23 +96,25 @@ class MapTap:
 
     # ---------------------------------------------------------------- hooks (bound methods: copied with the net)
     def _keep_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self.captured.append(output)
+        if self.active:
+            self.captured.append(output)
 
     def _keep_input(self, module: nn.Module, args: tuple) -> None:
-        self.captured.append(args[0])
+        if self.active:
+            self.captured.append(args[0])
 
     def _keep_input_size(self, module: nn.Module, args: tuple) -> None:
         self.input_hw = (int(args[0].shape[-2]), int(args[0].shape[-1]))
 
     # ---------------------------------------------------------------- use
     def start(self) -> None:
-        """Forget anything captured before (a forward outside a dense step, e.g. k-NN monitoring)."""
-        self.captured = []
+        """Capture the map of the next forward (until :meth:`read`)."""
+        self.captured, self.active = [], True
 
     def read(self) -> torch.Tensor:
         """The map captured by the one forward since :meth:`start`: (B, C, h, w)."""
         want = self.blocks if self.kind == "vit" else 1
-        got, self.captured = self.captured, []
+        got, self.captured, self.active = self.captured, [], False
         if len(got) != want:
             raise RuntimeError(f"the feature-map hooks of {self.name} fired {len(got)} times, expected {want}")
         if self.kind == "vit":

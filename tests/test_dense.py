@@ -170,6 +170,16 @@ def test_a_network_without_pooling_and_dense_blocks_on_a_cnn_are_refused():
         MapTap(build_encoder("resnet18").backbone, blocks=2, name="resnet18")
 
 
+def test_forwards_outside_a_dense_step_keep_nothing():
+    """k-NN monitoring runs the student's encoder between steps: the tap holds no map of those forwards."""
+    student = Student("resnet18", 8, 0, "dense", [6], image_size=64)
+    with torch.no_grad():
+        for _ in range(3):
+            student.encoder(torch.rand(2, 3, 64, 64))
+    assert student.tap.captured == []
+    assert student(torch.rand(2, 3, 64, 64))["dense"][0].shape == (2, 6, 2, 2) and student.tap.captured == []
+
+
 def test_the_hooks_travel_with_a_deep_copy():
     torch.manual_seed(0)
     student = Student("resnet18", 8, 4, "dense", [6], image_size=64)
