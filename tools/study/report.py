@@ -17,6 +17,7 @@ import torch
 
 from models.errors import UserError
 from models.io import atomic_write, read_json, write_json
+from tools.eval_summary import read_losses
 from tools.study.curves import plot_runs, read_log
 from tools.study.grid import Row
 from tools.study.runner import RESULT, Study, run_reference
@@ -130,7 +131,8 @@ def _variant(study: Study, v) -> dict | None:
     for s in study.scale.seeds:
         res = read_json(os.path.join(study.run_dir(v.run, s), RESULT))
         if res is not None and (not v.use_pred or "pred" in res):
-            per_seed[str(s)] = variant_numbers(res, v.use_pred)
+            logged = read_losses(study.run_dir(v.run, s))  # the run's own log, when it is on this disk
+            per_seed[str(s)] = variant_numbers({**res, "losses": logged or res.get("losses", {})}, v.use_pred)
     if not per_seed:
         return None
     mean, std = stats(per_seed)
