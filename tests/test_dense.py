@@ -31,7 +31,7 @@ from models.simreg import (
 )
 from models.teachers import TeacherSet, load_teacher
 from tests.conftest import write_random_resnet18
-from tests.vit_reference import dinov2_file, dinov3_file
+from tests.vit_reference import dinov2_file, dinov3_file, mocov3_file, vit_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,12 +191,21 @@ def test_the_hooks_travel_with_a_deep_copy():
 
 
 # ============ ViT teachers: final-norm patch tokens, registers and class token left out ============
-@pytest.mark.parametrize(("make", "n_prefix", "size"), [(lambda: dinov2_file(n_reg=4), 5, 56), (dinov3_file, 5, 64)])
-def test_vit_teacher_dense_targets_are_the_final_norm_patch_tokens(tmp_path, make, n_prefix, size):
+VIT_FILES = {  # a file of each publisher's layout: (raw, class + register tokens, crop size, patch grid)
+    "dino": (lambda: vit_weights(patch=8), 1, 32, 4),
+    "dinov2_reg4": (lambda: dinov2_file(n_reg=4), 5, 56, 4),
+    "dinov3": (dinov3_file, 5, 64, 4),
+    "mocov3": (mocov3_file, 1, 64, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(VIT_FILES))
+def test_vit_teacher_dense_targets_are_the_final_norm_patch_tokens(tmp_path, case):
+    make, n_prefix, size, grid = VIT_FILES[case]
     path = str(tmp_path / "vit.pth")
     torch.save(make(), path)
     teacher = load_teacher(path).use_objective("both", blocks=1, image_size=size)
-    assert teacher.dense_grid == (4, 4)
+    assert teacher.dense_grid == (grid, grid)
     x = torch.rand(2, 3, size, size)
     with torch.inference_mode():
         out = teacher.targets(x, None)
@@ -204,9 +213,8 @@ def test_vit_teacher_dense_targets_are_the_final_norm_patch_tokens(tmp_path, mak
         net = teacher.encoder.backbone
         tokens = net.forward_features(teacher.encoder.normalize(x))
     assert net.num_prefix_tokens == n_prefix
-    h = teacher.dense_grid[0]
     assert torch.equal(out["global"], plain)  # the pooled target of the same forward, unchanged
-    torch.testing.assert_close(out["dense"], tokens[:, n_prefix:].reshape(2, h, h, -1).permute(0, 3, 1, 2))
+    torch.testing.assert_close(out["dense"], tokens[:, n_prefix:].reshape(2, grid, grid, -1).permute(0, 3, 1, 2))
 
 
 def test_dense_blocks_concatenate_the_last_blocks_normalised(tmp_path):
