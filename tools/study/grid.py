@@ -118,7 +118,7 @@ def rows(scale: Scale) -> list[Row]:
         Row("student", "student architecture", "distillation works for other student networks",
             (Variant(f"{s} (the grid's default)", paper),
              *(Variant(a, replace(paper, student=a)) for a in ("resnet18", "mobilenet_v2") if a != s))),
-        Row("dense", "regress the pooled feature, the feature map, or both (segmentation demo)",
+        Row("dense", "pooled feature, feature map or both (segmentation demo)",
             "regressing the teacher's feature map (--loss dense) gives a better segmentation probe than the pooled "
             "feature (the paper's global loss); both keeps the global loss's 1-NN",
             tuple(Variant(f"{loss}{' (paper)' if loss == 'global' else ''}", dense(loss)) for loss in OBJECTIVES)),

@@ -249,7 +249,7 @@ def bar_chart(row: dict, refs: dict, out_png: str) -> str:
     ax.set_xticks(range(len(row["variants"])), [v["label"] for v in row["variants"]], fontsize="small", rotation=12)
     lows = [v["mean"][m] - v["std"][m] for v in row["variants"] for m in metrics]
     ax.set_ylim(max(0.0, min(lows) - 10), 112)  # room above 100 for the legend
-    ax.set_ylabel("val top-1 (%)")
+    ax.set_ylabel("val top-1 and mIoU (%)" if "miou" in metrics else "val top-1 (%)")
     n = len(next(iter(row["variants"]))["per_seed"])
     ax.set_title(f"{row['question']} (mean ± std, {n} seeds)", fontsize="medium")
     ax.legend(fontsize="x-small", loc="upper center", ncol=4)
