@@ -26,7 +26,7 @@ import numpy as np
 
 from models.errors import UserError
 from models.io import write_json
-from tools.engine import distributed
+from tools.engine import cli, distributed
 from tools.engine.cli import note_ignored, positive_float, positive_int, run_cli
 from tools.eval.common import add_common_args, features_from_args, prepare_evaluation
 from tools.eval.knn import BACKENDS, TIES, knn_classify
@@ -35,7 +35,7 @@ log = logging.getLogger("simreg.eval_knn")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SimReg k-NN evaluation", add_help=add_help)
+    p = cli.ArgumentParser("SimReg k-NN evaluation", add_help=add_help)
     add_common_args(p)
     g = p.add_argument_group("k-NN")
     g.add_argument("-k", default="1,20", help="comma-separated k values (default 1,20)")
@@ -75,10 +75,11 @@ def main(args: argparse.Namespace) -> dict | None:
     n_train = len(ev.datasets["train"])
     if max(ks) > n_train:
         raise UserError(f"-k {max(ks)} exceeds the {n_train} training images; choose a smaller k")
+    ev.start_log()
 
     # ============ centre-crop features, in dataset order ============
     reuse = "never" if args.recompute else "require" if args.use_cache else "auto"
-    feats = features_from_args(ev, args, ev.out_dir, ev.datasets, reuse)
+    feats = features_from_args(ev, args, ev.out_dir, ev.datasets, reuse, on_device=args.backend != "faiss")
 
     # ============ k-NN on rank 0 ============
     results = None

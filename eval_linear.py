@@ -68,7 +68,7 @@ log = logging.getLogger("simreg.eval_linear")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SimReg linear evaluation", add_help=add_help)
+    p = cli.ArgumentParser("SimReg linear evaluation", add_help=add_help)
     add_common_args(p)
     g = p.add_argument_group("linear probe")
     g.add_argument("--epochs", type=positive_int, default=40)
@@ -266,8 +266,9 @@ def end_epoch(run: ProbeRun, stats: dict, epoch: int, args, writer: ScalarWriter
 def main(args: argparse.Namespace) -> dict | None:
     start = time.perf_counter()
     # Cached-feature probes are another protocol: their own folder, so neither run resumes the other.
-    ev = prepare_evaluation(args, "linear_cached" if args.use_cache else "linear", "linear.log")
     cli.check_paths(files={"--resume": args.resume})
+    ev = prepare_evaluation(args, "linear_cached" if args.use_cache else "linear", "linear.log")
+    ev.start_log()
     if args.start_epoch is not None:
         cli.note_ignored("--start-epoch", "the probe continues from its own checkpoint (<save>/checkpoint.pth)")
     # The feature store shared with eval_knn.py: <exp>/features, or beside --save (the original's layout).

@@ -68,7 +68,7 @@ def check_args(args: argparse.Namespace) -> None:
     cli.check_output_folder("--save", args.save)
     cli.check_output_folder("--exp_dir", args.exp_dir)
     cli.check_output_folder("--features_dir", args.features_dir)
-    cli.check_paths(files={"--weights": args.weights})
+    cli.check_paths(weights={"--weights": args.weights})
     if args.random_init and args.teacher:
         raise UserError("--random_init evaluates an untrained student --arch; drop --teacher")
     cli.check_batch_fits(max(args.extract_batch, args.batch_size), args.image_size, "--extract_batch")

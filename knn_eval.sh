@@ -18,7 +18,8 @@ RANDOM_INIT=${RANDOM_INIT:-0}        # 1: also evaluate ARCH_STUDENT at random i
 ARCH_STUDENT=${ARCH_STUDENT:-resnet18}
 K=${K:-1,20}
 BATCH_SIZE=${BATCH_SIZE:-512}        # global, split across GPUs
-NUM_WORKERS=${NUM_WORKERS:-8}        # per GPU
+NUM_WORKERS=${NUM_WORKERS:-}         # loader processes per GPU; empty: 8, at most the CPU cores
+NPROC=${NPROC:-gpu}                  # processes: gpu = every visible GPU (one process without GPUs), or a number
 BACKEND=${BACKEND:-auto}             # torch (exact chunked GEMM) or faiss
 EXTRA=${EXTRA:-}                     # any further flags, e.g. "--use_pred" or "--ties nearest"
 
@@ -52,16 +53,18 @@ if [ -z "$DATA" ]; then
 fi
 
 # Every visible GPU (one process per GPU); features are gathered in dataset order.
-NGPU=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
-RUN="torchrun --standalone --nproc_per_node $NGPU eval_knn.py $DATA -k $K --batch-size $BATCH_SIZE --workers $NUM_WORKERS --backend $BACKEND"
-$RUN --exp_dir "$EXP_DIR" ${EPOCH:+--epoch "$EPOCH"} ${WEIGHTS:+--weights "$WEIGHTS"} ${ARCH:+--arch "$ARCH"} $EXTRA
+# tools.launch: torchrun for several processes; one process runs the script itself (a mistake is its one
+# sentence with exit status 2 either way).
+RUN=(python -m tools.launch --standalone --nproc_per_node "$NPROC" eval_knn.py "$DATA" -k "$K"
+     --batch-size "$BATCH_SIZE" --backend "$BACKEND" ${NUM_WORKERS:+--workers "$NUM_WORKERS"})
+"${RUN[@]}" --exp_dir "$EXP_DIR" ${EPOCH:+--epoch "$EPOCH"} ${WEIGHTS:+--weights "$WEIGHTS"} ${ARCH:+--arch "$ARCH"} $EXTRA
 ROWS=("student=$EXP_DIR")
 if [ -n "$TEACHER" ]; then
-  $RUN --teacher --weights "$TEACHER" --save "$EXP_DIR/teacher_eval/features" $EXTRA
+  "${RUN[@]}" --teacher --weights "$TEACHER" --save "$EXP_DIR/teacher_eval/features" $EXTRA
   ROWS=("teacher=$EXP_DIR/teacher_eval" "${ROWS[@]}")
 fi
 if [ "$RANDOM_INIT" = "1" ]; then
-  $RUN --random_init --arch "$ARCH_STUDENT" --save "$EXP_DIR/random_init_eval/features" $EXTRA
+  "${RUN[@]}" --random_init --arch "$ARCH_STUDENT" --save "$EXP_DIR/random_init_eval/features" $EXTRA
   ROWS+=("random init=$EXP_DIR/random_init_eval")
 fi
 python -m tools.eval_summary "${ROWS[@]}"

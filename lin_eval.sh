@@ -20,7 +20,8 @@ EPOCHS=${EPOCHS:-40}
 BATCH_SIZE=${BATCH_SIZE:-256}        # global, split across GPUs
 LR=${LR:-0.01}
 USE_CACHE=${USE_CACHE:-0}            # 1: train on cached centre-crop features (no augmentation, much faster)
-NUM_WORKERS=${NUM_WORKERS:-8}        # per GPU
+NUM_WORKERS=${NUM_WORKERS:-}         # loader processes per GPU; empty: 8, at most the CPU cores
+NPROC=${NPROC:-gpu}                  # processes: gpu = every visible GPU (one process without GPUs), or a number
 EXTRA=${EXTRA:-}                     # any further flags, e.g. "--use_pred"
 
 # Demo settings (used only when DATA is unset).
@@ -61,16 +62,18 @@ fi
 
 if [ "$USE_CACHE" = "1" ]; then CACHE_FLAG="--use_cache"; LINEAR_DIR=linear_cached; fi
 # Every visible GPU (one process per GPU); with USE_CACHE=1 the probe itself trains on one GPU.
-NGPU=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
-RUN="torchrun --standalone --nproc_per_node $NGPU eval_linear.py $DATA --epochs $EPOCHS --lr $LR --batch-size $BATCH_SIZE --workers $NUM_WORKERS $CACHE_FLAG"
-$RUN --exp_dir "$EXP_DIR" ${EPOCH:+--epoch "$EPOCH"} ${WEIGHTS:+--weights "$WEIGHTS"} ${ARCH:+--arch "$ARCH"} $EXTRA
+# tools.launch: torchrun for several processes; one process runs the script itself (a mistake is its one
+# sentence with exit status 2 either way).
+RUN=(python -m tools.launch --standalone --nproc_per_node "$NPROC" eval_linear.py "$DATA" --epochs "$EPOCHS"
+     --lr "$LR" --batch-size "$BATCH_SIZE" $CACHE_FLAG ${NUM_WORKERS:+--workers "$NUM_WORKERS"})
+"${RUN[@]}" --exp_dir "$EXP_DIR" ${EPOCH:+--epoch "$EPOCH"} ${WEIGHTS:+--weights "$WEIGHTS"} ${ARCH:+--arch "$ARCH"} $EXTRA
 ROWS=("student=$EXP_DIR")
 if [ -n "$TEACHER" ]; then
-  $RUN --teacher --weights "$TEACHER" --save "$EXP_DIR/teacher_eval/$LINEAR_DIR" $EXTRA
+  "${RUN[@]}" --teacher --weights "$TEACHER" --save "$EXP_DIR/teacher_eval/$LINEAR_DIR" $EXTRA
   ROWS=("teacher=$EXP_DIR/teacher_eval" "${ROWS[@]}")
 fi
 if [ "$RANDOM_INIT" = "1" ]; then
-  $RUN --random_init --arch "$ARCH_STUDENT" --save "$EXP_DIR/random_init_eval/$LINEAR_DIR" $EXTRA
+  "${RUN[@]}" --random_init --arch "$ARCH_STUDENT" --save "$EXP_DIR/random_init_eval/$LINEAR_DIR" $EXTRA
   ROWS+=("random init=$EXP_DIR/random_init_eval")
 fi
 python -m tools.eval_summary "${ROWS[@]}"

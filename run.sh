@@ -14,7 +14,8 @@ N_MLP_LAYERS=${N_MLP_LAYERS:-4}      # 4 = the paper's head, 2, 0 = linear predi
 EPOCHS=${EPOCHS:-130}
 BATCH_SIZE=${BATCH_SIZE:-256}        # global, split across GPUs
 LR=${LR:-0.05}
-NUM_WORKERS=${NUM_WORKERS:-8}        # per GPU
+NUM_WORKERS=${NUM_WORKERS:-}         # loader processes per GPU; empty: 8, at most the CPU cores
+NPROC=${NPROC:-gpu}                  # processes: gpu = every visible GPU (one process without GPUs), or a number
 EXP_DIR=${EXP_DIR:-exp/r50_to_r18}
 EXTRA=${EXTRA:-}                     # any further flags, e.g. "--channels_last --compile"
 
@@ -67,8 +68,9 @@ if [ -z "$TEACHERS" ]; then
 fi
 
 # The paper's recipe on all visible GPUs (one process per GPU).
-NGPU=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
-torchrun --standalone --nproc_per_node "$NGPU" train_student.py "$DATA" \
+# tools.launch: torchrun for several processes; one process runs the script itself, so a mistake is its one
+# sentence with exit status 2, and Ctrl-C or SIGTERM save a checkpoint (a second Ctrl-C aborts).
+python -m tools.launch --standalone --nproc_per_node "$NPROC" train_student.py "$DATA" \
   ${ARCH_TEACHER:+--arch_teacher $ARCH_TEACHER} --arch_student "$ARCH_STUDENT" --teacher_weights $TEACHERS \
   --n_mlp_layers "$N_MLP_LAYERS" --learning_rate "$LR" --epochs "$EPOCHS" --batch_size "$BATCH_SIZE" \
-  --single_aug --weak_weak --save_freq 10 --num_workers "$NUM_WORKERS" --exp_dir "$EXP_DIR" $EXTRA
+  --single_aug --weak_weak --save_freq 10 ${NUM_WORKERS:+--num_workers "$NUM_WORKERS"} --exp_dir "$EXP_DIR" $EXTRA

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+import time
 from functools import partial
 
 import torch
@@ -25,20 +27,30 @@ from tqdm import tqdm
 from data.datasets import IndexedImageFolder, dataset_fingerprint, select_classes, split_folder
 from data.device_decode import describe
 from data.loaders import build_loader
+from data.prefetch import DevicePrefetcher
 from data.transforms import training_views
-from models.backbones import canonical_arch, teacher_arch_names
+from models.backbones import canonical_arch, is_timm_arch, teacher_arch_names, timm_name
 from models.errors import UserError
 from models.io import write_json
 from models.simreg import HEAD_LAYERS, OBJECTIVES, Student, loss_names
 from tools.engine import cli, distributed
 from tools.engine.cli import nonneg_float, nonneg_int, positive_int
-from tools.engine.logs import ScalarWriter, append_json_line, setup_logging
-from tools.engine.meters import EpochProgress, Meters, stop_agreed
+from tools.engine.logs import ScalarWriter, append_json_line, attach_log_file, setup_logging
+from tools.engine.meters import EpochProgress, Meters, StopVote
 from tools.engine.run_state import Run, export_backbone, resume, run_identity, save_checkpoint, teacher_fingerprint
 from tools.engine.run_teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
 from tools.engine.schedules import cosine_lr, set_lr
 from tools.engine.signals import Interrupted, StopRequest
-from tools.engine.step import AMP_CHOICES, StepConfig, amp_dtype, build_optimizer, default_dtype, distill_step
+from tools.engine.step import (
+    AMP_CHOICES,
+    StepConfig,
+    amp_dtype,
+    build_optimizer,
+    channels_last_default,
+    default_dtype,
+    distill_step,
+)
+from tools.engine.sync_bn import convert_sync_batchnorm
 from tools.eval.monitor import knn_monitor, monitor_datasets
 
 log = logging.getLogger("simreg.train")
@@ -63,7 +75,7 @@ def add_data_args(g) -> None:
     g.add_argument("data", nargs="?", help="dataset root holding train/ (and val/) in ImageFolder layout")
     cli.add_dataset_args(g)
     cli.add_view_args(g)
-    g.add_argument("--num_workers", type=nonneg_int, default=8, help="data loading processes per rank")
+    cli.add_workers_arg(g, "num_workers", what="per rank")
     g.add_argument("--skip_bad_images", action="store_true", help="replace unreadable images by the next readable one")
 
 
@@ -87,6 +99,9 @@ def add_model_args(g) -> None:
                    help="teacher feature cache FILE.npy, one per teacher ('-': that one runs live)")  # fmt: skip
     g.add_argument("--cache_on_device", action="store_true", help="with --use_cache: copy the cache to the device")
     g.add_argument("--mse_nonorm", action="store_true", help="original flag; no effect (the loss is the same)")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="BatchNorm statistics over the whole global batch instead of each process's share (default: "
+                   "per process, as the original's DataParallel; useful when few images per GPU remain)")  # fmt: skip
 
 
 def add_runtime_args(g) -> None:
@@ -101,7 +116,10 @@ def add_runtime_args(g) -> None:
     g.add_argument("--print_freq", type=positive_int, default=100, help="log the loss every N steps")
     g.add_argument("--ckpt_every_steps", type=nonneg_int, default=0, help="also checkpoint every N steps")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="autocast; auto = bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--channels_last", action="store_true", help="NHWC memory layout for both networks")
+    g.add_argument("--channels_last", action="store_const", const=True, default=None,
+                   help="NHWC memory layout for both networks (default: on with CUDA and bf16/fp16)")  # fmt: skip
+    g.add_argument("--no_channels_last", dest="channels_last", action="store_const", const=False,
+                   help="keep NCHW even on CUDA with autocast")  # fmt: skip
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
     g.add_argument("--compile_teacher", action="store_true", help="torch.compile the teacher (BatchNorm folded first)")
     g.add_argument("--float64", action="store_true",
@@ -159,36 +177,53 @@ def check_objective(args: argparse.Namespace, specs: list[TeacherSpec]) -> None:
 
 # ============ one epoch ============
 def train_one_epoch(
-    student, teacher, loader, optimizer, scaler, epoch: int, cfg: StepConfig, progress=None, on_checkpoint=None
-) -> dict:
+    student, teacher, loader, optimizer, scaler, epoch: int, cfg: StepConfig, progress=None, on_checkpoint=None,
+    on_print=None,
+) -> dict:  # fmt: skip
     """One pass over ``loader`` (the rest of it when ``progress`` resumes a partial epoch).
 
-    ``teacher.targets(images, indices)`` gives the regression targets (B, D). The loss is summed on the
-    device and read back only every ``print_freq`` steps (and at checkpoints), so steps do not wait for
-    the host. ``on_checkpoint(epoch, EpochProgress)`` is called every ``cfg.ckpt_every_steps`` steps and
-    when a stop signal arrives (then :class:`Interrupted` is raised). Returns the epoch's mean loss
+    ``teacher.targets(images, indices)`` gives the regression targets (B, D). Batch t + 1 is made ready
+    on the device (decoded, copied, a cached teacher's rows read) by a background thread while step t
+    is queued (:class:`data.prefetch.DevicePrefetcher`). The loss is summed on the device and read back
+    only every ``print_freq`` steps (and at checkpoints), so steps do not wait for the host.
+    ``on_checkpoint(epoch, EpochProgress)`` is called every ``cfg.ckpt_every_steps`` steps and when the
+    ranks agree to stop on a signal (then :class:`Interrupted` is raised); ``on_print(epoch, step, steps in
+    the epoch, mean loss since the last logged step)`` at every logged step. Returns the epoch's mean loss
     over all ranks and its throughput.
     """
     progress = progress or EpochProgress()
     student.train()
     is_main = cfg.dist_info.is_main
     meters = Meters(cfg.device, progress if is_main else EpochProgress(step=progress.step), cfg.loss_names)
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False, dynamic_ncols=True)
-    for views, _, index in bar:
-        loss = distill_step(student, teacher, views, index, optimizer, scaler, cfg)
-        meters.update(loss, index.shape[0])
-        at_print = meters.step % cfg.print_freq == 0
-        if at_print:
-            avg = meters.check(epoch)  # host sync, every print_freq steps only
-            bar.set_postfix(loss=f"{avg:.4f}")
-            log.info("epoch %d step %d/%d loss %.4f", epoch, meters.step, progress.step + len(loader), avg)
-        at_ckpt = bool(cfg.ckpt_every_steps) and meters.step % cfg.ckpt_every_steps == 0
-        stop = stop_agreed(cfg.stop, cfg.dist_info, at_print or at_ckpt)
-        if on_checkpoint and (stop or at_ckpt):
-            meters.check(epoch)  # never save weights that have gone NaN
-            on_checkpoint(epoch, meters.reduced())
-        if stop:
-            raise Interrupted(f"stopped by signal in epoch {epoch} after step {meters.step}")
+    batches = iter(DevicePrefetcher(loader, cfg.device, getattr(teacher, "read_ahead", None)))
+    bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch}", disable=None if is_main else True, leave=False,
+               dynamic_ncols=True)  # fmt: skip
+    summed = progress.loss_sum[0] if isinstance(progress.loss_sum, list) else progress.loss_sum
+    logged = (progress.step, summed)  # (step, loss sum) at the last logged step
+    try:
+        for views, _, index in bar:
+            loss = distill_step(student, teacher, views, index, optimizer, scaler, cfg)
+            meters.update(loss, index.shape[0])
+            at_print = meters.step % cfg.print_freq == 0
+            if at_print:
+                avg = meters.check(epoch)  # host sync, every print_freq steps only
+                bar.set_postfix(loss=f"{avg:.4f}")
+                log.info("epoch %d step %d/%d loss %.4f", epoch, meters.step, progress.step + len(loader), avg)
+                if on_print and meters.step > logged[0]:
+                    on_print(epoch, meters.step, progress.step + len(loader), (avg * meters.step - logged[1]) /
+                             (meters.step - logged[0]))  # fmt: skip
+                logged = (meters.step, avg * meters.step)
+            at_ckpt = bool(cfg.ckpt_every_steps) and meters.step % cfg.ckpt_every_steps == 0
+            stop = cfg.stop() if cfg.stop else False
+            if on_checkpoint and (stop or at_ckpt):
+                meters.check(epoch)  # never save weights that have gone NaN
+                on_checkpoint(epoch, meters.reduced())
+            if stop:
+                cfg.stop.close()
+                raise Interrupted(f"stopped by {cfg.stop.name} in epoch {epoch} after step {meters.step}",
+                                  cfg.stop.exit_status)  # fmt: skip
+    finally:
+        batches.close()  # a loop left early (a stop signal, an error) stops the prefetch thread too
     bar.close()
     return meters.summary(epoch)
 
@@ -197,7 +232,8 @@ def train_one_epoch(
 def build_dataset(args, device: torch.device) -> IndexedImageFolder:
     classes = select_classes(args.data, args.class_list, args.dataset)
     train_dir = split_folder(args.data, "train")
-    dataset = IndexedImageFolder(train_dir, None, classes, seed=args.seed, skip_bad=args.skip_bad_images)
+    dataset = IndexedImageFolder(train_dir, None, classes, seed=args.seed, skip_bad=args.skip_bad_images,
+                                 skip_flag="--skip_bad_images")  # fmt: skip
     paths = [path for path, _ in dataset.samples]
     views = training_views(args.image_size, args.single_aug, args.weak_weak, args.weak_strong, args.decode, device,
                            paths, args.min_crop_scale, not args.no_flip)  # fmt: skip
@@ -216,6 +252,10 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
     with default_dtype(compute_dtype(args)):
         student = Student(args.arch_student, dims, args.n_mlp_layers, args.loss, [t.dense_dim for t in teachers],
                           args.image_size).to(dist_info.device, compute_dtype(args))  # fmt: skip
+    if args.sync_bn:
+        if not dist_info.distributed:
+            log.info("--sync_bn: one process, so its BatchNorm statistics are the whole batch's anyway")
+        student = convert_sync_batchnorm(student)
     if args.channels_last:
         student = student.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
@@ -230,6 +270,8 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
         student_id.update(loss=args.loss, dense_blocks=args.dense_blocks)
         if args.loss == "both":
             student_id["dense_weight"] = args.dense_weight
+    if args.sync_bn:  # another normalisation: resuming must not switch it on or off
+        student_id["sync_bn"] = True
     ids = [teacher_fingerprint(t, spec.weights, spec.use_fc) for t, spec in zip(teachers, specs, strict=True)]
     if len(ids) > 1:  # every teacher, in order, and how their losses are weighted
         student_id["teacher_loss_weights"] = teacher.weights
@@ -259,9 +301,11 @@ def main(args: argparse.Namespace) -> dict:
     args.arch_student = canonical_arch(args.arch_student)
     dist_info = distributed.init_distributed(args.device)
     exp_dir = cli.resolve_exp_dir(args.exp_dir, args.base_dir, args.exp)
-    setup_logging(os.path.join(exp_dir, "logs", "train.log"), dist_info.is_main, args.debug)
+    setup_logging(None, dist_info.is_main, args.debug)  # logs/train.log once the run is set up
     specs = check_args(args, dist_info.world_size)
     torch.manual_seed(args.seed)
+    amp = None if args.float64 else amp_dtype(args.amp, dist_info.device)
+    args.channels_last = channels_last_default(args.channels_last, dist_info.device, amp)
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -270,13 +314,17 @@ def main(args: argparse.Namespace) -> dict:
     loader = build_loader(dataset, args.batch_size // dist_info.world_size, num_workers=args.num_workers,
                           rank=dist_info.rank, world_size=dist_info.world_size, seed=args.seed,
                           pin_memory=dist_info.device.type == "cuda")  # fmt: skip
+    knn_sets = None
+    if args.knn_every:  # centre-crop train/ and val/, as eval_knn.py reads them
+        classes = select_classes(args.data, args.class_list, args.dataset)
+        knn_sets = monitor_datasets(args.data, args.image_size, args.knn_resize_size, classes)
 
     # ============ building teacher and student ============
     teacher = build_teachers(specs, dist_info.device, dataset_fingerprint(dataset), args.teacher_loss_weights,
                              channels_last=args.channels_last, compile_teacher=args.compile_teacher,
                              cache_on_device=args.cache_on_device, image_size=args.image_size,
                              views=dataset.transform.record(args.seed), epochs=args.epochs,
-                             dtype=compute_dtype(args), objective=args.loss,
+                             dtype=compute_dtype(args), amp=amp, objective=args.loss,
                              dense_blocks=args.dense_blocks)  # fmt: skip
     dataset.epoch_period = view_period(teacher)  # the loader's crops repeat with a K-view cache's K views
     run = build_run(args, exp_dir, dataset, teacher, specs, dist_info)
@@ -284,27 +332,27 @@ def main(args: argparse.Namespace) -> dict:
     model = wrap_model(run.student, args, dist_info)
 
     # ============ training ============
+    attach_log_file(os.path.join(exp_dir, "logs", "train.log"), dist_info.is_main)  # the lines so far included
     if dist_info.is_main:
         write_json(os.path.join(exp_dir, "logs", "train_args.json"), vars(args))
-    amp = None if args.float64 else amp_dtype(args.amp, dist_info.device)
     cfg = StepConfig(dist_info, amp, args.channels_last, args.print_freq, args.ckpt_every_steps,
-                     StopRequest().install(), compute_dtype(args), args.dense_weight or 1.0,
-                     loss_names(len(members(teacher)), args.loss))  # fmt: skip
-    stats = train(args, run, model, teacher, loader, cfg, start_epoch, progress)
+                     StopVote(StopRequest(dist_info.is_main).install(), dist_info), compute_dtype(args),
+                     args.dense_weight or 1.0, loss_names(len(members(teacher)), args.loss))  # fmt: skip
+    stats = train(args, run, model, teacher, loader, cfg, start_epoch, progress, knn_sets)
     if not stats.get("interrupted"):
         finish(run)
     distributed.cleanup()
+    if stats.get("interrupted"):
+        sys.exit(stats["exit_status"])  # 0 after a preemption signal, 130 after Ctrl-C
     return stats
 
 
-def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: int, progress) -> dict:
+def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: int, progress, knn_sets) -> dict:
     """The epochs from ``start_epoch`` on; returns the last epoch's statistics (``interrupted`` on a signal)."""
     writer = ScalarWriter(os.path.join(run.exp_dir, "logs") if run.is_main else None)
-    knn_sets = None
-    if args.knn_every:  # centre-crop train/ and val/, as eval_knn.py reads them
-        knn_sets = monitor_datasets(args.data, args.image_size, args.knn_resize_size, loader.dataset.classes)
     per_rank_batch = loader.batch_size
-    stats = {}
+    stats, clock = {}, RunClock(start_epoch, args.epochs)
+    on_print = partial(log_step, writer) if run.is_main else None
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             lr = cosine_lr(args.learning_rate, epoch, args.epochs)
@@ -312,7 +360,8 @@ def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: 
             loader.sampler.set_epoch(epoch, start=progress.step * per_rank_batch)
             teacher.set_epoch(epoch)  # a K-view cache serves this epoch's view; a live teacher ignores it
             on_ckpt = partial(save_checkpoint, run)
-            stats = train_one_epoch(model, teacher, loader, run.optimizer, run.scaler, epoch, cfg, progress, on_ckpt)
+            stats = train_one_epoch(model, teacher, loader, run.optimizer, run.scaler, epoch, cfg, progress, on_ckpt,
+                                    on_print)  # fmt: skip
             stats = {"epoch": epoch, "lr": lr, **stats, "bad_images_skipped": loader.dataset.bad_images_seen()}
             stats.update(loader.dataset.transform.decode_stats())
             progress = EpochProgress()
@@ -321,26 +370,61 @@ def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: 
                                          workers=args.num_workers, dist_info=cfg.dist_info,
                                          amp_dtype=cfg.amp_dtype))  # fmt: skip
             save_checkpoint(run, epoch)
-            log_epoch(run, writer, stats)
+            log_epoch(run, writer, stats, clock.epoch_done(epoch))
             distributed.barrier()
     except Interrupted as exc:
-        log.warning("%s; checkpoint saved in %s - rerun the same command to resume", exc, run.exp_dir)
-        return {"interrupted": True, **stats}
+        if run.is_main:
+            log.warning("%s; checkpoint saved in %s - rerun the same command to resume", exc, run.exp_dir)
+        return {"interrupted": True, "exit_status": exc.exit_status, **stats}
     finally:
-        cfg.stop.uninstall()
+        cfg.stop.close()
+        cfg.stop.stop.uninstall()
         writer.close()
     return stats
 
 
-def log_epoch(run: Run, writer: ScalarWriter, stats: dict) -> None:
+class RunClock:
+    """The run's pace: the time left, from the mean time of the epochs this process ran."""
+
+    def __init__(self, start_epoch: int, epochs: int, clock=time.monotonic) -> None:
+        self.start_epoch, self.epochs, self.clock = start_epoch, epochs, clock
+        self.start = clock()
+
+    def epoch_done(self, epoch: int) -> str:
+        """``"<mean epoch time>/epoch, about <time> left"`` (or ``"..., the last epoch"``)."""
+        elapsed = self.clock() - self.start
+        per_epoch = elapsed / (epoch - self.start_epoch + 1)
+        left = per_epoch * (self.epochs - epoch)
+        return f"{_duration(per_epoch)}/epoch, " + (f"about {_duration(left)} left" if left else "the last epoch")
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``3.2 h``."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
+
+
+def log_step(writer: ScalarWriter, epoch: int, step: int, steps: int, loss: float) -> None:
+    """TensorBoard's ``train/loss_step``: the mean loss since the last logged step, x = the run's step number."""
+    writer.add({"train/loss_step": loss}, (epoch - 1) * steps + step)
+
+
+def log_epoch(run: Run, writer: ScalarWriter, stats: dict, pace: str = "") -> None:
+    """One epoch's line in train.log (with the time left), train_log.jsonl and TensorBoard (rank 0)."""
     if not run.is_main:
         return
     append_json_line(os.path.join(run.exp_dir, "logs", "train_log.jsonl"), stats)
     writer.add({"train/loss": stats["loss"], "train/lr": stats["lr"], "train/images_per_s": stats["images_per_s"]},
                stats["epoch"])  # fmt: skip
-    log.info("epoch %d/%d: loss %.4f, lr %.4g, %.0f images/s", stats["epoch"], run.epochs, stats["loss"], stats["lr"],
-             stats["images_per_s"])  # fmt: skip
-    writer.add({f"knn/{k[4:]}": v for k, v in stats.items() if k.startswith("knn_")}, stats["epoch"])
+    log.info("epoch %d/%d: loss %.4f, lr %.4g, %.0f images/s%s", stats["epoch"], run.epochs, stats["loss"],
+             stats["lr"], stats["images_per_s"], f"; {pace}" if pace else "")  # fmt: skip
+    knn = {k[4:]: v for k, v in stats.items() if k.startswith("knn_")}
+    writer.add({f"knn/{k}": v for k, v in knn.items()}, stats["epoch"])
+    if knn:  # --knn_every: k-NN top-1 on val/, as eval_knn.py reports it
+        ks = [key.split("_k")[-1] for key in knn if key.startswith("top1_k")]
+        parts = [f"{k}-NN {knn[f'top1_k{k}']:.2f}% (weighted vote {knn[f'weighted_top1_k{k}']:.2f}%)" for k in ks]
+        log.info("epoch %d k-NN top-1 on val/: %s", stats["epoch"], ", ".join(parts))
     parts = {f"train/{k}": v for k, v in stats.items() if k in ("loss_global", "loss_dense")}
     if parts:  # --loss both: the two terms beside their sum
         writer.add(parts, stats["epoch"])
@@ -362,7 +446,14 @@ def finish(run: Run) -> None:
     if run.is_main:
         log.info("done. checkpoints: %s", os.path.join(run.exp_dir, "checkpoints"))
         log.info("logs (train.log, train_log.jsonl, TensorBoard): %s", os.path.join(run.exp_dir, "logs"))
-        log.info("exported backbone (loads into torchvision, no fc): %s", export)
+        log.info("exported backbone (%s): %s", loads_into(run.student.arch), export)
+
+
+def loads_into(arch: str) -> str:
+    """What the exported backbone's state dict loads into, without its classifier."""
+    if is_timm_arch(arch):
+        return f"loads into timm.create_model('{timm_name(arch)}', num_classes=0)"
+    return f"loads into torchvision.models.{arch}() without its classifier"
 
 
 if __name__ == "__main__":

@@ -133,7 +133,9 @@ class IndexedImageFolder:
     worker nor the rank that loads it: runs are reproducible and resume exactly. With ``epoch_period``
     K the crops repeat every K epochs (epoch e draws those of epoch ((e - 1) mod K) + 1), as a teacher
     cache of K views needs. Files are opened by ``transform.loader`` when the transform has one (fast
-    JPEG decoding, :mod:`data.decode`), else ``load_rgb``.
+    JPEG decoding, :mod:`data.decode`), else ``load_rgb``. ``skip_flag`` is the command's flag that sets
+    ``skip_bad`` (training's ``--skip_bad_images``): an unreadable image's error suggests it only where it
+    exists (evaluation and the caches need every image in its row, so they have none).
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class IndexedImageFolder:
         seed: int = 0,
         skip_bad: bool = False,
         epoch_period: int | None = None,
+        skip_flag: str | None = None,
     ) -> None:
         self.root = root
         self.classes, self.samples = scan_image_folder(root, classes)
@@ -151,7 +154,7 @@ class IndexedImageFolder:
             raise DataError(f"'{root}' holds no images")
         self.transform = transform
         self.seed = seed
-        self.skip_bad = skip_bad
+        self.skip_bad, self.skip_flag = skip_bad, skip_flag
         self.epoch_period = epoch_period
         # Shared with the loader's worker processes, which count the images they had to skip.
         self._bad = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -183,7 +186,8 @@ class IndexedImageFolder:
                 img = opener(os.path.join(self.root, rel))
             except DataError as exc:
                 if not self.skip_bad:
-                    raise DataError(f"{exc}, or pass --skip_bad_images to skip such files") from None
+                    hint = f", or pass {self.skip_flag} to skip such files" if self.skip_flag else ""
+                    raise DataError(f"{exc}{hint}") from None
                 self._bad += 1
                 log.warning("skipping unreadable image %s", os.path.join(self.root, rel))
                 continue

@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+# What a terminal's Ctrl-C, ``timeout`` or SLURM send to every process of a job, loader workers included.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A loader worker's start: stop signals are the main process's to act on (it saves a checkpoint, then
+    shuts its workers down); a worker killed by one would end the run with a traceback before the save.
+
+    SIGTERM from the main process itself still ends the worker at once, as PyTorch's own worker handler
+    does (``multiprocessing`` terminates leftover workers that way at exit): a thread waits for SIGTERM
+    and tells the senders apart. Where the system cannot tell (no ``sigwaitinfo``), SIGTERM keeps
+    PyTorch's handling.
+    """
+    for sig in STOP_SIGNALS:
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # pending until the thread below takes it
+        threading.Thread(target=_exit_on_parents_sigterm, name="sigterm-from-parent", daemon=True).start()
+
+
+def _exit_on_parents_sigterm() -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == os.getppid():
+            os._exit(0)
 
 
 class EpochSampler(Sampler):
@@ -59,7 +89,8 @@ def build_loader(
     """A loader over ``dataset`` with an :class:`EpochSampler`; ``batch_size`` is per rank.
 
     ``collate_fn`` defaults to the dataset's transform's ``collate`` when it has one (device decoding
-    batches encoded JPEGs, :mod:`data.device_decode`), else PyTorch's default collation.
+    batches encoded JPEGs, :mod:`data.device_decode`), else PyTorch's default collation. The workers
+    ignore stop signals (:func:`ignore_stop_signals`).
     """
     sampler = EpochSampler(len(dataset), rank, world_size, seed, shuffle)
     if collate_fn is None:
@@ -74,4 +105,5 @@ def build_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )

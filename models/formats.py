@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import vit_layouts
-from models.io import CheckpointError
+from models import hf_layouts, vit_layouts
+from models.io import CheckpointError, is_safetensors
 from models.resnet_wide import tf_to_torchvision
 from models.schema import is_simreg_checkpoint
 
@@ -265,6 +265,10 @@ def _convert_simreg(raw: dict) -> Converted:
             "n_mlp_layers": settings.get("n_mlp_layers"),
             "epoch": raw.get("epoch"),
             "loss": settings.get("loss") or "global",
+            "epochs": settings.get("epochs"),
+            "steps_into_next": (raw.get("progress") or {}).get("step", 0),
+            "image_size": settings.get("image_size"),  # what evaluation defaults to (tools/eval/common.py)
+            "knn_resize_size": settings.get("knn_resize_size"),
         },
         projection=head,
         projection_name="the SimReg prediction head",
@@ -378,6 +382,14 @@ def _convert_vit(raw: object, family: str) -> Converted:
                      projection=src.projection, projection_name=src.projection_name)  # fmt: skip
 
 
+# ---------------------------------------------------------------- Hugging Face snapshots (models/hf_layouts.py)
+def _convert_hf(raw: object) -> Converted:
+    """A Hugging Face snapshot or bare weights file: the network and preprocessing travel in ``meta["hf"]``."""
+    hf = hf_layouts.convert(raw)
+    return Converted(hf.backbone, hf.dropped, hf.unknown, arch=hf.spec.name, meta={"hf": hf},
+                     projection=hf.projection, projection_name=hf.projection_name)  # fmt: skip
+
+
 # ---------------------------------------------------------------- timm models by name
 def _convert_timm(raw: object) -> Converted:
     """timm's own names (``--arch_teacher timm/<name>``): the network decides which keys are its classifier."""
@@ -403,6 +415,13 @@ def _vit_format(family: str, description: str, markers: tuple[str, ...]) -> Form
 
 # Order matters for auto-detection: the most specific layouts first, plain names last.
 FORMATS: dict[str, Format] = {
+    "huggingface": Format(  # before every other layout: a snapshot folder is no dict of the others' names
+        hf_layouts.is_hf,
+        _convert_hf,
+        "Hugging Face transformers snapshots (config.json + model.safetensors / shards / pytorch_model.bin, or a "
+        "bare weights file): DINOv2 (with registers), DINOv3 ViT and ConvNeXt, CLIP, SigLIP, ViT",
+        ("embeddings.patch_embeddings", "encoder.layer.0.attention", "vision_model.embeddings"),
+    ),
     "simreg": Format(
         is_simreg_checkpoint, _convert_simreg, "this project's training checkpoints", ("student", "head", "version")
     ),
@@ -524,14 +543,19 @@ def _refine_plain(raw: object, arch: str | None, path: str) -> str:
 
 def resembles(raw: object) -> list[str]:
     """Registry formats whose typical key fragments occur in ``raw``, best match first."""
-    keys = list(raw) if isinstance(raw, dict) else []
-    keys += list(state_dict_of(raw))
+    return [name for name, _ in resemblance(raw)]
+
+
+def resemblance(raw: object) -> list[tuple[str, float]]:
+    """(format, share of its typical key fragments found in ``raw``) for every format with any, best first."""
+    keys = [str(k) for k in raw] if isinstance(raw, dict) else []
+    keys += [str(k) for k in state_dict_of(raw)]
     scores = {}
     for name, fmt in FORMATS.items():
         hits = sum(any(m in k for k in keys) for m in fmt.markers)
         if hits:
             scores[name] = hits / len(fmt.markers)
-    return sorted(scores, key=lambda n: -scores[n])
+    return sorted(scores.items(), key=lambda item: -item[1])
 
 
 def detect_format(raw: object, path: str = "", arch: str | None = None) -> str:
@@ -543,14 +567,16 @@ def detect_format(raw: object, path: str = "", arch: str | None = None) -> str:
         if fmt.detect(raw):
             return _refine_plain(raw, arch, path) if name == "torchvision" else name
     sd = state_dict_of(raw)
-    keys = list(sd)[:5] if sd else list(raw)[:5] if isinstance(raw, dict) else [type(raw).__name__]
-    like = resembles(raw)[:3]
-    hint = f"; it resembles: {', '.join(like)}" if like else ""
-    raise CheckpointError(
-        f"could not recognise the layout of '{path}' (first keys: {keys}){hint}. Known formats: "
-        + "; ".join(f"{n} ({f.description})" for n, f in FORMATS.items())
-        + ". Name one with --teacher_format / --format if the file is one of them"
-    )
+    keys = list(sd) if sd else list(raw) if isinstance(raw, dict) else [type(raw).__name__]
+    keys = [str(k) for k in keys if not str(k).endswith("num_batches_tracked")] or [str(k) for k in keys]
+    shown = ", ".join(k[:40] for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+    timm = "--arch_teacher timm/<name> (evaluation: --arch)"
+    like = [name for name, score in resemblance(raw) if score >= 0.5][:1]
+    if like and not is_safetensors(path):  # a strong resemblance is the likeliest fix
+        fixes = f"it resembles {like[0]}: try --teacher_format {like[0]} (evaluation: --format); a timm model: {timm}"
+    else:  # a .safetensors file, or no layout it resembles: most likely one of timm's networks
+        fixes = f"a timm model's file needs its name: {timm}; another layout: --teacher_format NAME (--help lists them)"
+    raise CheckpointError(f"could not recognise the layout of '{path}' (keys {shown}); {fixes}")
 
 
 def convert(raw: object, fmt: str = "auto", path: str = "", arch: str | None = None) -> tuple[str, Converted]:
@@ -559,6 +585,10 @@ def convert(raw: object, fmt: str = "auto", path: str = "", arch: str | None = N
         fmt = detect_format(raw, path, arch)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format '{fmt}'; choose one of: auto, {', '.join(FORMATS)}")
+    if fmt != "huggingface" and hf_layouts.is_hf(raw):  # a snapshot named as a hub format: say what it is
+        raise CheckpointError(
+            f"'{path}' is a Hugging Face checkpoint, not a '{fmt}' file: pass --teacher_format auto (or huggingface)"
+        )
     try:
         converted = FORMATS[fmt].convert(raw)
     except CheckpointError as exc:  # a layout's own sentence, about this file

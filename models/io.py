@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from typing import IO
@@ -38,7 +39,11 @@ SAFE_GLOBALS = [argparse.Namespace]
 
 # ---------------------------------------------------------------- reading
 def file_sha256(path: str, block: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks)."""
+    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks); of a Hugging Face snapshot folder, the files it reads."""
+    if os.path.isdir(path):  # models/hf_checkpoints.py: config, preprocessing and weights files together
+        from models.hf_checkpoints import snapshot_sha256
+
+        return snapshot_sha256(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
@@ -46,9 +51,22 @@ def file_sha256(path: str, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _first_line(exc: BaseException, width: int = 120) -> str:
+    """The first sentence of ``exc``'s message, without terminal escape codes, cut at a word near ``width``."""
+    text = ANSI.sub("", str(exc)).strip()
+    if not text:
+        return type(exc).__name__
+    text = text.splitlines()[0].split(". ")[0].rstrip(".")
+    return text if len(text) <= width else text[:width].rsplit(" ", 1)[0] + " ..."
+
+
+def _pickled_class(exc: BaseException) -> str | None:
+    """The class a refused pickle needs (``GLOBAL torch.nn.modules.linear.Linear`` in torch's message)."""
+    found = re.search(r"GLOBAL ([\w.]+)", ANSI.sub("", str(exc)))
+    return found.group(1) if found else None
 
 
 def check_file(path: str | None, what: str) -> None:
@@ -67,29 +85,38 @@ def safe_load(path: str, what: str = "checkpoint") -> object:
     A safetensors file is recognised by its ``.safetensors`` name or by its header (any name).
     """
     check_file(path, what)
-    if path.endswith(".safetensors") or _is_safetensors(path):
+    if is_safetensors(path):
         return _load_safetensors(path, what)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" not in str(exc).lower():  # a broken pickle stream, not a forbidden class
-            raise CheckpointError(
-                f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or corrupt?)"
-            ) from exc
+            raise CheckpointError(_unreadable(what, path, exc)) from exc
+        needs = _pickled_class(exc)
+        what_it_is = f"a pickled {needs} object" if needs else "a pickle of Python objects"
         raise CheckpointError(
-            f"refused to load {what} '{path}': it needs arbitrary code to unpickle, which could run "
-            f"commands on this machine ({_first_line(exc)}); only weights files (tensors, dicts, numbers) "
-            "are accepted - re-save it as a plain state dict from a trusted environment"
+            f"refused to load {what} '{path}': it is {what_it_is}, and loading one needs arbitrary code to run; "
+            "where you trust the file, re-save its weights with torch.save(model.state_dict(), path) and give that"
         ) from exc
     except Exception as exc:  # whatever the parser trips on, the file is not a readable checkpoint
-        raise CheckpointError(
-            f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(exc)}"
-        ) from exc
+        raise CheckpointError(_unreadable(what, path, exc)) from exc
 
 
-def _is_safetensors(path: str) -> bool:
-    """A safetensors file under another name: an 8-byte little-endian header length, then its JSON header."""
+def _unreadable(what: str, path: str, exc: BaseException) -> str:
+    return (
+        f"{what} '{path}' is not a readable PyTorch checkpoint, perhaps cut short or damaged ({_first_line(exc)}); "
+        "copy or download it again, or check that it is the right file"
+    )
+
+
+def is_safetensors(path: str) -> bool:
+    """A safetensors file: by its ``.safetensors`` name, or under another name by its 8-byte little-endian
+    header length followed by its JSON header."""
+    if path.endswith(".safetensors"):
+        return True
+    if not os.path.isfile(path):
+        return False
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < os.path.getsize(path)
@@ -148,11 +175,14 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], object], keep_previous:
     A crash at any moment leaves either the old file or the new one, never a half-written file. With
     ``keep_previous``, the file being replaced is first renamed there (the fallback if ``path`` is
     later found corrupt). A full disk raises a UserError and leaves the existing files untouched.
+    The file gets the mode ``open()`` would give it (0666 less the user's umask), not the temporary
+    file's private 0600, so teammates and serving processes read what the umask lets them read.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -170,6 +200,20 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], object], keep_previous:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def current_umask() -> int:
+    """This process's umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj: object, path: str, keep_previous: str | None = None) -> None:

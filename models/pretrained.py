@@ -123,7 +123,8 @@ def load_eval_model(
     output with the head layout the file was trained with: ``True`` the (first) head, an int K >= 2
     the head of teacher K of a several-teacher student. ``pool``: a ViT teacher's feature (``--teacher_pool``).
     """
-    if as_teacher or not is_student_arch(arch) or fmt not in (*STUDENT_FORMATS, "auto"):
+    snapshot = os.path.isdir(weights)  # a Hugging Face snapshot folder is a teacher (models/hf_checkpoints.py)
+    if as_teacher or snapshot or not is_student_arch(arch) or fmt not in (*STUDENT_FORMATS, "auto"):
         return _teacher_model(weights, arch, fmt, use_pred, pool)
     raw = safe_load(weights, "--weights")
     fmt, conv = _student_layout(raw, weights, fmt, arch)
@@ -159,6 +160,9 @@ def _student_model(
     log.info("evaluating %s (%s, format %s%s)", weights, arch, fmt, shown)
     identity = _identity(weights, fmt, arch, "student", use_pred)
     identity["epoch"] = conv.meta.get("epoch")
+    if conv.meta.get("epochs"):  # a training checkpoint: how far its run had come, and at which crop size
+        keys = ("epochs", "steps_into_next", "image_size", "knn_resize_size")
+        identity["training"] = {k: conv.meta.get(k) for k in keys}
     return EvalModel(encoder, head, arch, identity)
 
 

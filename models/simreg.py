@@ -242,15 +242,22 @@ def dense_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2.0 - 2.0 * (p * t).sum(dim=1)).mean()
 
 
-def multi_teacher_loss(preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: Sequence[float]):
+def multi_teacher_loss(
+    preds: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor
+):
     """Several teachers at once: ``[sum_k w_k L_k, L_1, ..., L_K]`` as one (K + 1,) fp32 tensor.
 
     ``L_k = regression_loss(preds[k], targets[k])`` with pred k (B, D_k) from head k and target k (B, D_k)
     from teacher k; ``weights`` (K,) sum to 1 (the paper's plain average when equal). The first entry is
-    what the step minimises; the others are logged per teacher.
+    what the step minimises; the others are logged per teacher. The training step passes the weights as
+    a tensor already on the device (:meth:`models.teachers.TeacherSet.weight_tensor`): a list would be
+    copied to the device every step, and that copy waits for the queued work.
     """
     per_teacher = torch.stack([regression_loss(p, t) for p, t in zip(preds, targets, strict=True)])
-    w = torch.tensor(list(weights), dtype=per_teacher.dtype, device=per_teacher.device)
+    if isinstance(weights, torch.Tensor):
+        w = weights.to(per_teacher.device, per_teacher.dtype)  # a no-op for the step's own tensor
+    else:
+        w = torch.tensor(list(weights), dtype=per_teacher.dtype, device=per_teacher.device)
     return torch.cat([(w * per_teacher).sum().reshape(1), per_teacher])
 
 
@@ -283,11 +290,12 @@ def distillation_losses(
     with forward_context():
         pred = student(x_student)
     if isinstance(pred, dict):
-        weights = teacher.weights if several else [1.0]
+        weights = teacher.weight_tensor(x_student.device) if several else None
         return objective_losses(pred, target if several else [target], weights, dense_weight)
     if not several:
         return {"loss": regression_loss(pred, target)}
-    losses = multi_teacher_loss(pred, target, teacher.weights)
+    weights = teacher.weight_tensor(pred[0].device, torch.promote_types(pred[0].dtype, torch.float32))
+    losses = multi_teacher_loss(pred, target, weights)
     return {"loss": losses[0], "per_teacher": losses[1:]}
 
 
@@ -296,18 +304,24 @@ def _clone(target: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | dic
 
 
 def objective_losses(
-    pred: dict[str, list[torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]], weights: Sequence[float],
-    dense_weight: float,
+    pred: dict[str, list[torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]],
+    weights: Sequence[float] | torch.Tensor | None, dense_weight: float,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """The dense objectives over K teachers: per teacher ``L_k = dense_k`` (``--loss dense``) or
     ``L_k = global_k + dense_weight * dense_k`` (``both``), the loss ``sum_k w_k L_k``.
 
     ``pred``: the student's ``{"dense": [(B, C_k, h, w)], "global": [(B, D_k)]}``; ``targets[k]``: teacher k's
-    ``{"dense": (B, C_k, H_k, W_k), "global": (B, D_k)}``. Returns ``{"loss"}``, ``"per_teacher"`` (K,) when
+    ``{"dense": (B, C_k, H_k, W_k), "global": (B, D_k)}``; ``weights`` (K,) (None: one teacher, weight 1).
+    Returns ``{"loss"}``, ``"per_teacher"`` (K,) when
     K > 1, and for ``both`` the weighted ``"global"`` and ``"dense"`` terms (logged apart).
     """
     dense = torch.stack([dense_loss(p, t["dense"]) for p, t in zip(pred["dense"], targets, strict=True)])
-    w = torch.tensor(list(weights), dtype=dense.dtype, device=dense.device)
+    if weights is None:  # one teacher: made on the device, no copy from the host in the step
+        w = torch.ones(len(targets), dtype=dense.dtype, device=dense.device)
+    elif isinstance(weights, torch.Tensor):  # the step's own tensor, already on the device (TeacherSet.weight_tensor)
+        w = weights.to(dense.device, dense.dtype)
+    else:
+        w = torch.tensor(list(weights), dtype=dense.dtype, device=dense.device)
     out: dict[str, torch.Tensor] = {}
     if "global" in pred:
         glob = torch.stack([regression_loss(p, t["global"]) for p, t in zip(pred["global"], targets, strict=True)])

@@ -9,7 +9,9 @@ Which network runs is decided by the architecture (``--arch_teacher``, or what t
 checkpoint format together: BYOL's weights need the "SAME"-padding ``byol_resnet50``, SimCLR's the
 widened ``resnet50x1/x2/x4``; plain torchvision names need the flag to tell those apart (docs/teachers.md). ViT
 formats (DINO, DINOv2, DINOv3, MoCo v3) build the publisher's ViT from the file's shapes
-(:mod:`models.vit`); ``timm/<name>`` builds timm's network and reads timm's names.
+(:mod:`models.vit`); ``timm/<name>`` builds timm's network and reads timm's names; a Hugging Face
+snapshot (a folder with ``config.json``, or its weights file) builds the network its config describes,
+exact to transformers' forward (:mod:`models.hf_layouts`, :mod:`models.hf_networks`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from models.errors import UserError
 from models.feature_maps import MapTap, probe_map
 from models.formats import FORMATS, Converted, convert, detect_format, infer_arch
 from models.frozen import FrozenExtractor, out_dim
-from models.io import CheckpointError, load_strict, safe_load
+from models.hf_checkpoints import read_weights
+from models.hf_networks import load_hf_network
+from models.io import CheckpointError, load_strict
 from models.simreg import fp32_or_wider
 from models.vit import POOLS, build_vit, check_patch_multiple, materialise
 from models.vit_layouts import PUBLISHER
@@ -208,6 +212,8 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
     """(network with the file's weights, its architecture name, the format, the converted file)."""
     if is_timm_arch(arch) or fmt == "timm":
         net, conv = _timm_network(raw, arch, path)
+        if fmt == "auto":
+            note_layout_overridden(raw, arch, path, timm_mean_std(net))
         fmt = "timm"
     else:
         fmt, conv = convert(raw, fmt, path, arch=TEACHER_ALIASES.get(arch, arch))
@@ -216,6 +222,9 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
             raise CheckpointError(f"teacher '{path}' (format {fmt}) has {n} unrecognised key(s): {shown}")
         if "vit" in conv.meta:
             net, arch = _vit_network(conv, arch, path, fmt, pool)
+            return net, arch, fmt, conv
+        if "hf" in conv.meta:  # Hugging Face snapshots: models/hf_layouts.py, models/hf_networks.py
+            net, arch = load_hf_network(conv.meta["hf"], arch, path, pool)
             return net, arch, fmt, conv
         net, arch = _cnn_network(conv, arch, path, fmt)
     if pool != "auto":
@@ -226,9 +235,44 @@ def _network(raw: object, arch: str | None, fmt: str, path: str, pool: str) -> t
     return net, arch, fmt, conv
 
 
+def note_layout_overridden(raw: object, arch: str, path: str, timm_norm: tuple) -> None:
+    """One line when ``--arch_teacher timm/<name>`` reads a file whose keys auto-detection reads as another
+    layout (a DINO ViT's keys are timm's names): the name decides, with timm's preprocessing, not the layout's."""
+    before = logging.root.manager.disable
+    logging.disable(logging.INFO)  # the probe's own notes would describe a reading that does not happen
+    try:
+        fmt = detect_format(raw, path)
+        if fmt in ("torchvision", "timm", "simreg", "huggingface"):  # plain names, or a distilled timm student
+            return
+        conv = FORMATS[fmt].convert(raw)
+    except (CheckpointError, KeyError, AttributeError, TypeError):
+        return
+    finally:
+        logging.disable(before)
+    theirs = _norm_name(*_normalisation(None, conv, fmt))
+    log.warning(
+        "teacher '%s' has the key layout of a %s file (read as one: input %s); --arch_teacher %s reads it as timm's "
+        "network with timm's preprocessing (input %s) - leave --arch_teacher unset to read it as %s",
+        path, fmt, theirs, arch, _norm_name(*timm_norm), fmt,
+    )  # fmt: skip
+
+
+def _norm_name(mean, std) -> str:
+    """``ImageNet mean/std``, ``[0, 1] without mean/std`` or ``mean (..) std (..)``."""
+    if mean is None:
+        return INPUT_NAMES["none"]
+    if torch.allclose(torch.tensor(mean), torch.tensor(IMAGENET_MEAN)) and torch.allclose(
+        torch.tensor(std), torch.tensor(IMAGENET_STD)
+    ):
+        return INPUT_NAMES["imagenet"]
+    return f"mean {tuple(round(v, 4) for v in mean)} std {tuple(round(v, 4) for v in std)}"
+
+
 def _normalisation(net: nn.Module, conv: Converted, fmt: str) -> tuple:
     if fmt == "timm":
         return timm_mean_std(net)
+    if "hf" in conv.meta:  # preprocessor_config.json, or the model type's published mean/std
+        return conv.meta["hf"].mean, conv.meta["hf"].std
     return (IMAGENET_MEAN, IMAGENET_STD) if conv.input_norm == "imagenet" else (None, None)
 
 
@@ -251,7 +295,7 @@ def load_teacher(
     pool: str = "auto",
     input_size: int | None = None,
 ) -> Teacher:
-    """Build the frozen teacher from a checkpoint file in any registered format.
+    """Build the frozen teacher from a checkpoint file in any registered format, or a Hugging Face snapshot folder.
 
     Every backbone key must be present and fit; keys the format recognises as non-backbone parts
     (projection heads, predictors, prototypes, momentum encoders, queues, classifiers) are dropped and
@@ -262,9 +306,9 @@ def load_teacher(
     if pool not in ("auto", *POOLS):
         raise UserError(f"--teacher_pool {pool!r}: choose auto, {', '.join(POOLS)}")
     arch = arch or None  # an empty --arch_teacher (run.sh's default) means: read it from the file
-    net, arch, fmt, conv = _network(safe_load(weights, "teacher"), arch, fmt, weights, pool)
+    net, arch, fmt, conv = _network(read_weights(weights, "teacher"), arch, fmt, weights, pool)
     vit_pool = getattr(net, "pool_mode", None)
-    if use_fc and vit_pool not in (None, "cls"):
+    if use_fc and vit_pool not in (None, "cls", "head"):  # head: SigLIP's pooling, which no projection follows
         raise UserError(f"--teacher_fc projects the class token; it cannot follow --teacher_pool {pool}")
     head = _projection_head(conv, fmt, weights) if use_fc else None
     if conv.dropped:
@@ -303,10 +347,22 @@ class TeacherSet:
         self.weights = [w / sum(raw) for w in raw]
         self.feat_dims = [t.feat_dim for t in teachers]
         self.dense_dims = [getattr(t, "dense_dim", 0) for t in teachers]
+        self._weight_tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def weight_tensor(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The loss weights (K,) on ``device``, made once: the step uses them without a copy to the device."""
+        key = (torch.device(device), dtype)
+        if key not in self._weight_tensors:
+            self._weight_tensors[key] = torch.tensor(self.weights, dtype=dtype).to(device)
+        return self._weight_tensors[key]
 
     def targets(self, images: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
         """Every teacher's regression targets for the batch, in the order the teachers were given."""
         return [t.targets(images, indices) for t in self.teachers]
+
+    def read_ahead(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Each cached teacher reads a coming batch's rows ahead (a live teacher has nothing to read)."""
+        return [x for t in self.teachers if hasattr(t, "read_ahead") for x in t.read_ahead(indices)]
 
     def set_epoch(self, epoch: int) -> None:
         """Passed to every teacher (a K-view cache picks the epoch's view; a live teacher ignores it)."""

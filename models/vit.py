@@ -125,6 +125,31 @@ def pool_tokens(tokens: torch.Tensor, n_prefix: int, pool: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- networks
+def timm_vit_args(spec, act_layer: type[nn.Module]) -> dict:
+    """timm ``VisionTransformer`` arguments shared by the published ViT layouts (hub files and Hugging Face
+    snapshots): sizes from ``spec`` (grid, patch, width, depth, heads, hidden, qkv_bias, layerscale, n_reg,
+    ffn, eps), no stored position embedding (each class sets the publisher's), no classifier, no init."""
+    swiglu = spec.ffn == "swiglu_packed"
+    return dict(
+        img_size=spec.grid * spec.patch,
+        patch_size=spec.patch,
+        embed_dim=spec.width,
+        depth=spec.depth,
+        num_heads=spec.heads,
+        mlp_ratio=(spec.hidden + 0.5) / spec.width,  # timm sizes the FFN as int(width * ratio)
+        qkv_bias=spec.qkv_bias,
+        init_values=1.0 if spec.layerscale else None,  # the file's values replace it
+        reg_tokens=spec.n_reg,
+        pos_embed="none",  # the published embedding is set by the class
+        dynamic_img_size=True,
+        num_classes=0,
+        weight_init="skip",
+        norm_layer=partial(nn.LayerNorm, eps=spec.eps),
+        act_layer=nn.SiLU if swiglu else act_layer,
+        mlp_layer=SwiGLUPacked if swiglu else Mlp,
+    )
+
+
 class AbsPosViT(VisionTransformer):
     """timm's ViT with the publisher's absolute position embedding (DINO, DINOv2, MoCo v3).
 
@@ -133,26 +158,7 @@ class AbsPosViT(VisionTransformer):
     """
 
     def __init__(self, spec: ViTSpec, pool: str = "cls") -> None:
-        swiglu = spec.ffn == "swiglu_packed"
-        super().__init__(
-            img_size=spec.grid * spec.patch,
-            patch_size=spec.patch,
-            embed_dim=spec.width,
-            depth=spec.depth,
-            num_heads=spec.heads,
-            mlp_ratio=(spec.hidden + 0.5) / spec.width,  # timm sizes the FFN as int(width * ratio)
-            qkv_bias=spec.qkv_bias,
-            init_values=1.0 if spec.layerscale else None,  # the file's gammas replace it
-            reg_tokens=spec.n_reg,
-            pos_embed="none",  # the published (1, 1 + M*M, D) embedding is set below
-            dynamic_img_size=True,
-            num_classes=0,
-            global_pool="token",
-            weight_init="skip",
-            norm_layer=partial(nn.LayerNorm, eps=spec.eps),
-            act_layer=nn.SiLU if swiglu else nn.GELU,
-            mlp_layer=SwiGLUPacked if swiglu else Mlp,
-        )
+        super().__init__(**timm_vit_args(spec, nn.GELU), global_pool="token")
         self.pos_embed = nn.Parameter(torch.empty(1, 1 + spec.grid**2, spec.width))
         self.spec, self.pool_mode = spec, pool
         self.patch = spec.patch

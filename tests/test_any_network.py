@@ -111,6 +111,27 @@ def test_timm_arch_on_a_publisher_file_says_which_it_is(tmp_path):
         load_teacher(path, arch="timm/vit_small_patch14_dinov2")
 
 
+def test_timm_arch_over_a_dino_vit_layout_says_which_preprocessing_each_reading_uses(tmp_path, caplog):
+    """A DINO ViT's keys are timm's names, so --arch_teacher timm/<name> decides; one line says the layout it
+    overrides and the input each reading would use (DINO: ImageNet mean/std; this timm ViT: 0.5)."""
+    path = str(tmp_path / "dino_deitsmall16_pretrain.pth")
+    torch.save(vit_weights(width=192, depth=12, patch=16, grid=14), path)
+    with caplog.at_level(logging.INFO):
+        teacher = load_teacher(path, arch="timm/vit_tiny_patch16_224")
+    notes = [r.getMessage() for r in caplog.records if "key layout" in r.getMessage()]
+    assert notes == [
+        f"teacher '{path}' has the key layout of a dino_vit file (read as one: input ImageNet mean/std); "
+        "--arch_teacher timm/vit_tiny_patch16_224 reads it as timm's network with timm's preprocessing (input mean "
+        "(0.5, 0.5, 0.5) std (0.5, 0.5, 0.5)) - leave --arch_teacher unset to read it as dino_vit"
+    ]
+    assert "read as DINO's" not in caplog.text  # the layout's own reading was only probed, not taken
+    assert (teacher.fmt, teacher.input_norm) == ("timm", "mean/std (0.5, 0.5, 0.5)")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert load_teacher(path).input_norm == "imagenet"  # left unset: DINO's reading, no note
+    assert "key layout" not in caplog.text
+
+
 # ---------------------------------------------------------------- the pipeline
 @pytest.fixture
 def vit_teacher_file(tmp_path) -> str:

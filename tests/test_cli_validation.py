@@ -81,7 +81,8 @@ PARSE = [
     ("train", ["--epochs", "0"], "--epochs", "expected a positive integer, got 0"),
     ("train", ["--save_freq", "0"], "--save_freq", "expected a positive integer, got 0"),
     ("train", ["--print_freq", "0"], "--print_freq", "expected a positive integer, got 0"),
-    ("train", ["--num_workers", "-1"], "--num_workers", "expected an integer >= 0, got -1"),
+    ("train", ["--num_workers", "-1"], "--num_workers/--workers/-j", "expected an integer >= 0, got -1"),
+    ("train", ["--workers", "-1"], "--num_workers/--workers/-j", "expected an integer >= 0, got -1"),
     ("train", ["--image_size", "4"], "--image_size", "between 8 and 4096, got 4"),
     ("train", ["--image_size", "5000"], "--image_size", "between 8 and 4096, got 5000"),
     ("train", ["--learning_rate", "-0.1"], "--learning_rate", "expected a number >= 0, got -0.1"),
@@ -102,7 +103,8 @@ PARSE = [
     ("knn", ["--teacher_pool", "gem"], "--teacher_pool", "invalid choice"),
     ("cache", ["--teacher_pool", "mean"], "--teacher_pool", "invalid choice"),
     ("knn", ["-b", "0"], "-b/--batch-size", "expected a positive integer, got 0"),
-    ("knn", ["-j", "-1"], "-j/--workers", "expected an integer >= 0"),
+    ("knn", ["-j", "-1"], "-j/--workers/--num_workers", "expected an integer >= 0"),
+    ("knn", ["--num_workers", "-1"], "-j/--workers/--num_workers", "expected an integer >= 0"),
     ("knn", ["--resize_size", "0"], "--resize_size", "between 8 and 4096, got 0"),
     ("knn", ["--epoch", "-1"], "--epoch", "expected an integer >= 0"),
     ("knn", ["--chunk", "0"], "--chunk", "expected a positive integer"),
@@ -118,7 +120,7 @@ PARSE = [
     ("linear", ["--min_crop_scale", "1.5"], "--min_crop_scale", "expected an area fraction in (0, 1]"),
     ("linear", ["-p", "0"], "-p/--print-freq", "expected a positive integer"),
     ("cache", ["--batch_size", "0"], "--batch_size", "expected a positive integer"),
-    ("cache", ["--num_workers", "-1"], "--num_workers", "expected an integer >= 0"),
+    ("cache", ["--num_workers", "-1"], "--num_workers/--workers/-j", "expected an integer >= 0"),
     ("cache", ["--crop_size", "0"], "--crop_size", "between 8 and 4096"),
     ("cache", ["--views", "-1"], "--views", "expected an integer >= 0"),
     ("cache", ["--views", "2", "--decode", "gpu0"], "--decode", "invalid choice"),
@@ -130,7 +132,7 @@ PARSE = [
     ("export", ["--opset", "0"], "--opset", "expected a positive integer, got 0"),
     ("export", ["--head", "0"], "--head", "expected a positive integer, got 0"),
     ("embed", ["-b", "0"], "-b/--batch_size", "expected a positive integer, got 0"),
-    ("embed", ["-j", "-1"], "-j/--workers", "expected an integer >= 0"),
+    ("embed", ["-j", "-1"], "-j/--workers/--num_workers", "expected an integer >= 0"),
     ("embed", ["--crop_size", "3"], "--crop_size", "between 8 and 4096, got 3"),
     ("embed", ["--amp", "fp8"], "--amp", "invalid choice"),
     ("submit", ["--nodes", "0"], "--nodes", "expected a positive integer, got 0"),
@@ -147,8 +149,17 @@ def test_out_of_range_flags_are_refused_while_parsing(paths, capsys, script, ext
         parser_of(script).parse_args(base_argv(script, paths) + extra)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert f"argument {flag}: " in err and message in err, err
+    assert err.startswith(f"error: argument {flag}: ") and message in err and err.count("\n") == 1, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", ["train", "knn", "linear", "cache", "pretrain", "embed"])
+def test_both_worker_flag_names_are_accepted(paths, script):
+    """--num_workers (training, the cache builder) and --workers/-j (evaluation, PyTorch's ImageNet example)."""
+    parser = parser_of(script)
+    dest = "num_workers" if script in ("train", "cache", "pretrain") else "workers"
+    for name, value in (("--num_workers", "3"), ("--workers", "4"), ("-j", "5")):
+        assert getattr(parser.parse_args(base_argv(script, paths) + [name, value]), dest) == int(value)
 
 
 # ============ refused first thing in main: (script, how to break the valid command, the sentence) ============
@@ -318,7 +329,8 @@ def test_bad_paths_devices_and_sizes_get_one_sentence_before_any_work(paths, cap
 def test_summary_entries_are_checked(tmp_path, capsys):
     from tools import eval_summary
 
-    for bad, message in (("student", "expected NAME=DIR"), (f"s={tmp_path}/none", "does not exist")):
+    for bad, message in (("student=", "expected NAME=DIR or DIR"), (f"s={tmp_path}/none", "of 's' does not exist"),
+                         (f"{tmp_path}/none", f"folder '{tmp_path}/none' does not exist")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             eval_summary.main([bad])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

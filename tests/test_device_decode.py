@@ -120,6 +120,14 @@ def test_resolve_decode_picks_the_device_for_jpegs_on_cuda_only():
     assert DD.device_can_decode(cpu)
 
 
+def test_auto_keeps_this_mixed_folder_on_the_cpu(folder):
+    """7 of the folder's 8 files are named .jpg (one of them CMYK): below the share auto asks for on CUDA."""
+    paths = [p for p, _ in IndexedImageFolder(folder, views("gpu")).samples]
+    assert DD.jpeg_share(paths) == 0.875 < DD.JPEG_SHARE_FOR_AUTO
+    assert DD.resolve_decode("auto", torch.device("cuda"), paths, True, lambda device: True) == "auto"
+    assert DD.resolve_decode("auto", torch.device("cuda"), paths[:6], True, lambda device: True) == "gpu"
+
+
 def train_args(data: str, teacher: str, exp: str, decode: str, device: str = "cpu") -> list[str]:
     return [data, "--teacher_weights", teacher, "--image_size", str(SIZE), "--batch_size", "8", "--epochs", "1",
             "--num_workers", "1", "--single_aug", "--weak_weak", "--decode", decode, "--exp_dir", exp,
@@ -158,14 +166,23 @@ def test_cuda_batch_matches_the_cpu_batch(folder):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_one_training_step_with_decode_gpu_on_cuda(folder, tmp_path, resnet18_teacher_file):
+    """``--decode gpu`` asked for by name: this folder is 2 of 8 files short of all-JPEG, so ``auto`` would decode
+    on the CPU (test_auto_keeps_this_mixed_folder_on_the_cpu); the JPEG-only folder shows ``auto`` on the device."""
     os.makedirs(tmp_path / "data")
     os.symlink(folder, tmp_path / "data" / "train")
     stats = {}
-    for decode in ("auto", "cpu"):  # auto: device decoding on CUDA
+    for decode in ("gpu", "cpu"):
         argv = train_args(str(tmp_path / "data"), resnet18_teacher_file, str(tmp_path / decode), decode, "cuda")
         torch.manual_seed(0)
         stats[decode] = train_student.main(train_student.get_args_parser().parse_args([*argv, "--channels_last"]))
-    assert stats["auto"]["steps"] == 1 and stats["auto"]["cpu_decoded_images"] == 2
+    assert stats["gpu"]["steps"] == 1 and stats["gpu"]["cpu_decoded_images"] == 2
     assert "cpu_decoded_images" not in stats["cpu"]
     # the same weights and crops; only nvJPEG's pixel rounding and bf16 differ
-    assert stats["auto"]["loss"] == pytest.approx(stats["cpu"]["loss"], rel=2e-2)
+    assert stats["gpu"]["loss"] == pytest.approx(stats["cpu"]["loss"], rel=2e-2)
+    jpegs = tmp_path / "jpegs"
+    os.makedirs(jpegs / "train" / "c")
+    for i in range(6):
+        os.symlink(os.path.join(folder, "c", f"{i}.jpg"), jpegs / "train" / "c" / f"{i}.jpg")
+    argv = [*train_args(str(jpegs), resnet18_teacher_file, str(tmp_path / "auto"), "auto", "cuda"), "--batch_size", "6"]
+    auto = train_student.main(train_student.get_args_parser().parse_args(argv))
+    assert auto["steps"] == 1 and auto["cpu_decoded_images"] == 0  # auto chose device decoding

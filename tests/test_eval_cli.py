@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 import eval_knn
 import eval_linear
 from models.errors import UserError
-from tools.eval.common import exp_dir_of, output_dir, resolve_weights
+from tools.eval.common import exp_dir_of, output_dir, resolve_sizes, resolve_weights
 from tools.eval_summary import format_table, read_results
 
 
@@ -74,3 +76,63 @@ def test_summary_shows_the_per_teacher_losses(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-2].split() == ["loss", "teacher", "1", "teacher", "2"]
     assert out[-1].split() == ["two", "teachers", "0.5000", "0.4000", "0.6000"]
+
+
+def test_summary_takes_a_bare_folder(tmp_path, capsys):
+    from tools import eval_summary
+
+    (tmp_path / "run" / "features").mkdir(parents=True)
+    knn = {"k": {"1": {"majority": {"top1": 71.5}, "weighted": {"top1": 71.5}}}, "epoch": 3}
+    (tmp_path / "run" / "features" / "knn_results.json").write_text(json.dumps(knn))
+    eval_summary.main([str(tmp_path / "run")])
+    assert capsys.readouterr().out.splitlines()[-1].split() == [str(tmp_path / "run"), "71.50"]
+
+
+# ============ the centre crop's sizes: the flags, else what the checkpoint was trained at, else ImageNet's
+class Model:
+    def __init__(self, **identity):
+        self.identity = {"kind": "student", **identity}
+
+
+def sizes(model, crop=None, resize=None):
+    args = argparse.Namespace(crop_size=crop, resize_size=resize)
+    resolve_sizes(args, model)
+    return args.resize_size, args.crop_size
+
+
+@pytest.mark.parametrize(
+    ("identity", "flags", "expected", "says"),
+    [
+        ({"training": {"image_size": 48}}, {}, (55, 48), "the training crop recorded in the checkpoint"),
+        ({"training": {"image_size": 48, "knn_resize_size": 60}}, {}, (60, 48), "recorded in the checkpoint"),
+        ({"training": {"image_size": 48, "knn_resize_size": 60}}, {"crop": 32}, (37, 32), "crop: --crop_size"),
+        ({"training": {"image_size": 48}}, {"resize": 64}, (64, 48), "recorded in the checkpoint"),
+        ({}, {}, (256, 224), "ImageNet's (no training size recorded)"),
+        ({"kind": "teacher", "training": None}, {"crop": 64}, (73, 64), "crop: --crop_size"),
+        ({}, {"crop": 32, "resize": 32}, (32, 32), "crop: --crop_size"),
+    ],
+)
+def test_evaluation_sizes_default_to_the_training_crop(caplog, identity, flags, expected, says):
+    with caplog.at_level(logging.INFO):
+        assert sizes(Model(**identity), **flags) == expected
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preprocessing:")]
+    assert len(lines) == 1 and says in lines[0], lines
+    assert lines[0].startswith(
+        f"preprocessing: resize the shorter side to {expected[0]} px, centre crop {expected[1]} px"
+    )
+
+
+def test_an_exported_backbone_takes_the_size_from_its_runs_train_args(tmp_path, caplog):
+    weights = tmp_path / "exp" / "checkpoints" / "student_backbone.pth"
+    weights.parent.mkdir(parents=True)
+    (tmp_path / "exp" / "logs").mkdir()
+    (tmp_path / "exp" / "logs" / "train_args.json").write_text(json.dumps({"image_size": 32, "knn_resize_size": 0}))
+    with caplog.at_level(logging.INFO):
+        assert sizes(Model(weights=str(weights))) == (37, 32)
+    assert f"recorded in {tmp_path / 'exp' / 'logs' / 'train_args.json'}" in caplog.text
+    assert sizes(Model(weights=str(tmp_path / "elsewhere.pth"))) == (256, 224)  # no run beside it
+
+
+def test_a_resize_below_the_default_crop_asks_for_the_crop_too():
+    with pytest.raises(UserError, match=r"centre crop 224 px \(ImageNet's .*\) is larger than --resize_size 64; give"):
+        sizes(Model(), resize=64)

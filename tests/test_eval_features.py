@@ -13,7 +13,7 @@ from torch import nn
 from data.datasets import dataset_fingerprint
 from tests.eval_helpers import make_image_folder
 from tools.engine.distributed import DistInfo
-from tools.eval.features import FeatureStore, build_eval_dataset, extract_features
+from tools.eval.features import FeatureStore, build_eval_dataset, extract_features, features_fit_on_device
 
 
 class TinyNet(nn.Module):
@@ -27,6 +27,16 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.conv(x).mean(dim=(2, 3))
+
+
+def test_k_nn_features_stay_on_the_gpu_when_they_fit():
+    """ImageNet's 1.28M x 2048 (R50 features: about 42 GB with the search's copies) stay on a 140 GB card, not on a
+    40 GB one (then they are gathered in host memory as before); a CPU run keeps them where they are."""
+    cuda = torch.device("cuda", 0)
+    assert features_fit_on_device(1_281_167, 2048, cuda, free_bytes=140 * 2**30)
+    assert not features_fit_on_device(1_281_167, 2048, cuda, free_bytes=40 * 2**30)
+    assert features_fit_on_device(1_281_167, 512, cuda, free_bytes=40 * 2**30)
+    assert not features_fit_on_device(10, 4, torch.device("cpu"), free_bytes=1 << 40)
 
 
 def _extract_on_rank(rank: int, world_size: int, init_file: str, root: str, out: str) -> None:

@@ -123,29 +123,24 @@ def test_train_student_knn_monitor_logs_each_epoch(tmp_path, setup):
     exp = str(tmp_path / "run")
     argv = [root, "--arch_teacher", "resnet18", "--teacher_weights", str(tmp_path / "teacher.pth")]
     argv += ["--single_aug", "--weak_weak", "--image_size", "16", "--epochs", "2", "--batch_size", "6"]
-    argv += ["--num_workers", "0", "--device", "cpu", "--exp_dir", exp, "--knn_every", "1", "--knn_resize_size", "16"]
+    argv += ["--num_workers", "0", "--device", "cpu", "--exp_dir", exp, "--knn_every", "1"]
     train_student.main(train_student.get_args_parser().parse_args(argv))
     lines = [json.loads(line) for line in open(os.path.join(exp, "logs", "train_log.jsonl"))]
     assert [line["epoch"] for line in lines] == [1, 2]
     for line in lines:
         # 18 training images: k=20 is left out, k=1 is reported with both votes.
         assert {k for k in line if k.startswith("knn")} == {"knn_top1_k1", "knn_weighted_top1_k1"}
-    # The monitor's number is eval_knn's on the final weights (same features, same search).
-    final = _knn(
-        root,
-        "--weights",
-        os.path.join(exp, "checkpoints", "checkpoint_latest.pth"),
-        "-k",
-        "1",
-        "--save",
-        str(tmp_path / "knn"),
-        "--ties",
-        "random",
-    )
+    # The monitor's number is eval_knn's on the final weights (same features, same search), with no size flag:
+    # evaluation defaults to the crop the checkpoint was trained at (16 px, resized to 18), as the monitor.
+    ckpt = os.path.join(exp, "checkpoints", "checkpoint_latest.pth")
+    argv_knn = [root, "--weights", ckpt, "-k", "1", "-j", "0", "-b", "8", "--save", str(tmp_path / "knn")]
+    final = eval_knn.main(eval_knn.get_args_parser().parse_args(argv_knn))
     assert final["k"][1]["majority"]["top1"] == lines[-1]["knn_top1_k1"]
+    saved = json.load(open(tmp_path / "knn" / "knn_results.json"))
+    assert (saved["resize_size"], saved["crop_size"]) == (18, 16)
     # Monitoring changes nothing in training: the same run without it ends with the same weights.
     plain = str(tmp_path / "plain")
-    train_student.main(train_student.get_args_parser().parse_args(argv[:-4] + ["--exp_dir", plain]))
+    train_student.main(train_student.get_args_parser().parse_args(argv[:-2] + ["--exp_dir", plain]))
     a = torch.load(os.path.join(exp, "checkpoints", "student_backbone.pth"), weights_only=True)
     b = torch.load(os.path.join(plain, "checkpoints", "student_backbone.pth"), weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

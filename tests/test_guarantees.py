@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import train_student
-from models.io import atomic_save
+from models.io import atomic_npy, atomic_save, current_umask, write_json
 from tests.conftest import ROOT, Payload, write_image_folder
 from tools.engine.checkpoint import checkpoint_paths
 from tools.engine.cli import run_cli
@@ -87,6 +87,135 @@ def test_preemption_signal_saves_and_exits_cleanly(data8, resnet18_teacher_file,
     assert_same_weights(final_state(straight), final_state(stopped))
 
 
+def start_in_own_group(argv, cmd=None):
+    """Training in a new process group (as a terminal's foreground job), its stderr readable line by line."""
+    return subprocess.Popen((cmd or TRAIN) + argv, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def signal_group_at(proc, marker: str, sig) -> str:
+    """Send ``sig`` to ``proc``'s whole process group (loader workers and ranks included) once ``marker``
+    appears on its stderr; returns the whole stderr."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            os.killpg(proc.pid, sig)
+            break
+    seen.append(proc.stderr.read())
+    proc.wait(timeout=180)
+    return "".join(seen)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
+def test_stop_signal_to_the_process_group_saves_and_resumes_exactly(data8, resnet18_teacher_file, tmp_path, sig):
+    """Ctrl-C (SIGINT to the foreground group), timeout/SLURM's SIGTERM and the USR signals reach the loader
+    workers too: they must not die first, the main process saves, and the rerun ends where an uninterrupted
+    run ends."""
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    argv = train_argv(data8, resnet18_teacher_file, stopped, 2, "--num_workers", "2")
+    proc = start_in_own_group(argv)
+    err = signal_group_at(proc, "epoch 1 step 1/", sig)
+    name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
+    assert proc.returncode == (130 if sig == signal.SIGINT else 0), err  # 130: a wrapper script stops there
+    assert f"stopped by {name} in epoch 1 after step" in err and "rerun the same command to resume" in err, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert err.count("received") == 1
+    ckpt = torch.load(checkpoint_paths(stopped)["latest"], weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["progress"]["step"] >= 1
+    # Files others can read: what a run writes follows the umask (the tests run under 022 or looser).
+    mode = os.stat(checkpoint_paths(stopped)["latest"]).st_mode & 0o777
+    assert mode == 0o666 & ~current_umask(), oct(mode)
+    done = subprocess.run(TRAIN + argv, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train_student.main(train_student.get_args_parser().parse_args(train_argv(data8, resnet18_teacher_file, straight)))
+    assert_same_weights(final_state(straight), final_state(stopped))
+
+
+LAUNCH_2 = [sys.executable, "-m", "tools.launch", "--standalone", "--nproc_per_node", "2", "train_student.py"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signal_to_two_ranks_and_their_workers_saves_and_resumes_exactly(data8, resnet18_teacher_file,
+                                                                              tmp_path, sig):  # fmt: skip
+    """The group of a 2-rank run (launcher, ranks, 2 loader workers each): the ranks agree on the step to stop
+    after, rank 0 saves, and the rerun ends bit-identical to an uninterrupted 2-rank run."""
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    argv = train_argv(data8, resnet18_teacher_file, stopped, 3, "--num_workers", "2")
+    proc = start_in_own_group(argv, LAUNCH_2)
+    err = signal_group_at(proc, "epoch 1 step 1/", sig)
+    assert proc.returncode == (130 if sig == signal.SIGINT else 0), err
+    assert err.count("stopped by") == 1 and "checkpoint saved" in err, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    ckpt = torch.load(checkpoint_paths(stopped)["latest"], weights_only=True)
+    assert ckpt["progress"]["step"] >= 1  # the stop's own mid-epoch checkpoint
+    for out in (stopped, straight):
+        run = subprocess.run(LAUNCH_2 + train_argv(data8, resnet18_teacher_file, out, 3, "--num_workers", "2"),
+                             cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert_same_weights(final_state(straight), final_state(stopped))
+
+
+WORKERS = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from data.loaders import build_loader
+
+class Rows:
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, key):
+        return torch.zeros(1), 0, key[0]
+
+batches = iter(build_loader(Rows(), 4, num_workers=2))
+next(batches), next(batches)  # one batch from each worker: both have started
+print(*[w.pid for w in batches._workers], flush=True)
+sys.stdin.readline()  # the test has sent SIGTERM to each worker from its own process
+print(all(w.is_alive() for w in batches._workers), len(list(batches)), flush=True)
+batches = iter(build_loader(Rows(), 4, num_workers=2))
+next(batches)  # left running: at exit, multiprocessing ends the workers with SIGTERM from this process
+"""
+
+
+def test_loader_workers_ignore_a_stop_signal_from_outside_but_not_their_parents():
+    proc = subprocess.Popen([sys.executable, "-c", WORKERS.format(root=ROOT)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2, proc.stderr.read()
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)  # as `kill -TERM -<group>`, SLURM or `timeout` would
+    time.sleep(0.5)
+    out, err = proc.communicate("\n", timeout=120)  # no hang at exit: the parent's SIGTERM still ends them
+    assert out.split() == ["True", "14"] and proc.returncode == 0, (out, err[-2000:])
+    assert "killed by signal" not in err and "Traceback" not in err, err[-2000:]
+
+
+SECOND_CTRL_C = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from tools.engine.signals import StopRequest
+stop = StopRequest().install()
+os.kill(os.getpid(), signal.SIGINT)
+os.kill(os.getpid(), signal.SIGTERM)  # another signal, or torchrun forwarding the same Ctrl-C: no abort
+os.kill(os.getpid(), signal.SIGINT)
+print(stop.name, stop.exit_status, flush=True)
+time.sleep(1.1)
+os.kill(os.getpid(), signal.SIGINT)  # a person's second Ctrl-C
+print("still running", flush=True)
+"""
+
+
+def test_ctrl_c_asks_to_save_and_a_second_one_a_second_later_aborts():
+    out = subprocess.run([sys.executable, "-c", SECOND_CTRL_C.format(root=ROOT)], capture_output=True, text=True)
+    assert out.stdout == "Ctrl-C 130\n" and out.returncode == -signal.SIGINT, (out.stdout, out.stderr)
+    assert "second Ctrl-C: aborting without saving" in out.stderr and "Traceback" not in out.stderr
+
+
 @pytest.mark.slow
 def test_same_seed_same_result_and_other_seed_differs(data8, resnet18_teacher_file, tmp_path):
     runs = {}
@@ -114,6 +243,21 @@ def test_kill_during_a_checkpoint_write_leaves_the_old_file(tmp_path):
     assert caught, "the writer was never caught mid-write: the test did not exercise the race"
     v = torch.load(path, weights_only=True)["v"]  # the old or a complete new file, never a torn one
     assert v.shape in ((3,), (64, 1024, 1024))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_files_follow_the_umask(tmp_path, umask):
+    """Checkpoints, exports, feature arrays and JSON results get the mode open() would give (0666 less the
+    umask), not the private 0600 of the temporary file they are written through."""
+    before = os.umask(umask)
+    try:
+        atomic_save({"v": torch.zeros(1)}, str(tmp_path / "ckpt.pth"))
+        atomic_npy(str(tmp_path / "feats.npy"), np.zeros(3, dtype=np.float16))
+        write_json(str(tmp_path / "results.json"), {"top1": 1.0})
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["ckpt.pth", "feats.npy", "results.json"], 0o666 & ~umask)
 
 
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -109,6 +111,27 @@ def test_no_function_is_over_sixty_lines():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{rel(path)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, long
+
+
+OPTIONAL_AT_RUN_TIME = ("faiss", "nvidia.dali")  # absent from many GPU images: used only when present
+
+
+def test_every_module_imports_without_the_optional_packages():
+    """Each project module imports on a machine without faiss or NVIDIA DALI (they are looked up when used)."""
+    modules = [rel(p)[:-3].replace("/", ".").removesuffix(".__init__") for p in project_files()]
+    code = (
+        "import importlib, sys\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if any(name == m or name.startswith(m + '.') for m in {OPTIONAL_AT_RUN_TIME!r}):\n"
+        "            raise ImportError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        f"for m in {modules!r}:\n"
+        "    importlib.import_module(m)\n"
+        f"assert not [m for m in sys.modules if m in {OPTIONAL_AT_RUN_TIME!r}]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_library_code_never_reads_args():

@@ -17,7 +17,7 @@ from data.loaders import build_loader
 from data.transforms import CenterCrop, TrainViews
 from models.errors import UserError
 from models.pretrained import load_eval_model
-from models.simreg import Student, multi_teacher_loss, regression_loss
+from models.simreg import Student, distillation_losses, multi_teacher_loss, regression_loss
 from models.teachers import TeacherSet, load_teacher
 from tools.engine.distributed import DistInfo
 from tools.engine.step import StepConfig, build_optimizer, distill_step
@@ -33,6 +33,23 @@ def test_loss_is_the_weighted_mean_of_the_per_teacher_losses():
     out = multi_teacher_loss(preds, targets, [0.25, 0.75])
     assert out.dtype == torch.float32 and out.tolist() == [0.25 * 1.0 + 0.75 * 2.0, 1.0, 2.0]
     assert TeacherSet([LinearTeacher(2, 0), LinearTeacher(3, 1)], [1.0, 3.0]).weights == [0.25, 0.75]  # sum 1
+
+
+def test_the_step_reuses_one_weight_tensor(monkeypatch):
+    """The weights reach the device once, not every step (a list copied per step waits for the queued work)."""
+    group = TeacherSet([LinearTeacher(2, 0), LinearTeacher(3, 1)], [1.0, 3.0])
+    w = group.weight_tensor(torch.device("cpu"))
+    assert w.tolist() == [0.25, 0.75] and group.weight_tensor(torch.device("cpu")) is w
+    assert group.weight_tensor(torch.device("cpu"), torch.float64).dtype == torch.float64
+    preds = [torch.randn(4, 2), torch.randn(4, 3)]
+    targets = [torch.randn(4, 2), torch.randn(4, 3)]
+    assert torch.equal(multi_teacher_loss(preds, targets, w), multi_teacher_loss(preds, targets, [0.25, 0.75]))
+    student = Student("resnet18", [2, 3], n_mlp_layers=0)
+    made = []
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or pytest.fail("a tensor made per step"))
+    for _ in range(2):
+        losses = distillation_losses(student, group, *[torch.rand(2, 3, 32, 32)] * 2, torch.arange(2))
+        assert losses["per_teacher"].shape == (2,)
 
 
 def test_one_head_per_teacher_of_its_teachers_width():

@@ -75,11 +75,11 @@ CRASHING_WRAPPER = """
 import os, sys
 sys.path.insert(0, {root!r})
 import train_student
-from tools.engine import step
+from models import simreg
 from tools.engine.cli import run_cli
 
 calls = [0]
-original = step.regression_loss
+original = simreg.regression_loss
 
 def loss_that_kills_rank_1(pred, target):
     # First attempt only: rank 1 dies at the first step of epoch 2 (after epoch 1's checkpoint).
@@ -88,7 +88,7 @@ def loss_that_kills_rank_1(pred, target):
         os._exit(17)
     return original(pred, target)
 
-step.regression_loss = loss_that_kills_rank_1
+simreg.regression_loss = loss_that_kills_rank_1
 run_cli(train_student.main, train_student.get_args_parser().parse_args())
 """
 

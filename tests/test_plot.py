@@ -10,7 +10,7 @@ import pytest
 
 from models.errors import UserError
 from tools import plot
-from tools.study.curves import knn_series, loss_series, read_log
+from tools.study.curves import curves_figure, knn_series, loss_series, read_log
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -42,6 +42,18 @@ def test_series_per_teacher_and_knn_by_k():
     assert list(loss_series(recs)) == ["loss", "loss_teacher_2", "loss_teacher_10"]
     assert loss_series(recs)["loss_teacher_10"] == [(1, 3.0), (2, 1.0)]
     assert knn_series(recs) == {"1-NN": [(1, 50.0)], "20-NN": [(1, 40.0)]}
+
+
+def test_each_teacher_has_its_own_line_style_and_epochs_tick_whole():
+    recs = [{"epoch": e, "loss": 1 / e, "loss_teacher_1": 2 / e, "loss_teacher_2": 3 / e, "lr": 0.1} for e in (1, 2, 3)]
+    fig = curves_figure({"run": recs})
+    loss_axes = fig.axes[0]
+    styles = {line.get_label(): line.get_linestyle() for line in loss_axes.get_lines()}
+    assert styles == {"run": "-", "run: teacher 1": "--", "run: teacher 2": ":"}
+    fig.canvas.draw()  # ticks are placed when drawn
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
 def test_plot_two_runs_writes_png(tmp_path):

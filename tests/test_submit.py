@@ -91,16 +91,16 @@ SLOW_STEPS = """
 import sys, time
 sys.path.insert(0, {root!r})
 import train_student
-from tools.engine import step
+from models import simreg
 from tools.engine.cli import run_cli
 
-original = step.regression_loss
+original = simreg.regression_loss
 
 def slow_loss(pred, target):  # steps long enough for the test to signal in the middle of the run
     time.sleep(0.4)
     return original(pred, target)
 
-step.regression_loss = slow_loss
+simreg.regression_loss = slow_loss
 run_cli(train_student.main, train_student.get_args_parser().parse_args())
 """
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread everywhere: equal float sums need equal orders
@@ -173,7 +173,7 @@ def test_preempted_local_job_is_requeued_and_ends_bit_identical(tmp_path, resnet
     logs = "".join(open(f).read() for f in glob.glob(os.path.join(job_dir, "*_0_log.*")))  # submitit's and ours
     assert "this job is preempted" in logs and "Requeued job" in logs, logs[-3000:]
     train_log = open(os.path.join(preempted, "logs", "train.log")).read()
-    assert "stopped by signal in epoch 1" in train_log and "resumed from" in train_log
+    assert "stopped by SIGTERM in epoch 1" in train_log and "resumed from" in train_log
     assert "0 epochs done" in train_log  # the stop came in the middle of the first epoch
     a, b = final_weights(straight), final_weights(preempted)
     assert a.keys() == b.keys() and a["epoch"] == b["epoch"] == 1

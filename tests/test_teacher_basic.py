@@ -3,6 +3,7 @@
 import argparse
 
 import pytest
+import safetensors.torch
 import torch
 import torchvision
 
@@ -99,11 +100,22 @@ def test_wrong_architecture_is_named(tmp_path, net):
         load_teacher(path, arch="resnet50")
 
 
-def test_unknown_layout_lists_known_formats(tmp_path):
+def test_unknown_layout_is_one_sentence_with_the_likeliest_fix_first(tmp_path):
+    """No layout it resembles (or a .safetensors file): a timm network's file is the likeliest, so its flag first."""
+    timm_first = ("a timm model's file needs its name: --arch_teacher timm/<name> (evaluation: --arch); another "
+                  "layout: --teacher_format NAME (--help lists them)")  # fmt: skip
     path = str(tmp_path / "odd.pth")
-    torch.save({"encoder.weird.weight": torch.zeros(3)}, path)
-    with pytest.raises(CheckpointError, match="could not recognise the layout.*torchvision"):
+    torch.save({"stem.weird.weight": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError) as info:
         load_teacher(path)
+    assert str(info.value) == f"could not recognise the layout of '{path}' (keys stem.weird.weight); {timm_first}"
+    path = str(tmp_path / "model.safetensors")  # resembles MoCo's keys, but safetensors files come from timm's hub
+    safetensors.torch.save_file({"q_encoder.stem.weight": torch.zeros(3), "queue": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_teacher(path)
+    keys = "q_encoder.stem.weight, queue"
+    assert str(info.value) == f"could not recognise the layout of '{path}' (keys {keys}); {timm_first}"
+    assert len(str(info.value)) <= 300
 
 
 def test_code_running_pickle_is_refused_and_runs_nothing(tmp_path):

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from models.io import safe_load
 from models.teachers import load_teacher
 from tests.conftest import write_random_resnet18
 from tools.engine.distributed import DistInfo
+from tools.engine.step import autocast
 from tools.teacher_cache import builder as teacher_cache
 from tools.teacher_cache.builder import build_cache, plan_rank
 from tools.teacher_cache.reader import CachedTeacher, manifest_path, open_cached_teacher
@@ -130,6 +132,26 @@ def test_two_rank_build_equals_live_teacher_in_dataset_order(data, weights, tmp_
     assert not [p for p in os.listdir(tmp_path) if "partial" in p or "done" in p]
 
 
+def test_a_cache_built_under_bf16_holds_the_live_bf16_targets(data, weights, tmp_path):
+    """The builder runs the teacher as training runs a live one (--amp bf16; CPU autocast shows it here): each row
+    equals the live bf16 target of the same batch, stored in float16; float32 stays the CPU default."""
+    dataset = crops(data)
+    teacher = load_teacher(weights)
+    rows = {}
+    for amp in (torch.bfloat16, None):
+        out = str(tmp_path / f"{amp}.npy")
+        build_cache(teacher, dataset, out, MANIFEST, batch_size=4, num_workers=0, dist_info=DistInfo(), amp=amp)
+        rows[amp] = CachedTeacher(out, dataset_fingerprint(dataset)).targets(None, torch.arange(N_IMAGES))
+        assert json.loads(open(manifest_path(out)).read())["preprocessing"]["autocast"] == str(amp or "float32")
+    x = torch.stack([dataset[i][0] for i in range(N_IMAGES)]).float() / 255
+    for amp in (torch.bfloat16, None):
+        with torch.inference_mode(), autocast(torch.device("cpu"), amp):  # the training step's context
+            live = torch.cat([teacher.targets(x[s : s + 4], None) for s in range(0, N_IMAGES, 4)])  # the same batches
+        assert live.dtype == torch.float32  # the teacher's contract, whatever its autocast
+        assert torch.equal(rows[amp], live.to(torch.float16).float())
+    assert not torch.equal(rows[torch.bfloat16], rows[None])
+
+
 def test_interrupted_build_resumes_with_only_the_missing_rows(data, weights, tmp_path, monkeypatch):
     monkeypatch.setattr(teacher_cache, "FLUSH_SECONDS", -1.0)  # flush after every batch
     dataset, teacher = crops(data), load_teacher(weights)
@@ -181,6 +203,25 @@ def test_cached_teacher_gathers_rows_by_index(cache, data):
         out = teacher.targets(torch.zeros(5, 3, 32, 32), index)
         assert out.dtype == torch.float32 and teacher.feat_dim == 4 and (teacher.table is not None) == on_device
         np.testing.assert_array_equal(out.numpy(), expected[index.numpy()])
+
+
+def test_rows_read_ahead_in_the_prefetch_thread_are_the_rows_the_step_takes(cache, data, monkeypatch):
+    """The mapped file is read by the prefetch thread one batch ahead; targets() takes those rows, no second read."""
+    from data.prefetch import DevicePrefetcher
+
+    expected = np.array([[i, i + 0.5, -i, 2.0 * i] for i in range(N_IMAGES)], dtype=np.float32)
+    teacher = CachedTeacher(cache, dataset_fingerprint(crops(data)), "cpu")
+    readers = []
+    read = teacher.read
+    monkeypatch.setattr(teacher, "read", lambda idx: readers.append(threading.current_thread().name) or read(idx))
+    image = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    batches = [(image, torch.zeros(2), torch.tensor([b, 10 - b])) for b in range(4)]
+    for _, _, index in DevicePrefetcher(batches, "cpu", teacher.read_ahead):
+        np.testing.assert_array_equal(teacher.targets(None, index).numpy(), expected[index.numpy()])
+    assert readers == ["prefetch"] * 4  # every read in the thread, none at the step
+    other = torch.tensor([1, 2])  # an index never read ahead: read at the step
+    np.testing.assert_array_equal(teacher.targets(None, other).numpy(), expected[[1, 2]])
+    assert readers[-1] == threading.current_thread().name and not teacher._ahead
 
 
 def test_cache_for_another_image_set_is_refused(cache, data, tmp_path):
@@ -256,3 +297,22 @@ def recomputed_loss(exp, data, rows: np.ndarray) -> float:
     x = torch.stack([dataset[(i, 1)][0] for i in range(len(dataset))]).float() / 255  # (N, 3, 32, 32)
     with torch.no_grad():
         return float(regression_loss(student.train()(x), torch.from_numpy(rows).float()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rows_reach_the_gpu_through_pinned_memory_ahead_of_the_step(cache, data):
+    """On CUDA: the mapped rows gathered into pinned memory in the prefetch thread, copied on its side stream,
+    handed to the training stream; the same rows as on the CPU, from the file and from a device table."""
+    from data.prefetch import DevicePrefetcher
+
+    dev = torch.device("cuda")
+    expected = np.array([[i, i + 0.5, -i, 2.0 * i] for i in range(N_IMAGES)], dtype=np.float32)
+    image = torch.zeros(2, 3, 4, 4, dtype=torch.uint8).pin_memory()
+    batches = [(image, torch.zeros(2), torch.tensor([b, 10 - b]).pin_memory()) for b in range(5)]
+    for on_device in (False, True):
+        teacher = CachedTeacher(cache, dataset_fingerprint(crops(data)), dev, on_device=on_device)
+        for views, _, index in DevicePrefetcher(batches, dev, teacher.read_ahead):
+            rows = teacher.targets(views, index)
+            assert rows.device.type == "cuda" and views.device.type == "cuda"
+            np.testing.assert_array_equal(rows.cpu().numpy(), expected[index.numpy()])

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 
 import pytest
@@ -148,3 +149,47 @@ def test_linear_pred_alias_sets_zero_layers(tiny_data, resnet18_teacher_file, tm
     assert (
         set(ckpt["head"]) >= {"0.weight", "0.running_mean", "1.weight", "1.bias"} and ckpt["args"]["n_mlp_layers"] == 0
     )
+
+
+# ============ what a run prints: the epoch line with the time left, k-NN on the console, loss per logged step
+def test_epoch_line_gives_the_time_left_and_the_knn_numbers(tmp_path, caplog):
+    clock = iter([100.0, 160.0, 220.0])  # started at 100 s, epochs 3 and 4 done 60 s apart
+    pace = train_student.RunClock(start_epoch=3, epochs=12, clock=lambda: next(clock))
+    assert pace.epoch_done(3) == "60 s/epoch, about 9 min left"
+    assert pace.epoch_done(4) == "60 s/epoch, about 8 min left"
+    run = argparse.Namespace(is_main=True, exp_dir=str(tmp_path), epochs=12)
+    stats = {
+        "epoch": 4,
+        "loss": 0.5,
+        "lr": 0.04,
+        "images_per_s": 800.0,
+        "bad_images_skipped": 0,
+        "knn_top1_k1": 71.5,
+        "knn_weighted_top1_k1": 71.5,
+        "knn_top1_k20": 70.25,
+        "knn_weighted_top1_k20": 72.0,
+    }
+    with caplog.at_level(logging.INFO):
+        train_student.log_epoch(run, train_student.ScalarWriter(None), stats, "60 s/epoch, about 8 min left")
+    assert caplog.messages == [
+        "epoch 4/12: loss 0.5000, lr 0.04, 800 images/s; 60 s/epoch, about 8 min left",
+        "epoch 4 k-NN top-1 on val/: 1-NN 71.50% (weighted vote 71.50%), 20-NN 70.25% (weighted vote 72.00%)",
+    ]
+
+
+def test_tensorboard_gets_the_loss_of_every_logged_step():
+    class Writer:
+        def __init__(self):
+            self.points = []
+
+        def add(self, scalars, step):
+            self.points.append((scalars, step))
+
+    writer = Writer()
+    train_student.log_step(writer, epoch=3, step=20, steps=50, loss=0.25)
+    assert writer.points == [({"train/loss_step": 0.25}, 120)]  # the run's step number: 2 epochs of 50, then 20
+
+
+def test_the_last_line_says_what_the_exported_backbone_loads_into():
+    assert train_student.loads_into("resnet18") == "loads into torchvision.models.resnet18() without its classifier"
+    assert train_student.loads_into("timm/resnet10t") == "loads into timm.create_model('resnet10t', num_classes=0)"

@@ -44,7 +44,7 @@ SHORTCUTS = ("rounds", "images", "jpeg_size", "crop", "threads")  # sizes with a
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     sizes = "\n".join(f"  {name:<9} {entry['help']}\n            sizes: {', '.join(entry['sizes'])}"
                       for name, entry in PROFILES.items())  # fmt: skip
-    p = argparse.ArgumentParser("SimReg benchmark", add_help=add_help, epilog=f"profiles:\n{sizes}",
+    p = cli.ArgumentParser("SimReg benchmark", add_help=add_help, epilog=f"profiles:\n{sizes}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("profile", choices=list(PROFILES), help="what to measure (below)")
     p.add_argument("--dry_run", action="store_true", help="toy sizes: every code path of the profile in seconds")

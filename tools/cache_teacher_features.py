@@ -42,13 +42,14 @@ from models.io import file_sha256
 from models.teachers import load_teacher
 from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
+from tools.engine.step import AMP_CHOICES, amp_dtype
 from tools.teacher_cache.builder import DenseSpec, build_cache
 
 log = logging.getLogger("simreg.cache")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("teacher feature cache", add_help=add_help)
+    p = cli.ArgumentParser("teacher feature cache", add_help=add_help)
     g = p.add_argument_group("data")
     g.add_argument("data", help="dataset root holding train/ (ImageFolder layout), as for train_student.py")
     cli.add_dataset_args(g, "cache")
@@ -62,7 +63,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     cli.add_view_args(g)  # with --views K: the run's views, as train_student.py takes them
     g.add_argument("--batch_size", type=cli.positive_int, default=256, help="rows (crops) per batch and process")
-    g.add_argument("--num_workers", type=cli.nonneg_int, default=8, help="data loading processes per process")
+    cli.add_workers_arg(g, "num_workers")
     g = p.add_argument_group("teacher")
     cli.add_teacher_args(g, teacher_arch_names(), weights_required=True)
     g.add_argument("--dense", action="store_true",
@@ -76,6 +77,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out", required=True, help="output FILE.npy (FILE.json manifest is written beside it)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished cache built with other settings")
+    g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="autocast of the teacher, as train_student.py's --amp: auto = bf16 on CUDA (the targets a "
+                   "live teacher gives there), fp32 on CPU")  # fmt: skip
     cli.add_runtime_args(g)  # --seed: with --views K, the training run's seed (its crops)
     return p
 
@@ -92,7 +96,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.dense and (args.cache_grid is not None or args.dense_blocks != 1):
         raise UserError("--cache_grid and --dense_blocks describe the dense targets; add --dense, or drop them")
     split_folder(args.data, "train")
-    cli.check_paths(files={"--teacher_weights": args.teacher_weights, "--class_list": args.class_list})
+    cli.check_paths(weights={"--teacher_weights": args.teacher_weights}, files={"--class_list": args.class_list})
     cli.check_batch_fits(args.batch_size, args.image_size if args.views else args.crop_size)
 
 
@@ -191,6 +195,7 @@ def main(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         n_views=args.views,
         dense=dense,
+        amp=amp_dtype(args.amp, dist_info.device),
     )
     distributed.barrier()
     distributed.cleanup()

@@ -31,7 +31,7 @@ from models.pretrained import EvalModel, load_eval_model
 from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
 from tools.engine.step import amp_dtype, autocast
-from tools.eval.common import prediction
+from tools.eval.common import add_size_args, prediction, resolve_sizes
 from tools.teacher_cache.builder import build_cache
 from tools.teacher_cache.reader import manifest_path
 
@@ -39,13 +39,12 @@ log = logging.getLogger("simreg.embed")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("features of every image of a folder", add_help=add_help)
+    p = cli.ArgumentParser("features of every image of a folder", add_help=add_help)
     g = p.add_argument_group("data")
     g.add_argument("data", metavar="DIR", help="folder of images in any layout (searched recursively)")
-    g.add_argument("--resize_size", type=cli.image_size_int, default=256, help="shorter side before the centre crop")
-    g.add_argument("--crop_size", type=cli.image_size_int, default=224, help="centre crop size")
+    add_size_args(g)
     g.add_argument("-b", "--batch_size", type=cli.positive_int, default=256, help="images per batch and process")
-    g.add_argument("-j", "--workers", type=cli.nonneg_int, default=8, help="loader processes per process")
+    cli.add_workers_arg(g, "workers")
     g = p.add_argument_group("network")
     g.add_argument("--weights", required=True, help="checkpoint (any student or teacher format eval_knn.py reads)")
     g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")
@@ -63,13 +62,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Paths and sizes, before any work starts."""
+    """Paths and the sizes given, before any work starts (the defaults come from the checkpoint)."""
     cli.check_npy_output(args.out, args.crop_size, args.resize_size)
     if not os.path.isdir(args.data):
         what = "is a file" if os.path.exists(args.data) else "does not exist"
         raise UserError(f"image folder '{args.data}' {what}; give the folder holding the images")
-    cli.check_paths(files={"--weights": args.weights})
-    cli.check_batch_fits(args.batch_size, args.crop_size)
+    cli.check_paths(weights={"--weights": args.weights})
 
 
 class Autocast(nn.Module):
@@ -113,8 +111,10 @@ def main(args: argparse.Namespace) -> None:
 
     # ============ the images and the network ============
     files = list_image_files(args.data)
-    dataset = ImageFiles(args.data, files, CenterCrop(args.resize_size, args.crop_size))
     model = load_eval_model(args.weights, args.arch, args.format, use_pred, args.teacher, args.teacher_pool)
+    resolve_sizes(args, model)  # the flags, else what the checkpoint was trained at
+    cli.check_batch_fits(args.batch_size, args.crop_size)
+    dataset = ImageFiles(args.data, files, CenterCrop(args.resize_size, args.crop_size))
     dtype = amp_dtype(args.amp, dist_info.device)
     log.info("embedding %d images under %s with %s (%d-d)", len(files), args.data, model.arch, model.feat_dim)
 
@@ -130,6 +130,7 @@ def main(args: argparse.Namespace) -> None:
         num_workers=args.workers,
         dist_info=dist_info,
         overwrite=args.overwrite,
+        desc="embedding",
     )
     if dist_info.is_main:
         log.info("features: %s (float16, %d rows), file list: %s", args.out, len(files), manifest_path(args.out))

@@ -1,9 +1,11 @@
 """Print k-NN and linear results of several evaluated networks side by side.
 
-Each argument is ``NAME=DIR`` where DIR holds ``features/knn_results.json`` (eval_knn.py) and/or
-``linear/results.json`` / ``linear_cached/results.json`` (eval_linear.py), e.g. an experiment folder:
+Each argument is ``NAME=DIR`` (or a bare ``DIR``, named by its path) where DIR holds
+``features/knn_results.json`` (eval_knn.py) and/or ``linear/results.json`` / ``linear_cached/results.json``
+(eval_linear.py), e.g. an experiment folder:
 
     python -m tools.eval_summary "teacher=exp/demo/teacher" "student=exp/demo" "random init=exp/demo/random_init"
+    python -m tools.eval_summary exp/demo
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+from tools.engine import cli
 
 
 def read_results(folder: str) -> dict:
@@ -65,17 +69,20 @@ def format_table(rows: dict[str, dict], digits: int = 2) -> str:
 
 
 def entry(text: str) -> tuple[str, str]:
-    """``NAME=DIR`` -> (name, folder); the folder must exist."""
+    """``NAME=DIR`` -> (name, folder), a bare ``DIR`` -> (DIR, DIR); the folder must exist."""
     name, sep, folder = text.partition("=")
-    if not sep or not name or not folder:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR (e.g. student=exp/demo), got {text!r}")
+    if not sep or os.path.isdir(text):  # a bare folder (whose name may hold '=')
+        name, folder = text.rstrip("/") or text, text
+    if not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR or DIR (e.g. student=exp/demo), got {text!r}")
     if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"folder '{folder}' of {name!r} does not exist")
+        of = "" if name == folder.rstrip("/") else f" of {name!r}"
+        raise argparse.ArgumentTypeError(f"folder '{folder}'{of} does not exist; give an evaluated experiment folder")
     return name, folder
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("entries", nargs="+", metavar="NAME=DIR", type=entry)
     entries = parser.parse_args(argv).entries
     rows = {name: read_results(folder) for name, folder in entries}

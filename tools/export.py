@@ -43,7 +43,7 @@ log = logging.getLogger("simreg.export")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("export a network for deployment", add_help=add_help)
+    p = cli.ArgumentParser("export a network for deployment", add_help=add_help)
     g = p.add_argument_group("network")
     g.add_argument("weights", metavar="CKPT", help="checkpoint (any student or teacher format eval_knn.py reads)")
     g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")
@@ -65,7 +65,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Paths and flags that need each other, before any work starts."""
-    cli.check_paths(files={"CKPT": args.weights})
+    cli.check_paths(weights={"CKPT": args.weights})
     if os.path.isdir(args.out):
         raise UserError(f"--out '{args.out}' is a folder; give the file to write")
     if os.path.abspath(args.out) == os.path.abspath(args.weights):

@@ -14,6 +14,7 @@ import logging
 import os
 
 from models.errors import UserError
+from tools.engine import cli
 from tools.engine.cli import add_debug_flag, run_cli
 from tools.engine.logs import setup_logging
 from tools.study.curves import plot_runs, read_log
@@ -22,7 +23,7 @@ log = logging.getLogger("simreg.plot")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("training curves", add_help=add_help)
+    p = cli.ArgumentParser("training curves", add_help=add_help)
     p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="experiment folders of train_student.py")
     p.add_argument("--labels", nargs="+", default=None, help="one legend label per EXP_DIR (default: folder names)")
     p.add_argument("--out", default=None, help="PNG to write (default: EXP_DIR/logs/train_curves.png for one run, "

@@ -35,7 +35,7 @@ log = logging.getLogger("simreg.pretrain_teacher")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("supervised demo teacher", add_help=add_help)
+    p = cli.ArgumentParser("supervised demo teacher", add_help=add_help)
     p.add_argument("data", help="dataset root with train/<class>/<image>")
     p.add_argument("--arch", default="resnet18", help="a torchvision classification model or timm/<name>")
     p.add_argument("--epochs", type=cli.positive_int, default=15)
@@ -44,7 +44,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"),
                    help="sgd (momentum 0.9, weight decay 5e-4) or adamw (weight decay 0.05; the demo)")  # fmt: skip
     p.add_argument("--image_size", type=cli.image_size_int, default=32)
-    p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
+    cli.add_workers_arg(p, "num_workers", default=2)
     p.add_argument("--seed", type=cli.nonneg_int, default=0)
     p.add_argument("--out", required=True, help="output .pth (the network's state dict, classifier included)")
     cli.add_debug_flag(p)

@@ -36,7 +36,7 @@ DEFAULT = Scale()
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("the paper's findings at small scale", add_help=add_help)
+    p = cli.ArgumentParser("the paper's findings at small scale", add_help=add_help)
     p.add_argument("--data", default=None, help="dataset root with train/ and val/ (default: the embedded demo)")
     p.add_argument("--out", default="results/small_scale", help="study folder: runs, summary.json, figures")
     p.add_argument("--only", nargs="+", default=None, metavar="ROW", help="run only these rows (head, views, ...)")

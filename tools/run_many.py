@@ -45,7 +45,7 @@ def split_runs(words: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser("run an entry script several times in one process")
+    p = cli.ArgumentParser("run an entry script several times in one process")
     p.add_argument("script", choices=SCRIPTS)
     p.add_argument("runs", nargs=argparse.REMAINDER, help=":: TITLE ARGS... (one per run)")
     args = p.parse_args(argv)

@@ -29,7 +29,7 @@ log = logging.getLogger("simreg.submit")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         "submit a run to SLURM", usage="python -m tools.submit [options] -- train_student.py ARGS", add_help=add_help
     )
     g = p.add_argument_group("resources")

@@ -13,7 +13,9 @@ the others still run):
   the features, so its time is the search);
 - ``cache``: ``tools.cache_teacher_features``; ``train_cached``: ``train_student.py --use_cache``.
 Every part records its command, exit status, seconds and images/s (training: the median over the
-epochs after the first, from ``logs/train_log.jsonl``).
+epochs after the first, from ``logs/train_log.jsonl``). Each command runs under the hang guard of
+:mod:`tools.bench.guard` (killed with every process it started past its limit, silent or not); the
+profile's process, stopped by an outer limit, kills the command still running before it exits.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from data.synthetic import make_jpeg_folder
 from models.io import read_json, safe_load
+from tools.bench.guard import Guard, children
 from tools.bench.harness import Context, prepare_jpegs, random_teacher_file
 from tools.eval.knn import faiss_module
 
@@ -52,6 +54,7 @@ class Job:
     teacher: str = ""
     n_train: int = 0
     n_val: int = 0
+    guard: Guard = field(default_factory=Guard)
 
     def exp(self, name: str) -> str:
         return os.path.join(self.work_dir, "runs", name)
@@ -64,43 +67,10 @@ def torchrun(*args: str) -> list[str]:
 
 
 def run_logged(cmd: list[str], job: Job, limit_s: float, on_line: Callable[[str, subprocess.Popen], None] = None):
-    """Run ``cmd`` from the repository root, its output appended to the job's log; (exit status, seconds).
-
-    ``on_line(line, process)`` sees every output line. Past ``limit_s`` the process group is killed and the
-    status is ``"timeout"``.
-    """
-    start = time.perf_counter()
-    with open(job.log_path, "a") as out:
-        out.write(f"\n$ {' '.join(cmd)}\n")
-        out.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-        deadline = start + limit_s
-        for line in proc.stdout:  # a hang without output is caught by the wait below
-            out.write(line)
-            if on_line:
-                on_line(line, proc)
-            if time.perf_counter() > deadline:
-                break
-        try:
-            code = proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
-        except subprocess.TimeoutExpired:
-            code = None
-        if code is None or time.perf_counter() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = "timeout"
-        out.write(f"[exit {code} after {time.perf_counter() - start:.1f} s]\n")
-    return code, time.perf_counter() - start
-
-
-def children(pid: int) -> list[int]:
-    """Direct child processes of ``pid`` (Linux /proc)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
+    """Run ``cmd`` from the repository root under the job's guard, its output appended to the job's log;
+    (exit status or ``"timeout"``, seconds). ``on_line(line, process)`` sees every output line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return job.guard.run(cmd, limit_s, job.log_path, on_line, cwd=ROOT, env=env)
 
 
 # ============ the parts ============
@@ -174,6 +144,9 @@ def compare_runs(a: str, b: str) -> dict:
     return {"weights_equal": all(torch.equal(wa[k], wb[k]) for k in wa), "max_rel_tensor_diff": worst}
 
 
+RESUME_FIRST_SHARE = 0.55  # of the resume part's limit, for the run that is stopped
+
+
 def resume_part(job: Job) -> dict:
     """Stop train_gpu's run by SIGTERM after ``stop_after_lines`` step logs, rerun it, compare with train_gpu."""
     s, name = job.sizes, "resume"
@@ -189,14 +162,14 @@ def resume_part(job: Job) -> dict:
                     os.kill(pid, signal.SIGTERM)
                 seen["signalled"] = True
 
-    code1, t1 = run_logged(cmd, job, s.limits[name] / 2, on_line)
+    code1, t1 = run_logged(cmd, job, RESUME_FIRST_SHARE * s.limits[name], on_line)
     resumed = {"line": ""}
 
     def note_resume(line: str, _) -> None:
         if "resumed from" in line:
             resumed["line"] = line[line.find("resumed from") :]
 
-    code2, t2 = run_logged(cmd, job, s.limits[name] / 2, note_resume)
+    code2, t2 = run_logged(cmd, job, s.limits[name] - t1, note_resume)  # the first run's leftover too
     out = {"rc": [code1, code2], "seconds": t1 + t2, "signalled": seen["signalled"], "resumed": resumed["line"].strip()}
     out.update(epoch_rates(job.exp(name)))
     if code1 == 0 and code2 == 0 and os.path.isdir(job.exp("train_gpu")):
@@ -255,6 +228,7 @@ def job_of(p, ctx: Context) -> Job:
         if ctx.json_path:
             log_path = os.path.splitext(ctx.json_path)[0] + ".log"
         job = Job(p, os.path.abspath(ctx.work_dir), log_path)
+        job.guard.install()  # stopped from outside: no command left running on the GPU
         ctx.shared["job"], ctx.shared["job_data"] = job, prepare(job)
     return ctx.shared["job"]
 

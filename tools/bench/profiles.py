@@ -131,35 +131,36 @@ KNN = {  # eval_knn's backends at 200k x 512 (CPU: about a minute per round)
     "rounds": 3,
     "threads": 0,
 }
-MAIN_JOB = {  # one H100/H200 with a 16-core host, about 2.5 minutes (estimated)
-    "images": 4096,  # generated JPEGs (the gpu profile's set)
-    "replicas": 2,  # train/ links every file this many times: 8192 images, 32 steps per epoch
-    "val_images": 512,
+MAIN_JOB = {  # one H100/H200 with a 16-core host: about 2 minutes (estimated), at most 225 s by its limits
+    "images": 2048,  # generated JPEGs (the set tools/gpu_check.py's gpu profile run shares)
+    "replicas": 2,  # train/ links every file this many times: 4096 images, 16 steps per epoch
+    "val_images": 256,
     "jpeg_size": (500, 375),
     "image_size": 224,
     "resize_size": 256,
     "batch": 256,
     "workers": 16,
-    "epochs": 4,  # train_gpu and resume: 128 steps
-    "short_epochs": 2,  # train_cpu and train_cached: 64 steps
-    "print_freq": 10,
-    "ckpt_every": 10,  # resume: mid-epoch checkpoints
-    "stop_after_lines": 5,  # resume: SIGTERM after this many step log lines (epoch 2, step 20 of 32)
+    "epochs": 3,  # train_gpu and resume: 48 steps
+    "short_epochs": 2,  # train_cpu and train_cached: 32 steps (the rate is the second epoch's)
+    "print_freq": 4,
+    "ckpt_every": 4,  # resume: mid-epoch checkpoints
+    "stop_after_lines": 6,  # resume: SIGTERM after this many step log lines (epoch 2, step 8 of 16)
     "teacher": "resnet50",
     "student": "resnet18",
     "ks": "1,20",
     "device": "cuda",
     "exact_resume": False,  # bit-for-bit equality expected (CPU)
-    # seconds per part (hang guards; the expected times are about half)
+    # seconds per part (hang guards, about twice the expected times; each torchrun start costs about 10 s).
+    # tools/gpu_check.py gives the whole profile their sum plus a margin (tests/test_gpu_check.py).
     "limits": {
-        "data": 60,
-        "train_gpu": 45,
-        "train_cpu": 40,
-        "resume": 70,
-        "knn_torch": 35,
-        "knn_faiss": 25,
-        "cache": 35,
-        "train_cached": 40,
+        "data": 20,
+        "train_gpu": 40,
+        "train_cpu": 30,
+        "resume": 60,
+        "knn_torch": 25,
+        "knn_faiss": 20,
+        "cache": 25,
+        "train_cached": 25,
     },
 }
 MAIN_JOB_TOY = {  # every part on the CPU at toy sizes (--decode gpu decodes on the CPU): the rehearsal of DRY=1
@@ -180,15 +181,16 @@ MAIN_JOB_TOY = {  # every part on the CPU at toy sizes (--decode gpu decodes on 
     "ks": "1,4",
     "device": "cpu",
     "exact_resume": True,
+    # 2 shared CPU cores: each part takes 20-50 s when the machine is quiet; the limits allow a busy one
     "limits": {
-        "data": 120,
-        "train_gpu": 180,
-        "train_cpu": 160,
-        "resume": 280,
-        "knn_torch": 140,
-        "knn_faiss": 100,
-        "cache": 140,
-        "train_cached": 160,
+        "data": 60,
+        "train_gpu": 90,
+        "train_cpu": 90,
+        "resume": 180,
+        "knn_torch": 90,
+        "knn_faiss": 90,
+        "cache": 90,
+        "train_cached": 90,
     },
 }
 DEMO = {  # the demo's students at its 32 px (bash run.sh on a CPU)
@@ -314,7 +316,7 @@ PROFILES: dict[str, dict] = {
     },
     "main_job": {
         "help": "the main job for real: torchrun train_student.py (GPU and CPU decoding), a mid-run stop and "
-        "exact resume, eval_knn.py, the cached teacher (one GPU: about 2.5 minutes)",
+        "exact resume, eval_knn.py, the cached teacher (one GPU: about 2 minutes)",
         "stages": MAIN_JOB_STAGES,
         "sizes": MAIN_JOB,
         "dry_run": MAIN_JOB_TOY,

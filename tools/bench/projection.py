@@ -6,9 +6,10 @@ The model, per GPU:
   efficiency for several GPUs (an assumption: gradient all-reduce of the student overlaps the backward);
 - CPU decoding (``--decode cpu``): the loader's rate is the measured per-core rate (``data.cpu``) times the
   host cores each GPU gets; the run goes at ``min(step, loader)``, and the smaller names the bound;
-- GPU decoding (``--decode gpu``): the workers only read bytes, and the main process decodes on the GPU
-  before each step, so decoding and step add up: ``1 / (1 / step + 1 / decode)``, with ``decode`` the
-  measured loader-plus-decoding rate (``e2e.gpu_loader``).
+- GPU decoding (``--decode gpu``): the workers only read bytes, and the prefetch thread decodes batch
+  t + 1 on the GPU while step t runs; both share the GPU, and the model adds their times,
+  ``1 / (1 / step + 1 / decode)``, with ``decode`` the measured loader-plus-decoding rate
+  (``e2e.gpu_loader``): a lower bound where nvJPEG's hardware engine overlaps the step.
 Hours = 130 epochs x 5,004 steps x 256 images / (rate per GPU x GPUs). For one GPU the end-to-end rows
 measured with the benchmark's 16 workers (``e2e.cpu``, ``e2e.gpu``) check the model.
 

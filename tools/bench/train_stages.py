@@ -18,6 +18,7 @@ import torch
 from data.datasets import IndexedImageFolder
 from data.device_decode import DEVICE_DECODE
 from data.loaders import build_loader
+from data.prefetch import DevicePrefetcher
 from data.transforms import TrainViews
 from models.backbones import build_encoder
 from models.fold import compile_frozen
@@ -70,7 +71,8 @@ def stage_data(p, ctx: Context) -> list[dict]:
 
 
 def device_decode_variants(p, ctx: Context) -> list[Variant]:
-    """``--decode gpu`` (workers read bytes and draw boxes, the main process decodes on the device), and DALI."""
+    """``--decode gpu`` (workers read bytes and draw boxes; decoded on the device in the loop here: the decoding
+    alone), and DALI."""
     if not p.device_decode:
         return []
     ds = IndexedImageFolder(ctx.train_dir, TrainViews(p.crop, True, True, False, decode=DEVICE_DECODE))
@@ -269,7 +271,8 @@ def stage_cached(p, ctx: Context) -> list[dict]:
 
 # ============ stage: end to end (loader + step) ============
 def e2e_variants(p, ctx: Context, best: str) -> list[Variant]:
-    """Original loader + step; ours with CPU decoding and with --decode gpu; each of our loaders alone."""
+    """Original loader + step; ours with CPU decoding and with --decode gpu, each batch made ready by the
+    prefetch thread as training does (:class:`data.prefetch.DevicePrefetcher`); each of our loaders alone."""
     pin, length = ctx.device.type == "cuda", p.e2e_batches * p.step_batch
     base = original_loader(Cycle(OriginalFolder(IndexedImageFolder(ctx.train_dir), p.step_size), length),
                            p.step_batch, p.workers, pin)  # fmt: skip
@@ -279,7 +282,9 @@ def e2e_variants(p, ctx: Context, best: str) -> list[Variant]:
     def loader(decode: str):
         ds = IndexedImageFolder(ctx.train_dir, TrainViews(p.step_size, True, True, False, decode=decode))
         collate = ds.transform.collate  # Cycle hides the transform from build_loader
-        return build_loader(Cycle(ds, length), p.step_batch, num_workers=p.workers, pin_memory=pin, collate_fn=collate)
+        batches = build_loader(Cycle(ds, length), p.step_batch, num_workers=p.workers, pin_memory=pin,
+                               collate_fn=collate)  # fmt: skip
+        return DevicePrefetcher(batches, ctx.device)
 
     cpu = loader("auto")
     variants = [
@@ -293,8 +298,8 @@ def e2e_variants(p, ctx: Context, best: str) -> list[Variant]:
         variants += [
             loader_variant(f"ours: --decode gpu on {dev} + step ({tag})", gpu, step, lambda b: (b[0], b[2]),
                            key="gpu"),
-            loader_variant(f"ours: --decode gpu on {dev}, loader and decoding alone", gpu, None,
-                           lambda b: (b[0].decode(ctx.device),), "component", "gpu_loader"),
+            loader_variant(f"ours: --decode gpu on {dev}, loader and decoding alone", gpu, None, identity,
+                           "component", "gpu_loader"),
         ]  # fmt: skip
     return variants
 

@@ -9,9 +9,11 @@ one-sentence answer through :func:`run_cli`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from models.errors import UserError
@@ -33,8 +35,49 @@ def run_cli(main: Callable[[argparse.Namespace], object], args: argparse.Namespa
     except UserError as exc:
         if getattr(args, "debug", False):
             raise
-        logging.getLogger("simreg").error("error: %s", user_message(exc))
+        report_error(user_message(exc))
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside training's save-and-exit (start-up, evaluation, caching)
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted by Ctrl-C; rerun the same command (caches, embeddings and the linear probe continue "
+                  "from what they saved)", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(130)
+
+
+def report_error(message: str) -> None:
+    """``error: <message>`` as one line on stderr (rank 0 only under several processes, where every rank
+    finds the same mistake), and into the log file when one is open."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        _record_for_launcher(message)  # after printing: the launcher then knows rank 0 has said it
+    elif not _record_for_launcher(message):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    logger = logging.getLogger("simreg")
+    if logger.hasHandlers():  # else logging's last resort would print it to the console a second time
+        logger.error("error: %s", message, extra={"file_only": True})
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's answer to a wrong command line: one line ``error: argument --x: ...``,
+    exit status 2 (argparse's usage block is left to ``--help``; under several processes rank 0 prints it)."""
+
+    def error(self, message: str):
+        report_error(f"{message} (see --help)")
+        sys.exit(2)
+
+
+def _record_for_launcher(message: str) -> bool:
+    """Under torchrun, leave the sentence in the error file the launcher reads (``tools.launch`` prints the
+    first failing rank's when rank 0 has not printed its own); False when there is no such file."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time()), "user_error": True}, f)
+    except OSError:
+        return False
+    return True
 
 
 def user_message(exc: BaseException) -> str:
@@ -118,19 +161,31 @@ def check_output_folder(flag: str, path: str | None) -> None:
         raise UserError(f"{flag} '{path}' is a file; give a folder")
 
 
-def check_npy_output(out: str, crop_size: int, resize_size: int) -> None:
-    """``--out`` of a command writing FILE.npy (and its JSON beside it), and its centre-crop sizes."""
+def check_npy_output(out: str, crop_size: int | None, resize_size: int | None) -> None:
+    """``--out`` of a command writing FILE.npy (and its JSON beside it), and its centre-crop sizes (None: not
+    given, decided later)."""
     if not out.endswith(".npy"):
         raise UserError(f"--out '{out}' must end in .npy (a NumPy array file)")
     if os.path.isdir(out):
         raise UserError(f"--out '{out}' is a folder; give the FILE.npy to write")
-    if crop_size > resize_size:
+    if crop_size and resize_size and crop_size > resize_size:
         raise UserError(f"--crop_size {crop_size} is larger than --resize_size {resize_size}")
 
 
-def check_paths(*, files: dict[str, str | None] = (), folders: dict[str, str | None] = ()) -> None:
-    """A UserError naming the first flag whose path is not an existing file (``files``) or folder."""
-    for flag, path in dict(files).items():
+def check_paths(
+    *, files: dict[str, str | None] = (), folders: dict[str, str | None] = (), weights: dict[str, str | None] = ()
+) -> None:
+    """A UserError naming the first flag whose path is not an existing file (``files``) or folder; ``weights``:
+    a checkpoint file or a Hugging Face snapshot folder (config.json with its weights)."""
+    files = dict(files)
+    for flag, path in dict(weights).items():
+        if path and os.path.isdir(path):
+            from models.hf_checkpoints import check_snapshot  # imported here: --help stays free of timm
+
+            check_snapshot(path, flag)
+        else:
+            files[flag] = path
+    for flag, path in files.items():
         if path and not os.path.isfile(path):
             what = "is a folder" if os.path.isdir(path) else "does not exist"
             raise UserError(f"{flag} '{path}' {what}; give an existing file")
@@ -183,7 +238,7 @@ def as_list(value: object) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
-class DataLastParser(argparse.ArgumentParser):
+class DataLastParser(ArgumentParser):
     """An ArgumentParser whose ``data`` positional may follow a flag that takes several values.
 
     argparse gives every value after ``--teacher_weights`` to that flag, so the original's command line
@@ -306,6 +361,26 @@ def add_pool_arg(g: argparse._ArgumentGroup, several: bool = False) -> None:
                        help=f"{what}; one for all teachers or one per teacher")  # fmt: skip
     else:
         g.add_argument("--teacher_pool", default="auto", choices=TEACHER_POOLS, help=what)
+
+
+def default_workers(most: int = 8) -> int:
+    """Loader processes by default: ``most``, or fewer on a machine with fewer CPU cores for this process."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(most, cores))
+
+
+def add_workers_arg(g: argparse._ArgumentGroup, dest: str, default: int | None = None, what: str = "per process"):
+    """The loader-process count under both of its names: ``--num_workers`` (training, the cache builder) and
+    ``--workers``/``-j`` (the evaluation scripts, PyTorch's ImageNet example); ``dest`` keeps each command's
+    attribute name. The default is 8, capped at this process's CPU cores."""
+    names = ("--num_workers", "--workers", "-j") if dest == "num_workers" else ("-j", "--workers", "--num_workers")
+    why = f"{default}" if default is not None else f"{default_workers()}: 8, at most the CPU cores"
+    help_text = f"data loading processes {what} (default {why}; 0: in the main process)"
+    default = default_workers() if default is None else default
+    g.add_argument(*names, dest=dest, type=nonneg_int, default=default, metavar="N", help=help_text)
 
 
 def add_runtime_args(g: argparse._ArgumentGroup, seed: bool = True) -> None:

@@ -7,11 +7,16 @@ import logging
 import os
 import sys
 
+FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
 
 def setup_logging(log_file: str | None = None, is_main: bool = True, debug: bool = False) -> None:
-    """Configure the root logger once: console, plus ``log_file`` on rank 0."""
+    """Configure the root logger once: console, plus ``log_file`` on rank 0.
+
+    Without ``log_file`` the lines are also kept in memory until :func:`attach_log_file` names the file
+    (a command opens its log once its inputs are checked, so a run refused at start-up leaves no folder).
+    """
     level = logging.DEBUG if debug else logging.INFO if is_main else logging.WARNING
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     for handler in list(root.handlers):  # only ours: handlers added by others (e.g. pytest) stay
         if getattr(handler, "_simreg", False):
@@ -19,13 +24,44 @@ def setup_logging(log_file: str | None = None, is_main: bool = True, debug: bool
             handler.close()
     root.setLevel(level)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file and is_main:
-        os.makedirs(os.path.dirname(log_file), exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+    handlers[0].addFilter(lambda record: not getattr(record, "file_only", False))
+    handlers.append(_Backlog())
     for handler in handlers:
-        handler.setFormatter(fmt)
+        handler.setFormatter(FORMAT)
         handler._simreg = True
         root.addHandler(handler)
+    if log_file:
+        attach_log_file(log_file, is_main)
+
+
+class _Backlog(logging.Handler):
+    """The records logged before the log file was named (at most ``limit``), replayed into it."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.limit = limit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.limit:
+            self.records.append(record)
+
+
+def attach_log_file(log_file: str, is_main: bool = True) -> None:
+    """Write the log to ``log_file`` from now on (rank 0), starting with the lines logged so far."""
+    root = logging.getLogger()
+    backlog = next((h for h in root.handlers if isinstance(h, _Backlog)), None)
+    if backlog is not None:
+        root.removeHandler(backlog)
+    if not is_main:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(FORMAT)
+    handler._simreg = True
+    for record in backlog.records if backlog is not None else ():
+        handler.handle(record)
+    root.addHandler(handler)
 
 
 def append_json_line(path: str, obj: dict) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from models.errors import UserError
 from tools.engine import distributed
@@ -25,16 +27,63 @@ class EpochProgress:
     images: int = 0
 
 
-def stop_agreed(stop: StopRequest | None, dist_info: DistInfo, at_sync_point: bool) -> bool:
-    """Whether to stop now. Ranks agree at sync points only, so no step waits on the others."""
-    if stop is None:
-        return False
-    if not dist_info.distributed:
-        return stop.requested
-    if not at_sync_point:
-        return False
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=dist_info.device)
-    return distributed.all_reduce_sum(flag).item() > 0
+class StopVote:
+    """Whether to stop after this step: the same answer on every rank, without a host sync per step.
+
+    One process: as soon as a stop signal arrived. Several: after every step each rank adds its flag to an
+    asynchronous all-reduce, and the sum started ``lag`` steps earlier decides (it has long arrived by
+    then, so no step waits on the others or on the device). Every rank reads the same sums in the same
+    order, so all of them stop after the same step, a few steps after the first rank saw the signal.
+    """
+
+    def __init__(self, stop: StopRequest | None, dist_info: DistInfo, lag: int = 2) -> None:
+        self.stop, self.dist_info, self.lag = stop, dist_info, lag
+        self._pending: deque = deque()
+
+    def __call__(self) -> bool:
+        """Call once after every step, on every rank."""
+        if self.stop is None:
+            return False
+        if not self.dist_info.distributed:
+            return self.stop.requested
+        self._pending.append(_Ballot(self.stop.requested, self.dist_info.device))
+        return len(self._pending) > self.lag and self._pending.popleft().result() > 0
+
+    @property
+    def name(self) -> str:
+        return self.stop.name if self.stop else "a signal"
+
+    @property
+    def exit_status(self) -> int:
+        return self.stop.exit_status if self.stop else 0
+
+    def close(self) -> None:
+        """Wait for the ballots still in flight (every rank cast the same number)."""
+        while self._pending:
+            self._pending.popleft().result()
+
+
+class _Ballot:
+    """One rank's stop flag in an asynchronous all-reduce; on CUDA the sum is copied to pinned host memory
+    behind an event, so reading it waits for that copy only, not for the steps queued since."""
+
+    def __init__(self, flag: bool, device: torch.device) -> None:
+        self.value = torch.full((1,), float(flag), device=device)
+        self.work = dist.all_reduce(self.value, async_op=True)
+        self.event = None
+        if device.type == "cuda":
+            self.work.wait()  # the current stream waits for the all-reduce (the host does not)
+            self.host = torch.empty(1, pin_memory=True)
+            self.host.copy_(self.value, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+            return float(self.host[0])
+        self.work.wait()
+        return float(self.value[0])
 
 
 class Meters:

@@ -20,6 +20,7 @@ from models.io import atomic_save, differences, file_sha256, load_strict
 from models.pretrained import read_student_weights
 from models.schema import training_state
 from models.simreg import Student
+from tools.engine import distributed
 from tools.engine.checkpoint import (
     checkpoint_paths,
     epoch_checkpoint_path,
@@ -112,14 +113,14 @@ def init_student_weights(student: Student, path: str) -> None:
 def resume(run: Run, resume_from: str = "", no_resume: bool = False, weights: str | None = None):
     """Continue from ``resume_from`` or the experiment's latest checkpoint; else start (from ``weights``).
 
-    Returns the first epoch to run and how much of it is already done (mid-epoch checkpoints).
+    Rank 0 decides and reads the checkpoint; every rank receives it from rank 0, so ranks whose
+    ``exp_dir`` is not shared (another machine's local disk: only rank 0 writes checkpoints) resume at
+    the same epoch with the same state. Returns the first epoch to run and how much of it is already
+    done (mid-epoch checkpoints).
     """
     if resume_from and weights:
         raise UserError("--weights and --resume were both given; --resume continues a run, --weights starts a new one")
-    if resume_from:
-        found = (resume_from, load_training_checkpoint(resume_from))
-    else:
-        found = None if no_resume else load_latest_checkpoint(run.exp_dir)
+    found = distributed.from_rank0(lambda: find_checkpoint(run.exp_dir, resume_from, no_resume))
     if found is None:
         if weights:
             init_student_weights(run.student, weights)
@@ -153,6 +154,13 @@ def load_heads(student: Student, ckpt: dict, path: str) -> None:
         load_strict(head, sd, path, f"student head {k}" if len(head_states) > 1 else "student head")
     for k, (head, sd) in enumerate(zip(dense_heads, dense_states, strict=True), start=1):
         load_strict(head, sd, path, f"student dense head {k}")
+
+
+def find_checkpoint(exp_dir: str, resume_from: str = "", no_resume: bool = False) -> tuple[str, dict] | None:
+    """(path, checkpoint) to resume from: ``resume_from``, else the experiment's latest; None to start fresh."""
+    if resume_from:
+        return resume_from, load_training_checkpoint(resume_from)
+    return None if no_resume else load_latest_checkpoint(exp_dir)
 
 
 def save_checkpoint(run: Run, epoch: int, progress: EpochProgress | None = None) -> None:

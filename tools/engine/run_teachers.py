@@ -18,7 +18,7 @@ from models.errors import UserError
 from models.fold import compile_frozen
 from models.teachers import TeacherSet, load_teacher
 from tools.engine.cli import TEACHER_POOLS, as_list, check_paths
-from tools.teacher_cache.reader import open_cached_teacher
+from tools.teacher_cache.reader import autocast_name, open_cached_teacher
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def teacher_specs(weights, arch, fmt, use_fc, feats, use_cache: bool, pool="auto
         w, f = (None if weights[k] == NONE else weights[k]), (None if feats[k] == NONE else feats[k])
         if w is None and f is None:
             raise UserError(f"teacher {k + 1} has neither a --teacher_weights file nor a --teacher_feats cache")
-        check_paths(files={"--teacher_weights": w, "--teacher_feats": f})
+        check_paths(weights={"--teacher_weights": w}, files={"--teacher_feats": f})
         specs.append(TeacherSpec(w, archs[k], fmts[k], fcs[k], f, pools[k]))
     return specs
 
@@ -108,7 +108,8 @@ def build_one(spec: TeacherSpec, device: torch.device, fingerprint: dict, option
         teacher = {"arch": spec.arch, "weights": spec.weights, "use_fc": spec.use_fc, "pool": spec.pool}
         views, epochs = options.get("views"), options.get("epochs")
         cached = open_cached_teacher(spec.feats, fingerprint, device, options["cache_on_device"],
-                                     options["image_size"], teacher=teacher, views=views, epochs=epochs)  # fmt: skip
+                                     options["image_size"], teacher=teacher, views=views, epochs=epochs,
+                                     autocast=autocast_name(options.get("amp")))  # fmt: skip
         return cached.use_objective(options.get("objective", "global"), options.get("dense_blocks", 1))
     teacher = load_teacher(spec.weights, spec.arch, spec.fmt, use_fc=spec.use_fc, pool=spec.pool,
                            input_size=options["image_size"])  # fmt: skip
@@ -127,9 +128,9 @@ def build_teachers(specs: list[TeacherSpec], device: torch.device, fingerprint: 
     """One teacher as itself; several as a :class:`TeacherSet` with the (normalised) loss weights.
 
     ``options``: ``channels_last``, ``compile_teacher``, ``cache_on_device``, ``image_size``, ``dtype`` (a live
-    teacher's parameters: float32, or float64 for ``--float64``), ``objective`` and ``dense_blocks``
-    (``--loss``: what the targets are), and for K-view caches ``views`` (the run's
-    ``TrainViews.record(seed)``, checked against each cache) and ``epochs``.
+    teacher's parameters: float32, or float64 for ``--float64``), ``amp`` (the run's autocast dtype, compared
+    with a cache's), ``objective`` and ``dense_blocks`` (``--loss``: what the targets are), and for K-view
+    caches ``views`` (the run's ``TrainViews.record(seed)``, checked against each cache) and ``epochs``.
     """
     teachers = [build_one(spec, device, fingerprint, options) for spec in specs]
     if len(teachers) == 1:

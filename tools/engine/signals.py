@@ -1,13 +1,25 @@
-"""Graceful stop on preemption: SIGTERM (torchrun, Kubernetes) and SIGUSR1 (SLURM's warning signal)."""
+"""Graceful stop: Ctrl-C (SIGINT), SIGTERM (torchrun, Kubernetes, ``timeout``, SLURM's ``scancel`` and time
+limit) and SIGUSR1/SIGUSR2 (SLURM's and submitit's warning signals) save a checkpoint and exit.
+
+Such a signal usually reaches the whole process group: a terminal's Ctrl-C, ``timeout``, SLURM. The data
+loader's workers ignore it (:func:`data.loaders.ignore_stop_signals`) and are shut down by the main process
+once it has saved; the main process only notes the signal here and the training loop saves at the next
+step boundary. A second Ctrl-C (a second or more after the first) aborts at once, without saving.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# A launcher that forwards the terminal's Ctrl-C (torchrun) delivers it twice within milliseconds: a second
+# SIGINT aborts only when it comes this long after the first, as a person's second Ctrl-C does.
+SECOND_CTRL_C_S = 1.0
 
 
 class StopRequest:
@@ -17,8 +29,10 @@ class StopRequest:
     written at a step boundary with consistent model and optimizer state.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce  # rank 0 says it; the other ranks got the same signal
         self.signum: int | None = None
+        self._first_sigint: float | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopRequest:
@@ -32,13 +46,44 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        log.warning("received %s: saving a checkpoint at the next step, then exiting", signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            if self._first_sigint is not None and time.monotonic() - self._first_sigint >= SECOND_CTRL_C_S:
+                abort_now()
+            self._first_sigint = self._first_sigint or time.monotonic()
+        if self.signum is None:
+            self.signum = signum
+            again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+            log.log(logging.WARNING if self.announce else logging.DEBUG,
+                    "received %s: saving a checkpoint at the next step, then exiting%s", self.name, again)  # fmt: skip
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
+    @property
+    def name(self) -> str:
+        """How the stop was asked for: ``Ctrl-C``, ``SIGTERM``, ... (``a signal to another rank``: not here)."""
+        if self.signum is None:
+            return "a signal to another rank"
+        return "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(self.signum).name
+
+    @property
+    def exit_status(self) -> int:
+        """0 after a preemption signal (the run was stopped as asked), 130 after Ctrl-C (as shells expect of an
+        interrupted command: a wrapper script stops there)."""
+        return 128 + signal.SIGINT if self.signum == signal.SIGINT else 0
+
+
+def abort_now() -> None:
+    """End this process at once, as an unhandled Ctrl-C would (no checkpoint of the current step)."""
+    log.warning("second Ctrl-C: aborting without saving; the last checkpoint stays")
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+
 
 class Interrupted(Exception):
     """Raised after the stop checkpoint is written; the entry point exits cleanly."""
+
+    def __init__(self, message: str, exit_status: int = 0) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status

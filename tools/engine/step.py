@@ -17,7 +17,7 @@ import torch
 from data.device_decode import EncodedBatch
 from models.simreg import distillation_losses
 from tools.engine.distributed import DistInfo
-from tools.engine.signals import StopRequest
+from tools.engine.meters import StopVote
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
@@ -27,6 +27,19 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def channels_last_default(flag: bool | None, device: torch.device, amp: torch.dtype | None) -> bool:
+    """``--channels_last`` (True) / ``--no_channels_last`` (False), else on for CUDA under bf16 or fp16 autocast.
+
+    Why on there: cuDNN runs half-precision convolutions on tensor cores in NHWC; fed NCHW tensors it
+    transposes every convolution's input and output around the kernel (about a tenth to a quarter of a
+    ResNet's step, by NVIDIA's and PyTorch's published measurements). Off on a CPU (NCHW is what the exact
+    CPU tests pin and oneDNN's default) and for float32 on CUDA (no tensor-core layout to match).
+    """
+    if flag is not None:
+        return flag
+    return device.type == "cuda" and amp in (torch.bfloat16, torch.float16)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -59,7 +72,7 @@ class StepConfig:
     channels_last: bool
     print_freq: int
     ckpt_every_steps: int = 0  # 0: checkpoints at epoch ends only
-    stop: StopRequest | None = None
+    stop: StopVote | None = None  # called after every step: True when all ranks stop (on a signal)
     dtype: torch.dtype = torch.float32  # the networks' parameters and the images fed to them (--float64)
     dense_weight: float = 1.0  # --loss both: the dense term's weight (models.simreg.objective_losses)
     loss_names: tuple[str, ...] | None = None  # the step's loss vector, entry by entry (models.simreg.loss_names)

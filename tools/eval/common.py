@@ -15,14 +15,22 @@ from dataclasses import dataclass
 
 import torch
 
-from data.datasets import dataset_fingerprint, select_classes, split_folder
+from data.datasets import (
+    DataError,
+    dataset_fingerprint,
+    list_class_folders,
+    scan_image_folder,
+    select_classes,
+    split_folder,
+)
 from models.errors import UserError
 from models.formats import FORMATS
+from models.io import read_json
 from models.pretrained import EvalModel, load_eval_model, random_init_model
 from tools.engine import cli, distributed
 from tools.engine.checkpoint import LATEST, epoch_checkpoint_path
 from tools.engine.distributed import DistInfo
-from tools.engine.logs import setup_logging
+from tools.engine.logs import attach_log_file, setup_logging
 from tools.engine.step import amp_dtype
 from tools.eval.features import FeatureStore, build_eval_dataset, extract_features
 
@@ -34,9 +42,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("data", metavar="DIR", help="dataset root holding train/ and val/ in ImageFolder layout")
     cli.add_dataset_args(g, "evaluate on")
-    g.add_argument("--resize_size", type=cli.image_size_int, default=256, help="shorter side before the centre crop")
-    g.add_argument("--crop_size", type=cli.image_size_int, default=224, help="centre (and linear training) crop size")
-    g.add_argument("-j", "--workers", dest="workers", type=cli.nonneg_int, default=8, help="loader processes per rank")
+    add_size_args(g, "centre (and linear training) crop size")
+    cli.add_workers_arg(g, "workers", what="per rank")
     g.add_argument("-b", "--batch-size", dest="batch_size", type=cli.positive_int, default=256, help="GLOBAL batch")
 
     g = p.add_argument_group("network")
@@ -59,9 +66,61 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     cli.add_runtime_args(g)
 
 
+def add_size_args(g: argparse._ArgumentGroup, crop_help: str = "centre crop size") -> None:
+    """``--resize_size`` and ``--crop_size``, whose defaults come from the checkpoint (:func:`resolve_sizes`)."""
+    g.add_argument("--resize_size", type=cli.image_size_int, default=None,
+                   help="shorter side before the centre crop (default: crop size x 256/224)")  # fmt: skip
+    g.add_argument("--crop_size", type=cli.image_size_int, default=None,
+                   help=f"{crop_help} (default: the --image_size the checkpoint was trained at, else 224)")  # fmt: skip
+
+
+def default_resize(crop: int) -> int:
+    """The shorter side before a centre crop of ``crop`` px: ImageNet's 256 for 224, the same ratio otherwise."""
+    return round(crop * 256 / 224)
+
+
+def trained_sizes(model: EvalModel) -> tuple[int | None, int | None, str]:
+    """(crop, resize or None, where it is recorded) of what the network was trained at, or (None, None, "").
+
+    A training checkpoint records its run's ``--image_size`` (and ``--knn_resize_size``); an exported
+    backbone in ``<exp>/checkpoints/`` has its run's ``<exp>/logs/train_args.json`` beside it.
+    """
+    record, where = model.identity.get("training") or {}, "the checkpoint"
+    weights = model.identity.get("weights")
+    if not record.get("image_size") and weights and model.identity.get("kind") == "student":
+        exp = exp_dir_of(None, weights)
+        path = os.path.join(exp, "logs", "train_args.json") if exp else None
+        record = (read_json(path) or {}) if path else {}
+        where = path or where
+    crop = record.get("image_size")
+    return (crop, record.get("knn_resize_size") or None, where) if crop else (None, None, "")
+
+
+def resolve_sizes(args: argparse.Namespace, model: EvalModel) -> None:
+    """Set ``args.crop_size`` and ``args.resize_size``: the flags, else what the checkpoint was trained at, else
+    ImageNet's 224 (resize: crop x 256/224); one log line gives the sizes and where they came from."""
+    crop, resize, where = trained_sizes(model)
+    if args.crop_size is not None:
+        source = "--crop_size"
+    elif crop:
+        args.crop_size, source = crop, f"the training crop recorded in {where}"
+    else:
+        args.crop_size, source = 224, "ImageNet's (no training size recorded)"
+    if args.resize_size is None:
+        same = crop == args.crop_size and resize
+        args.resize_size = resize if same else default_resize(args.crop_size)
+    if args.crop_size > args.resize_size:
+        raise UserError(
+            f"centre crop {args.crop_size} px ({source}) is larger than --resize_size {args.resize_size}; "
+            "give --crop_size too, at most the resize"
+        )
+    log.info("preprocessing: resize the shorter side to %d px, centre crop %d px (crop: %s; --resize_size and "
+             "--crop_size change them)", args.resize_size, args.crop_size, source)  # fmt: skip
+
+
 def check_common_args(args: argparse.Namespace, world_size: int) -> None:
     """Paths and sizes of the shared flags, before any work starts."""
-    if args.crop_size > args.resize_size:
+    if args.crop_size and args.resize_size and args.crop_size > args.resize_size:
         raise UserError(f"--crop_size {args.crop_size} is larger than --resize_size {args.resize_size}")
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} does not divide across {world_size} processes")
@@ -71,8 +130,7 @@ def check_common_args(args: argparse.Namespace, world_size: int) -> None:
         raise UserError(f"--exp_dir '{args.exp_dir}' is a file; give the experiment folder")
     if args.save and os.path.isfile(args.save):
         raise UserError(f"--save '{args.save}' is a file; give an output folder")
-    cli.check_paths(files={"--weights": args.weights, "--class_list": args.class_list})
-    cli.check_batch_fits(args.batch_size // world_size, args.crop_size, "--batch-size")
+    cli.check_paths(weights={"--weights": args.weights}, files={"--class_list": args.class_list})
 
 
 # ---------------------------------------------------------------- paths
@@ -132,26 +190,37 @@ class Evaluation:
     datasets: dict
     dtype: torch.dtype | None
     key: dict
+    log_name: str
+
+    def start_log(self) -> None:
+        """Write the log to ``<out_dir>/<log_name>`` from now on (the lines so far included): called once the
+        script's own checks passed, so a run refused at start-up leaves no output folder behind."""
+        attach_log_file(os.path.join(self.out_dir, self.log_name), self.dist_info.is_main)
 
 
 def prepare_evaluation(args: argparse.Namespace, sub: str, log_name: str) -> Evaluation:
     """Flags checked, logging to ``<out_dir>/<log_name>``, the network on its device, the data, the key.
 
-    ``sub`` is the output folder under the experiment (``features``, ``linear``, ``linear_cached``).
+    ``sub`` is the output folder under the experiment (``features``, ``linear``, ``linear_cached``). The log
+    file is opened by :meth:`Evaluation.start_log`.
     """
     dist_info = distributed.init_distributed(args.device)
     check_common_args(args, dist_info.world_size)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
     out_dir = output_dir(args.save, exp_dir, sub, prediction(args))
-    setup_logging(os.path.join(out_dir, log_name), dist_info.is_main, args.debug)
+    setup_logging(None, dist_info.is_main, args.debug)
     model = build_model_from_args(args).to(dist_info.device)
+    resolve_sizes(args, model)
+    cli.check_batch_fits(args.batch_size // dist_info.world_size, args.crop_size, "--batch-size")
     datasets = eval_datasets(args.data, args.resize_size, args.crop_size, classes_from_args(args))
     dtype = amp_dtype(args.amp, dist_info.device)
     key = feature_key(model, args.resize_size, args.crop_size, dtype, fingerprints(datasets))
-    return Evaluation(dist_info, exp_dir, out_dir, model, datasets, dtype, key)
+    return Evaluation(dist_info, exp_dir, out_dir, model, datasets, dtype, key, log_name)
 
 
-def features_from_args(ev: Evaluation, args: argparse.Namespace, folder: str, splits: dict, reuse: str = "auto"):
+def features_from_args(
+    ev: Evaluation, args: argparse.Namespace, folder: str, splits: dict, reuse: str = "auto", on_device: bool = False
+):
     """:func:`centre_crop_features` of ``splits`` with the flags' batch, workers and saving."""
     return centre_crop_features(
         ev.model,
@@ -164,6 +233,7 @@ def features_from_args(ev: Evaluation, args: argparse.Namespace, folder: str, sp
         dtype=ev.dtype,
         reuse=reuse,
         save=not args.no_save_features,
+        on_device=on_device,
     )
 
 
@@ -176,7 +246,24 @@ def build_model_from_args(args: argparse.Namespace) -> EvalModel:
         return random_init_model(args.arch, args.seed)
     exp_dir = exp_dir_of(args.exp_dir, args.weights)
     weights = resolve_weights(args.weights, exp_dir, args.epoch)
-    return load_eval_model(weights, args.arch, args.format, prediction(args), args.teacher, args.teacher_pool)
+    model = load_eval_model(weights, args.arch, args.format, prediction(args), args.teacher, args.teacher_pool)
+    say_training_progress(model, weights)
+    return model
+
+
+def say_training_progress(model: EvalModel, weights: str) -> None:
+    """One line naming the epoch a training checkpoint holds; a warning when its run is not finished (an
+    experiment still training, or stopped), so its numbers are not taken for the final ones."""
+    training = model.identity.get("training")
+    if not training:
+        return
+    done, planned, steps = model.identity.get("epoch") or 0, training["epochs"], training["steps_into_next"]
+    where = f"epoch {done} of {planned}" + (f" and {steps} step(s) of epoch {done + 1}" if steps else "")
+    if done >= planned:
+        log.info("'%s' holds the finished run (%s)", weights, where)
+    else:
+        log.warning("'%s' holds %s: its run is not finished (still training, or stopped); these are that "
+                    "checkpoint's numbers", weights, where)  # fmt: skip
 
 
 def classes_from_args(args: argparse.Namespace) -> list[str] | None:
@@ -206,12 +293,15 @@ def centre_crop_features(
     dtype: torch.dtype | None,
     reuse: str = "auto",
     save: bool = True,
+    on_device: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """{split: (features (N, D) float16-rounded float32, labels (N,))} on rank 0 (None elsewhere).
 
     ``reuse``: ``auto`` reuses saved features whose key matches and recomputes otherwise;
     ``require`` (an explicit ``--use_cache``) refuses stale ones; ``never`` recomputes.
     Features are rounded to float16 in every case, so reused and fresh features give equal results.
+    ``on_device``: fresh features stay on the device that computed them when they fit (k-NN searches
+    there); saved ones are read into host memory.
     """
     splits = tuple(datasets)
     status, reason = store.check(key, splits)
@@ -227,9 +317,8 @@ def centre_crop_features(
         log.warning("saved features in %s are stale (%s); recomputing", store.folder, reason)
     out, start = {}, time.perf_counter()
     for split, dataset in datasets.items():
-        got = extract_features(
-            model, dataset, batch_size=batch_size, num_workers=workers, dist_info=dist_info, amp_dtype=dtype, desc=split
-        )
+        got = extract_features(model, dataset, batch_size=batch_size, num_workers=workers, dist_info=dist_info,
+                               amp_dtype=dtype, desc=split, on_device=on_device)  # fmt: skip
         if got is not None:
             out[split] = (got[0].to(torch.float16).float(), got[1])
     if not out:
@@ -247,12 +336,31 @@ def _load_on_rank0(store: FeatureStore, splits: tuple[str, ...], is_main: bool):
 
 
 def eval_datasets(root: str, resize: int, crop: int, classes: list[str] | None, splits=("train", "val")) -> dict:
-    """Centre-crop datasets; val uses train's class list so labels agree."""
+    """Centre-crop datasets; val uses train's class list so labels agree.
+
+    ``classes`` is the selection (``--class_list``, ``--dataset imagenet100``; None: every folder). Without
+    one, a val/ class folder that train/ lacks is refused: its images could not be predicted and would
+    otherwise drop out of the accuracy unnoticed.
+    """
     train = build_eval_dataset(root, "train", resize, crop, classes)
     out = {"train": train}
     if "val" in splits:
+        if classes is None:
+            check_val_classes(root, train.classes)
         out["val"] = build_eval_dataset(root, "val", resize, crop, train.classes)
     return out
+
+
+def check_val_classes(root: str, train_classes: list[str]) -> None:
+    """A DataError when ``root/val`` holds class folders that ``root/train`` lacks, naming them."""
+    extra = [c for c in list_class_folders(split_folder(root, "val")) if c not in set(train_classes)]
+    if extra:
+        _, samples = scan_image_folder(os.path.join(root, "val"), extra)
+        names = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise DataError(
+            f"val/ has {len(extra)} class folder(s) that train/ lacks ({names}; {len(samples)} images), which no "
+            "train image can match; add them to train/, move them out of val/, or evaluate a subset with --class_list"
+        )
 
 
 def fingerprints(datasets: dict) -> dict:

@@ -56,8 +56,10 @@ def extract_features(
     dist_info: DistInfo,
     amp_dtype: torch.dtype | None = None,
     desc: str = "features",
+    on_device: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Features (N, D) float32 and labels (N,) int64 on the CPU, rows in dataset order.
+    """Features (N, D) float32 and labels (N,) int64, rows in dataset order; the features on the CPU, or with
+    ``on_device`` where they were computed (k-NN searches there: no round trip through host memory).
 
     ``model`` maps float images in [0, 1] (B, 3, H, W) to (B, D); it is put in eval mode. Under
     torchrun each rank processes its share (``batch_size`` per rank) and the rows are gathered by
@@ -90,23 +92,34 @@ def extract_features(
     model.train(was_training)
     local = torch.cat(feats) if feats else torch.empty(0, 0, device=device)
     local_idx = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long, device=device)
-    out = _gather_in_order(local, local_idx, len(dataset), world_size, keep=rank == 0)
+    stay = on_device and features_fit_on_device(len(dataset), local.shape[1], device)
+    if on_device and device.type == "cuda" and not stay and rank == 0:
+        log.info("%s: %d x %d features do not fit in %s's free memory; gathering them in host memory", desc,
+                 len(dataset), local.shape[1], device)  # fmt: skip
+    out = _gather_in_order(local, local_idx, len(dataset), world_size, keep=rank == 0,
+                           out_device=device if stay else torch.device("cpu"))  # fmt: skip
     if out is None:
         return None
     return out, torch.as_tensor(dataset.targets, dtype=torch.long)
 
 
 def _gather_in_order(
-    local: torch.Tensor, local_idx: torch.Tensor, n: int, world_size: int, keep: bool, chunk_rows: int = 65536
+    local: torch.Tensor,
+    local_idx: torch.Tensor,
+    n: int,
+    world_size: int,
+    keep: bool,
+    chunk_rows: int = 65536,
+    out_device: torch.device | str = "cpu",
 ):
-    """Place every rank's rows at their sample index in one (n, D) CPU tensor.
+    """Place every rank's rows at their sample index in one (n, D) tensor on ``out_device``.
 
     Every rank holds the same number of rows (the sampler pads), so ``all_gather`` works on equal
     shapes; it runs in chunks of ``chunk_rows`` to bound device memory on large datasets.
     """
     dim = local.shape[1]
-    out = torch.empty(n, dim) if keep else None
-    seen = torch.zeros(n, dtype=torch.bool) if keep else None
+    out = torch.empty(n, dim, device=out_device) if keep else None
+    seen = torch.zeros(n, dtype=torch.bool, device=out_device) if keep else None
     for start in range(0, max(local.shape[0], 1), chunk_rows):
         rows, idx = local[start : start + chunk_rows].contiguous(), local_idx[start : start + chunk_rows].contiguous()
         if world_size > 1:
@@ -116,12 +129,23 @@ def _gather_in_order(
             dist.all_gather(all_idx, idx)
             rows, idx = torch.cat(all_rows), torch.cat(all_idx)
         if keep and idx.numel():
-            idx_cpu = idx.cpu()
-            out[idx_cpu] = rows.cpu()
-            seen[idx_cpu] = True
+            idx = idx.to(out_device)
+            out[idx] = rows.to(out_device)
+            seen[idx] = True
     if keep and not bool(seen.all()):
         raise RuntimeError(f"feature extraction missed {int((~seen).sum())} of {n} samples")
     return out
+
+
+def features_fit_on_device(n_rows: int, dim: int, device: torch.device, free_bytes: int | None = None) -> bool:
+    """Whether ``n_rows`` x ``dim`` features can stay on ``device`` for the k-NN search: a CUDA device with room
+    for about four float32 copies (gathered, float16-rounded, normalised, and the search's blocks) in 80% of
+    its free memory (``free_bytes``: measured when not given)."""
+    if device.type != "cuda":
+        return False
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return 4 * n_rows * dim * 4 <= 0.8 * free_bytes
 
 
 def broadcast_tensor(t: torch.Tensor | None, shape: tuple[int, ...], dist_info: DistInfo) -> torch.Tensor:
@@ -193,7 +217,7 @@ class FeatureStore:
             os.remove(self.manifest_path)
         for split, (feats, labels) in arrays.items():
             feats_path, labels_path = self.paths(split)
-            atomic_npy(feats_path, feats.to(torch.float16).numpy())
+            atomic_npy(feats_path, feats.to(torch.float16).cpu().numpy())
             atomic_npy(labels_path, labels.to(torch.int64).numpy())
             splits[split] = {"shape": list(feats.shape), "dtype": "float16"}
         write_json(self.manifest_path, {"version": MANIFEST_VERSION, "key": key, "splits": splits, "info": info})

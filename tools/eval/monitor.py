@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 
 from tools.engine.distributed import DistInfo
-from tools.eval.common import eval_datasets
+from tools.eval.common import default_resize, eval_datasets
 from tools.eval.features import extract_features
 from tools.eval.knn import knn_classify
 
 
 def monitor_datasets(data: str, image_size: int, resize_size: int, classes: list[str]) -> dict:
-    """Centre-crop train/ and val/ (resize 256 for 224 px crops, the same ratio otherwise)."""
-    resize = resize_size or round(image_size * 256 / 224)
+    """Centre-crop train/ and val/ at the training crop size (resize 256 for 224 px crops, the same ratio
+    otherwise): what eval_knn.py defaults to for this run's checkpoints."""
+    resize = resize_size or default_resize(image_size)
     return eval_datasets(data, resize, image_size, classes)
 
 
@@ -32,7 +33,7 @@ def knn_monitor(
     ranks), rank 0 searches and gets ``{"knn_top1_k<k>": ..., "knn_weighted_top1_k<k>": ...}``;
     the other ranks get ``{}``. The encoder's train/eval mode is restored afterwards.
     """
-    kw = dict(batch_size=batch_size, num_workers=workers, dist_info=dist_info, amp_dtype=amp_dtype)
+    kw = dict(batch_size=batch_size, num_workers=workers, dist_info=dist_info, amp_dtype=amp_dtype, on_device=True)
     with torch.random.fork_rng(devices=[]):  # the loaders draw seeds: keep training's RNG stream untouched
         train = extract_features(encoder, datasets["train"], desc="k-NN train", **kw)
         val = extract_features(encoder, datasets["val"], desc="k-NN val", **kw)
@@ -41,7 +42,8 @@ def knn_monitor(
     ks = tuple(k for k in ks if k <= train[0].shape[0]) or (1,)
     num_classes = len(datasets["train"].classes)
     (train_x, train_y), (val_x, val_y) = train, val
-    # float16-rounded like eval_knn.py's saved features, so both report the same number.
+    # float16-rounded like eval_knn.py's saved features, so both report the same number (on the device that
+    # computed them: the search runs there, no round trip through host memory).
     train_x, val_x = train_x.half().float(), val_x.half().float()
     res = knn_classify(
         train_x, train_y, val_x, val_y, ks, device=dist_info.device, num_classes=num_classes, backend="torch"

@@ -13,6 +13,8 @@ from models.errors import UserError
 from models.io import atomic_write
 
 LOG = os.path.join("logs", "train_log.jsonl")
+# One run's curves of one panel (its total then each teacher's loss; its k values), in this order.
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 
 
 def read_log(exp_dir: str) -> list[dict]:
@@ -50,12 +52,21 @@ def knn_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_runs(runs: dict[str, list[dict]], out_png: str, title: str | None = None) -> str:
-    """Overlay the curves of ``runs`` ({label: records}) in one PNG; returns ``out_png``.
+    """Overlay the curves of ``runs`` ({label: records}) in one PNG (:func:`curves_figure`); returns ``out_png``."""
+    fig = curves_figure(runs, title)
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
+    return out_png
 
-    Panels: loss (solid; per-teacher losses dashed), learning rate, images/s and, when any run logged
-    it, k-NN top-1 on val (majority vote; 1-NN solid, the next k dashed).
+
+def curves_figure(runs: dict[str, list[dict]], title: str | None = None):
+    """The matplotlib Figure of ``runs``' curves ({label: records}), one colour per run.
+
+    Panels: loss (solid; teacher 1's loss dashed, teacher 2's dotted, ...), learning rate, images/s and,
+    when any run logged it, k-NN top-1 on val (majority vote; 1-NN solid, the next k dashed). Epoch axes
+    tick at whole epochs only.
     """
     from matplotlib.figure import Figure  # imported here: only plotting needs matplotlib
+    from matplotlib.ticker import MaxNLocator
 
     has_knn = any(knn_series(recs) for recs in runs.values())
     names = ["loss", "learning rate", "images/s"] + (["k-NN top-1 on val (%)"] if has_knn else [])
@@ -67,18 +78,17 @@ def plot_runs(runs: dict[str, list[dict]], out_png: str, title: str | None = Non
     for ax, name in zip(axes, names, strict=True):
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
-    return out_png
+    return fig
 
 
 def _draw_run(axes, label: str, recs: list[dict], colour: str, has_knn: bool) -> None:
-    for name, series in loss_series(recs).items():
-        style = "-" if name == "loss" else "--"
+    for (name, series), style in zip(loss_series(recs).items(), LINE_STYLES, strict=False):
         tag = label if name == "loss" else f"{label}: teacher {name.rsplit('_', 1)[1]}"
         axes[0].plot(*zip(*series, strict=True), style, color=colour, label=tag)
     for ax, key in ((axes[1], "lr"), (axes[2], "images_per_s")):
@@ -86,5 +96,5 @@ def _draw_run(axes, label: str, recs: list[dict], colour: str, has_knn: bool) ->
         if points:
             ax.plot(*zip(*points, strict=True), "-", color=colour, label=label)
     if has_knn:
-        for (name, series), style in zip(knn_series(recs).items(), ("-", "--", ":", "-."), strict=False):
+        for (name, series), style in zip(knn_series(recs).items(), LINE_STYLES, strict=False):
             axes[3].plot(*zip(*series, strict=True), style, marker=".", color=colour, label=f"{label}: {name}")

@@ -31,12 +31,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.datasets import dataset_fingerprint
-from data.device_decode import EncodedBatch
+from data.loaders import ignore_stop_signals
+from data.prefetch import DevicePrefetcher
 from models.errors import UserError
 from models.io import atomic_npy, read_json, write_json
 from models.simreg import resample_grid
 from tools.engine.distributed import DistInfo
-from tools.teacher_cache.reader import CENTRE_CROP, MANIFEST_VERSION, dense_path, manifest_path, read_manifest
+from tools.engine.step import autocast, channels_last_default
+from tools.teacher_cache.reader import (
+    CENTRE_CROP,
+    MANIFEST_VERSION,
+    autocast_name,
+    dense_path,
+    manifest_path,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,38 +182,51 @@ def _teacher_rows(teacher, x: torch.Tensor, dense: DenseSpec | None) -> list[tor
     if dense is None:
         return [teacher(x).to(torch.float16)]
     out = teacher.targets(x, None)  # one forward: {"global": (B, D), "dense": (B, C, H, W)}
-    fmap = resample_grid(out["dense"], dense.grid)  # (B, C, h, w), as the training loss resamples
+    fmap = resample_grid(out["dense"].float(), dense.grid)  # (B, C, h, w), as the training loss resamples
     return [out["global"].to(torch.float16), fmap.permute(0, 2, 3, 1).flatten(1).to(torch.float16)]
 
 
-@torch.inference_mode()
 def _extract(
-    teacher, loader, steps: list[np.ndarray], batch: int, writer, dist_info: DistInfo, dense: DenseSpec | None = None
+    teacher,
+    loader,
+    steps: list[np.ndarray],
+    batch: int,
+    writer,
+    dist_info: DistInfo,
+    amp: torch.dtype | None,
+    desc: str,
+    dense: DenseSpec | None = None,
 ) -> None:
     """Run the teacher over this rank's steps; rank 0 gathers every rank's rows and hands them to ``writer``.
 
-    With several ranks each step's features are padded to ``batch`` rows (position -1) for the gather;
-    the padding is zeros, never a teacher forward.
+    The teacher runs as a live teacher runs in training: under ``amp`` autocast (bf16 on CUDA by
+    default), so the cached rows are the targets a live teacher would give, up to float16 storage. Batches
+    are made ready one ahead by :class:`data.prefetch.DevicePrefetcher` (``--decode gpu``: decoded there,
+    as training does). With several ranks each step's features are padded to ``batch`` rows (position
+    -1) for the gather; the padding is zeros, never a teacher forward.
     """
     device, world_size = dist_info.device, dist_info.world_size
+    channels_last = channels_last_default(None, device, amp)
     widths = [int(teacher.feat_dim)] + ([dense.row_width] if dense else [])
-    batches = iter(loader)
-    for rows in tqdm(steps, desc="teacher features", disable=not dist_info.is_main, dynamic_ncols=True):
-        width = batch if world_size > 1 else len(rows)
-        feats = [torch.zeros(width, w, dtype=torch.float16, device=device) for w in widths]  # (B, D), (B, h*w*C)
-        position = torch.full((width,), -1, dtype=torch.int64, device=device)
-        if len(rows):
-            images, _, _ = next(batches)
-            if isinstance(images, EncodedBatch):  # --decode gpu: the crops are decoded here, as training does
-                images = images.decode(device)
-            x = images.to(device, non_blocking=True).float().div_(255.0)
-            for f, rows_of_x in zip(feats, _teacher_rows(teacher, x, dense), strict=True):
-                f[: len(rows)] = rows_of_x
-            position[: len(rows)] = torch.from_numpy(rows).to(device)
-        feats, position = [_gather(f, world_size) for f in feats], _gather(position, world_size)
-        if dist_info.is_main:
-            keep = position >= 0
-            writer(position[keep].cpu().numpy(), *(f[keep].cpu().numpy() for f in feats))
+    batches = iter(DevicePrefetcher(loader, device))
+    try:
+        for rows in tqdm(steps, desc=desc, disable=None if dist_info.is_main else True, dynamic_ncols=True):
+            width = batch if world_size > 1 else len(rows)
+            feats = [torch.zeros(width, w, dtype=torch.float16, device=device) for w in widths]  # (B, D), (B, hwC)
+            position = torch.full((width,), -1, dtype=torch.int64, device=device)
+            if len(rows):
+                images, _, _ = next(batches)
+                x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+                with torch.inference_mode(), autocast(device, amp):
+                    for f, got in zip(feats, _teacher_rows(teacher, x.float().div_(255.0), dense), strict=True):
+                        f[: len(rows)] = got
+                position[: len(rows)] = torch.from_numpy(rows).to(device, non_blocking=True)
+            feats, position = [_gather(f, world_size) for f in feats], _gather(position, world_size)
+            if dist_info.is_main:
+                keep = position >= 0
+                writer(position[keep].cpu().numpy(), *(f[keep].cpu().numpy() for f in feats))
+    finally:
+        batches.close()
 
 
 def _agree_to_start(npy_path: str, shapes, build_info: dict, overwrite: bool, dist_info: DistInfo):
@@ -240,6 +262,8 @@ def build_cache(
     dist_info: DistInfo,
     overwrite: bool = False,
     n_views: int = 0,
+    amp: torch.dtype | None = None,
+    desc: str = "teacher features",
     dense: DenseSpec | None = None,
 ) -> None:
     """Write ``teacher``'s features of every row to ``npy_path``: one forward per row, in batches of rows.
@@ -247,16 +271,19 @@ def build_cache(
     ``dataset`` gives the crops: uint8 centre crops (``n_views`` 0, key = index) or, for K views, the
     training transform reduced to the teacher's view (``data.transforms.TeacherView``), whose key
     ``(index, v)`` gives view v. ``manifest`` describes the teacher, preprocessing and views (a
-    centre-crop cache gets ``CENTRE_CROP``); the dataset fingerprint and shape are added here. All ranks
-    call this with the same arguments; rows land in file order whatever the split. With ``dense`` (a
-    teacher set to ``use_objective("both")``) every row also gets its dense targets in ``FILE.dense.npy``.
+    centre-crop cache gets ``CENTRE_CROP``); the dataset fingerprint and shape are added here. ``amp``: the
+    autocast dtype the teacher runs under (None: float32), recorded in the manifest's preprocessing. All
+    ranks call this with the same arguments; rows land in file order whatever the split. ``desc`` labels the
+    progress bar. Ctrl-C keeps the rows computed so far: rerunning the same command resumes. With ``dense``
+    (a teacher set to ``use_objective("both")``) every row also gets its dense targets in ``FILE.dense.npy``.
     """
     n, device, world_size = len(dataset), dist_info.device, dist_info.world_size
     shapes = [cache_shape(n, int(teacher.feat_dim), n_views)]
     views = {**manifest.get("views", CENTRE_CROP), "n_views": max(n_views, 1)}
     if (views["mode"] == CENTRE_CROP["mode"]) != (n_views == 0):
         raise ValueError(f"a cache of {n_views} views cannot be described as {views['mode']}")
-    manifest = {"version": MANIFEST_VERSION, **manifest, "views": views}
+    preprocessing = {**manifest.get("preprocessing", {}), "autocast": autocast_name(amp)}
+    manifest = {"version": MANIFEST_VERSION, **manifest, "preprocessing": preprocessing, "views": views}
     manifest = {**manifest, **dataset_fingerprint(dataset), "shape": list(shapes[0])}
     if dense is not None:
         shapes.append(cache_shape(n, dense.row_width, n_views))
@@ -274,11 +301,19 @@ def build_cache(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=getattr(dataset.transform, "collate", None),
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
     writer = _RowWriter(npy_path, done, order, dense is not None) if dist_info.is_main else None
     teacher.eval()
+    if channels_last_default(None, device, amp):
+        teacher = teacher.to(memory_format=torch.channels_last)
     started = time.monotonic()
-    _extract(teacher, loader, steps, batch_size, writer, dist_info, dense)
+    try:
+        _extract(teacher, loader, steps, batch_size, writer, dist_info, amp, desc, dense)
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.flush()  # the rows done so far are kept; the same command resumes from them
+        raise
     if dist_info.is_main:
         writer.close()
         seconds = time.monotonic() - started

@@ -13,13 +13,18 @@ Two kinds, written by ``tools/teacher_cache/builder.py`` (``python -m tools.cach
   teacher's targets (to float16 rounding).
 
 Training memory-maps the array, so ranks on one machine share its pages and no process holds a
-private copy, and gathers a batch's rows by index in one vectorised read.
+private copy, and gathers a batch's rows by index in one vectorised read. That read (random page-ins,
+from a network file system too) happens in the prefetch thread one batch ahead
+(:meth:`CachedTeacher.read_ahead`, called by :class:`data.prefetch.DevicePrefetcher`), into pinned
+memory, and reaches the device by a copy the training thread never waits for.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import deque
 
 import numpy as np
 import torch
@@ -32,6 +37,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 3  # 2: the dataset fingerprint's names (n_images for count); 3: the views section
 CENTRE_CROP = {"mode": "centre crop", "n_views": 1}  # the views of a version 1-2 cache
+
+
+def autocast_name(dtype: torch.dtype | None) -> str:
+    """How the manifest records the autocast a cache's teacher ran under (caches made before: float32)."""
+    return str(dtype or "float32")
 
 
 def manifest_path(npy_path: str) -> str:
@@ -100,7 +110,11 @@ class CachedTeacher:
     whole centre-crop array, or the current view of a K-view cache) are copied into ``device`` memory
     as float16 and gathered there with ``index_select`` (no host round trip). ``set_epoch(e)`` selects
     view ((e - 1) mod K) + 1 of a K-view cache; a centre-crop cache serves every epoch alike.
+    ``read_ahead(indices)`` gathers a batch's rows before its step (from another thread); ``targets``
+    called with that same index tensor then takes them instead of reading again.
     """
+
+    AHEAD = 8  # rows read ahead and not yet taken, at most (the prefetcher keeps two or three batches ahead)
 
     def __init__(
         self,
@@ -120,6 +134,8 @@ class CachedTeacher:
         self.view_period = int(self.feats.shape[0]) if self.feats.ndim == 3 else None
         self.device, self.on_device = torch.device(device), on_device
         self.view, self.rows, self.table = 0, None, None
+        self._ahead: deque = deque(maxlen=self.AHEAD)  # (index tensor, view, rows (B, D) on the device)
+        self._lock = threading.Lock()
         self.path, self.objective, self.dense_dim, self.dense_grid = npy_path, "global", 0, (0, 0)
         self.set_epoch(1)
 
@@ -135,8 +151,8 @@ class CachedTeacher:
         self._select_dense()
 
     def _to_device(self, device: torch.device, rows: np.ndarray | None = None, what: str = "") -> torch.Tensor | None:
-        """``rows`` (default: the pooled rows in use) copied to ``device``, or None (and memory-mapped reads from
-        then on) when they do not fit in half its free memory."""
+        """``rows`` (default: the pooled rows in use) copied to ``device``, or None (memory-mapped reads) when
+        they do not fit in half its free memory."""
         rows = self.rows if rows is None else rows
         size = rows.nbytes
         if device.type == "cuda":
@@ -159,25 +175,49 @@ class CachedTeacher:
         return torch.from_numpy(np.array(rows)).to(device)  # one read of the rows in use
 
     def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Rows ``indices`` (B,) of the current view as float32 (B, D) on the images' device; ``images`` unused.
+        """Rows ``indices`` (B,) of the current view as float32 (B, D) on the run's device; ``images`` unused.
 
-        After :meth:`use_objective` ``dense`` / ``both``: ``{"dense": (B, C, h, w)}`` (and ``"global": (B, D)``)
-        from the dense file, at its stored grid.
+        The rows :meth:`read_ahead` gathered for this very index tensor, when it did; else read now. After
+        :meth:`use_objective` ``dense`` / ``both``: ``{"dense": (B, C, h, w)}`` (and ``"global": (B, D)``).
         """
-        pooled = self._gather(self.rows, self.table, images.device, indices)
+        with self._lock:
+            for k, (index, view, rows) in enumerate(self._ahead):
+                if index is indices and view == self.view:
+                    for _ in range(k + 1):  # this batch's and any older batch's never taken
+                        self._ahead.popleft()
+                    return rows
+        return self.read(indices)
+
+    def read_ahead(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """Gather the rows of a coming batch now (the prefetch thread); returns the device tensors made."""
+        rows = self.read(indices)
+        with self._lock:
+            self._ahead.append((indices, self.view, rows))
+        return list(rows.values()) if isinstance(rows, dict) else [rows]
+
+    def read(self, indices: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Rows ``indices`` (B,) of the current view as float32 (B, D) on the run's device, without a host wait
+        (with a dense objective, the dict :meth:`targets` describes)."""
+        pooled = self._gather(self.rows, self.table, indices)
         if self.objective == "global":
             return pooled
-        dense = self._gather(self.dense_rows, self.dense_table, images.device, indices)
         h, w = self.dense_grid
+        dense = self._gather(self.dense_rows, self.dense_table, indices)
         dense = dense.reshape(-1, h, w, self.dense_dim).permute(0, 3, 1, 2)  # (B, C, h, w)
         return {"dense": dense} if self.objective == "dense" else {"global": pooled, "dense": dense}
 
-    @staticmethod
-    def _gather(rows: np.ndarray, table: torch.Tensor | None, device: torch.device, indices: torch.Tensor):
+    def _gather(self, rows: np.ndarray, table: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` of ``rows`` (or of its device copy ``table``) as float32 on the run's device.
+
+        From the device table: ``index_select`` there. From the mapped file: one vectorised gather into
+        pinned host memory (on CUDA), then a non-blocking copy to the device.
+        """
         if table is not None:
-            return table.index_select(0, indices.to(table.device)).float()
-        picked = rows[indices.cpu().numpy()]  # one vectorised gather from the mapped file
-        return torch.from_numpy(picked).to(device).float()
+            return table.index_select(0, indices.to(table.device, non_blocking=True)).float()
+        pinned = self.device.type == "cuda"
+        picked = torch.empty(len(indices), rows.shape[-1], dtype=torch.float16, pin_memory=pinned)
+        np.take(rows, indices.cpu().numpy(), axis=0, out=picked.numpy())
+        return picked.to(self.device, non_blocking=True).float()
 
     def use_objective(self, objective: str, blocks: int = 1) -> CachedTeacher:
         """Serve the targets of ``--loss objective``: a dense one needs a cache built with ``--dense`` (and the
@@ -301,18 +341,29 @@ def open_cached_teacher(
     teacher: dict | None = None,
     views: dict | None = None,
     epochs: int | None = None,
+    autocast: str | None = None,
 ) -> CachedTeacher:
     """A :class:`CachedTeacher` checked against the dataset and against what the user says the teacher is.
 
     ``teacher`` may hold ``arch``, ``weights`` (a file, compared by SHA-256), ``use_fc`` and ``pool``; a cache
     that contradicts any given one is refused. ``views`` (``TrainViews.record(seed)`` of the run) must match
     a K-view cache's crops; a training crop size other than a centre-crop cache's is only warned about.
-    With ``epochs`` above a K-view cache's K, the log says once that views repeat.
+    With ``epochs`` above a K-view cache's K, the log says once that views repeat; with ``autocast`` (the
+    run's, :func:`autocast_name`) other than the cache's, that its rows are not the live teacher's.
     """
     cached = CachedTeacher(npy_path, fingerprint, device, on_device)
     built = cached.manifest["teacher"]
     _check_teacher(built, dict(teacher or {}), npy_path)
     _check_crops(cached, npy_path, image_size, views)
+    built_under = cached.manifest["preprocessing"].get("autocast", autocast_name(None))
+    if autocast is not None and autocast != built_under:  # a choice, not a fault: both are the teacher's features
+        log.info(
+            "teacher cache '%s' was built under %s autocast, this run's live teacher would run under %s: its rows "
+            "equal a live teacher's to that precision only (build with the run's --amp for equal targets)",
+            npy_path,
+            built_under,
+            autocast,
+        )
     k = cached.view_period
     log.info(
         "teacher: cached %s (%s) features %s from %s (%s)%s",
