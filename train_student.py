@@ -17,7 +17,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from functools import partial
 
 import torch
@@ -32,13 +31,21 @@ from data.transforms import training_views
 from models.backbones import canonical_arch, is_timm_arch, teacher_arch_names, timm_name
 from models.errors import UserError
 from models.io import write_json
-from models.simreg import HEAD_LAYERS, OBJECTIVES, Student, loss_names
+from models.simreg import HEAD_LAYERS, Student, loss_names
 from tools.engine import cli, distributed
 from tools.engine.cli import nonneg_float, nonneg_int, positive_int
-from tools.engine.logs import ScalarWriter, append_json_line, attach_log_file, setup_logging
+from tools.engine.logs import RunClock, ScalarWriter, attach_log_file, log_epoch, log_step, setup_logging
 from tools.engine.meters import EpochProgress, Meters, StopVote
 from tools.engine.run_state import Run, export_backbone, resume, run_identity, save_checkpoint, teacher_fingerprint
-from tools.engine.run_teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
+from tools.engine.run_teachers import (
+    TeacherSpec,
+    build_teachers,
+    loss_weights,
+    members,
+    objective_settings,
+    teacher_specs,
+    view_period,
+)
 from tools.engine.schedules import cosine_lr, set_lr
 from tools.engine.signals import Interrupted, StopRequest
 from tools.engine.step import (
@@ -85,14 +92,7 @@ def add_model_args(g) -> None:
                    help="several teachers: the loss weights (normalised to sum 1; default equal)")  # fmt: skip
     g.add_argument("--arch_student", default="resnet18", help="a torchvision classification model or timm/<name>")
     g.add_argument("--n_mlp_layers", type=int, default=4, choices=HEAD_LAYERS, help="prediction head depth")
-    g.add_argument("--loss", default="global", choices=OBJECTIVES,
-                   help="global: regress the pooled feature (the paper); dense: the teacher's feature map (a "
-                        "ViT's patch tokens) with a dense head on the student's map; both (docs/dense.md)")  # fmt: skip
-    g.add_argument("--dense_weight", type=nonneg_float, default=None,
-                   help="--loss both: the dense term's weight (loss = global + W * dense; default 1)")  # fmt: skip
-    g.add_argument("--dense_blocks", type=positive_int, default=None,
-                   help="--loss dense/both with ViT teachers: the last N blocks' normalised patch tokens, "
-                        "concatenated (default 1: the final ones)")  # fmt: skip
+    cli.add_objective_args(g)
     g.add_argument("--linear_pred", action="store_true", help="alias of --n_mlp_layers 0 (linear predictor)")
     g.add_argument("--use_cache", action="store_true", help="regress cached teacher features (no teacher network)")
     g.add_argument("--teacher_feats", nargs="+", action=cli.OneOrMany, default=None,
@@ -150,29 +150,11 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[TeacherSpec]:
     specs = teacher_specs(args.teacher_weights, args.arch_teacher, args.teacher_format, args.teacher_fc,
                           args.teacher_feats, args.use_cache, args.teacher_pool)  # fmt: skip
     args.teacher_loss_weights = loss_weights(args.teacher_loss_weights, len(specs))
-    check_objective(args, specs)
+    args.dense_weight, args.dense_blocks = objective_settings(args.loss, args.dense_weight, args.dense_blocks,
+                                                              specs)  # fmt: skip
     cli.check_paths(files={"--class_list": args.class_list, "--resume": args.resume, "--weights": args.weights})
     cli.check_batch_fits(args.batch_size // world_size, args.image_size)
     return specs
-
-
-def check_objective(args: argparse.Namespace, specs: list[TeacherSpec]) -> None:
-    """``--loss`` and the flags that belong to it; a dense objective gets the defaults of ``--dense_weight`` (1)
-    and ``--dense_blocks`` (1)."""
-    if args.dense_weight is not None and args.loss != "both":
-        raise UserError(f"--dense_weight weighs the dense term of --loss both; drop it with --loss {args.loss}")
-    if args.dense_blocks is not None and args.loss == "global":
-        raise UserError("--dense_blocks chooses the dense targets; add --loss dense or --loss both, or drop it")
-    if args.loss == "dense":
-        if any(spec.use_fc for spec in specs):
-            raise UserError("--teacher_fc chooses the pooled target; --loss dense regresses the feature map only: "
-                            "drop --teacher_fc, or use --loss both")  # fmt: skip
-        if any(spec.pool != "auto" for spec in specs):
-            raise UserError("--teacher_pool chooses the pooled target; --loss dense regresses the patch tokens only: "
-                            "drop --teacher_pool, or use --loss both")  # fmt: skip
-    if args.loss != "global":
-        args.dense_weight = 1.0 if args.dense_weight is None else args.dense_weight
-        args.dense_blocks = 1 if args.dense_blocks is None else args.dense_blocks
 
 
 # ============ one epoch ============
@@ -381,64 +363,6 @@ def train(args, run: Run, model, teacher, loader, cfg: StepConfig, start_epoch: 
         cfg.stop.stop.uninstall()
         writer.close()
     return stats
-
-
-class RunClock:
-    """The run's pace: the time left, from the mean time of the epochs this process ran."""
-
-    def __init__(self, start_epoch: int, epochs: int, clock=time.monotonic) -> None:
-        self.start_epoch, self.epochs, self.clock = start_epoch, epochs, clock
-        self.start = clock()
-
-    def epoch_done(self, epoch: int) -> str:
-        """``"<mean epoch time>/epoch, about <time> left"`` (or ``"..., the last epoch"``)."""
-        elapsed = self.clock() - self.start
-        per_epoch = elapsed / (epoch - self.start_epoch + 1)
-        left = per_epoch * (self.epochs - epoch)
-        return f"{_duration(per_epoch)}/epoch, " + (f"about {_duration(left)} left" if left else "the last epoch")
-
-
-def _duration(seconds: float) -> str:
-    """``42 s``, ``7 min``, ``3.2 h``."""
-    if seconds < 100:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
-
-
-def log_step(writer: ScalarWriter, epoch: int, step: int, steps: int, loss: float) -> None:
-    """TensorBoard's ``train/loss_step``: the mean loss since the last logged step, x = the run's step number."""
-    writer.add({"train/loss_step": loss}, (epoch - 1) * steps + step)
-
-
-def log_epoch(run: Run, writer: ScalarWriter, stats: dict, pace: str = "") -> None:
-    """One epoch's line in train.log (with the time left), train_log.jsonl and TensorBoard (rank 0)."""
-    if not run.is_main:
-        return
-    append_json_line(os.path.join(run.exp_dir, "logs", "train_log.jsonl"), stats)
-    writer.add({"train/loss": stats["loss"], "train/lr": stats["lr"], "train/images_per_s": stats["images_per_s"]},
-               stats["epoch"])  # fmt: skip
-    log.info("epoch %d/%d: loss %.4f, lr %.4g, %.0f images/s%s", stats["epoch"], run.epochs, stats["loss"],
-             stats["lr"], stats["images_per_s"], f"; {pace}" if pace else "")  # fmt: skip
-    knn = {k[4:]: v for k, v in stats.items() if k.startswith("knn_")}
-    writer.add({f"knn/{k}": v for k, v in knn.items()}, stats["epoch"])
-    if knn:  # --knn_every: k-NN top-1 on val/, as eval_knn.py reports it
-        ks = [key.split("_k")[-1] for key in knn if key.startswith("top1_k")]
-        parts = [f"{k}-NN {knn[f'top1_k{k}']:.2f}% (weighted vote {knn[f'weighted_top1_k{k}']:.2f}%)" for k in ks]
-        log.info("epoch %d k-NN top-1 on val/: %s", stats["epoch"], ", ".join(parts))
-    parts = {f"train/{k}": v for k, v in stats.items() if k in ("loss_global", "loss_dense")}
-    if parts:  # --loss both: the two terms beside their sum
-        writer.add(parts, stats["epoch"])
-        log.info("epoch %d: global loss %.4f, dense loss %.4f", stats["epoch"], stats["loss_global"],
-                 stats["loss_dense"])  # fmt: skip
-    per_teacher = {f"train/{k}": v for k, v in stats.items() if k.startswith("loss_teacher_")}
-    if per_teacher:  # several teachers: each one's loss beside the weighted total
-        writer.add(per_teacher, stats["epoch"])
-        log.info("epoch %d per-teacher losses: %s", stats["epoch"], ", ".join(f"{v:.4f}" for v in per_teacher.values()))
-    if stats["bad_images_skipped"]:
-        log.warning("%d unreadable image(s) skipped so far (--skip_bad_images)", stats["bad_images_skipped"])
-    if stats.get("cpu_decoded_images"):
-        log.info("--decode gpu: %d image(s) so far were not plain JPEGs (PNG, CMYK, ...) and were decoded on the CPU",
-                 stats["cpu_decoded_images"])  # fmt: skip
 
 
 def finish(run: Run) -> None:

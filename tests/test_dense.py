@@ -268,6 +268,9 @@ def test_dense_student_step_and_frozen_parts_after_the_map():
 class _DenseToyTeacher:
     weights = [0.5, 0.5]
 
+    def weight_tensor(self, device, dtype=torch.float32):
+        return torch.tensor(self.weights, dtype=dtype, device=device)
+
     def targets(self, images, index):
         pooled = images.mean(dim=(2, 3))
         return [{"dense": images[:, :2], "global": pooled.repeat(1, 3)}, {"dense": images, "global": pooled}]

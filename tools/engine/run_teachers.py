@@ -87,6 +87,26 @@ def teacher_specs(weights, arch, fmt, use_fc, feats, use_cache: bool, pool="auto
     return specs
 
 
+def objective_settings(
+    loss: str, dense_weight: float | None, dense_blocks: int | None, specs: list[TeacherSpec]
+) -> tuple[float | None, int | None]:
+    """``--loss`` and the flags that belong to it, checked; (``--dense_weight``, ``--dense_blocks``) with a dense
+    objective's defaults (1 and 1), unchanged (None) for the global loss."""
+    if dense_weight is not None and loss != "both":
+        raise UserError(f"--dense_weight weighs the dense term of --loss both; drop it with --loss {loss}")
+    if dense_blocks is not None and loss == "global":
+        raise UserError("--dense_blocks chooses the dense targets; add --loss dense or --loss both, or drop it")
+    if loss == "dense" and any(spec.use_fc for spec in specs):
+        raise UserError("--teacher_fc chooses the pooled target; --loss dense regresses the feature map only: "
+                        "drop --teacher_fc, or use --loss both")  # fmt: skip
+    if loss == "dense" and any(spec.pool != "auto" for spec in specs):
+        raise UserError("--teacher_pool chooses the pooled target; --loss dense regresses the patch tokens only: "
+                        "drop --teacher_pool, or use --loss both")  # fmt: skip
+    if loss == "global":
+        return dense_weight, dense_blocks
+    return (1.0 if dense_weight is None else dense_weight), (1 if dense_blocks is None else dense_blocks)
+
+
 def loss_weights(values, n: int) -> list[float] | None:
     """``--teacher_loss_weights``: n non-negative numbers with a positive sum (None: equal weights)."""
     values = as_list(values)

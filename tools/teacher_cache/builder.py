@@ -174,6 +174,10 @@ def _finish(npy_path: str, manifest: dict) -> None:
     write_json(manifest_path(npy_path), manifest)
     for p in (done_path, info_path):
         os.remove(p)
+    files = [f"{npy_path} {tuple(manifest['shape'])}"]
+    files += [f"{dense_path(npy_path)} {tuple(manifest['dense']['shape'])}"] if "dense" in manifest else []
+    log.info("teacher cache written: %s float16 and %s (%d rows in %.1f s)", " and ".join(files),
+             manifest_path(npy_path), manifest["rows_built"], manifest["build_seconds"])  # fmt: skip
 
 
 def _teacher_rows(teacher, x: torch.Tensor, dense: DenseSpec | None) -> list[torch.Tensor]:
@@ -251,6 +255,25 @@ def cache_shape(n_images: int, feat_dim: int, n_views: int = 0) -> tuple[int, ..
     return (n_images, feat_dim) if n_views == 0 else (n_views, n_images, feat_dim)
 
 
+def _full_manifest(
+    manifest: dict, dataset, npy_path: str, feat_dim: int, n_views: int, amp, dense: DenseSpec | None
+) -> tuple[dict, list[tuple[int, ...]]]:
+    """The manifest with its version, views, autocast, data fingerprint and shapes (and the dense section);
+    the shapes of the pooled (and dense) files."""
+    n = len(dataset)
+    shapes = [cache_shape(n, feat_dim, n_views)]
+    views = {**manifest.get("views", CENTRE_CROP), "n_views": max(n_views, 1)}
+    if (views["mode"] == CENTRE_CROP["mode"]) != (n_views == 0):
+        raise ValueError(f"a cache of {n_views} views cannot be described as {views['mode']}")
+    preprocessing = {**manifest.get("preprocessing", {}), "autocast": autocast_name(amp)}
+    manifest = {"version": MANIFEST_VERSION, **manifest, "preprocessing": preprocessing, "views": views}
+    manifest = {**manifest, **dataset_fingerprint(dataset), "shape": list(shapes[0])}
+    if dense is not None:
+        shapes.append(cache_shape(n, dense.row_width, n_views))
+        manifest["dense"] = {**dense.record(npy_path), "shape": list(shapes[1])}
+    return manifest, shapes
+
+
 def build_cache(
     teacher: torch.nn.Module,
     dataset,
@@ -274,20 +297,10 @@ def build_cache(
     centre-crop cache gets ``CENTRE_CROP``); the dataset fingerprint and shape are added here. ``amp``: the
     autocast dtype the teacher runs under (None: float32), recorded in the manifest's preprocessing. All
     ranks call this with the same arguments; rows land in file order whatever the split. ``desc`` labels the
-    progress bar. Ctrl-C keeps the rows computed so far: rerunning the same command resumes. With ``dense``
-    (a teacher set to ``use_objective("both")``) every row also gets its dense targets in ``FILE.dense.npy``.
-    """
+    progress bar. Ctrl-C keeps the rows computed so far: rerunning the same command resumes. ``dense``: each
+    row's dense targets too, in ``FILE.dense.npy`` (the teacher set to ``use_objective("both")``)."""
     n, device, world_size = len(dataset), dist_info.device, dist_info.world_size
-    shapes = [cache_shape(n, int(teacher.feat_dim), n_views)]
-    views = {**manifest.get("views", CENTRE_CROP), "n_views": max(n_views, 1)}
-    if (views["mode"] == CENTRE_CROP["mode"]) != (n_views == 0):
-        raise ValueError(f"a cache of {n_views} views cannot be described as {views['mode']}")
-    preprocessing = {**manifest.get("preprocessing", {}), "autocast": autocast_name(amp)}
-    manifest = {"version": MANIFEST_VERSION, **manifest, "preprocessing": preprocessing, "views": views}
-    manifest = {**manifest, **dataset_fingerprint(dataset), "shape": list(shapes[0])}
-    if dense is not None:
-        shapes.append(cache_shape(n, dense.row_width, n_views))
-        manifest["dense"] = {**dense.record(npy_path), "shape": list(shapes[1])}
+    manifest, shapes = _full_manifest(manifest, dataset, npy_path, int(teacher.feat_dim), n_views, amp, dense)
     build_info = {k: manifest[k] for k in BUILD_KEYS if k in manifest}  # dense: only in dense builds
     done, finished = _agree_to_start(npy_path, shapes, build_info, overwrite, dist_info)
     if finished:
@@ -319,9 +332,6 @@ def build_cache(
         seconds = time.monotonic() - started
         stamp = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "world_size": world_size}
         _finish(npy_path, {**manifest, **stamp, "build_seconds": round(seconds, 3), "rows_built": len(pending)})
-        log.info("teacher cache written: %s %s float16%s and %s (%d rows in %.1f s)", npy_path, shapes[0],
-                 f" and {dense_path(npy_path)} {shapes[1]} float16" if dense else "", manifest_path(npy_path),
-                 len(pending), seconds)  # fmt: skip
 
 
 class _RowWriter:
