@@ -9,7 +9,10 @@ A network's feature map is what its global pooling reads, as a grid (B, C, h, w)
   (its final LayerNorm) without the class token.
 - CNNs: the input of the global average pool (the last ``AdaptiveAvgPool2d`` of a torchvision network,
   timm's ``SelectAdaptivePool2d``); where a network pools in its ``forward`` code instead, the output of
-  the module that feeds the pooling (:data:`FUNCTIONAL_POOL`).
+  the module that feeds the pooling (:data:`FUNCTIONAL_POOL`); DINOv3's ConvNeXt through its final
+  LayerNorm, location by location, as its publishers give its dense features (:data:`NORMED_MAPS`).
+- Hugging Face teachers (:mod:`models.hf_networks`) are timm ViTs and ConvNeXts: the same rules give
+  their final-norm patch tokens (``patch_tokens``).
 
 :class:`MapTap` registers forward hooks, so one ordinary forward gives both the pooled feature (unchanged)
 and the map: ``tap.start()``, ``pooled = net(x)``, ``fmap = tap.read()``. The hooks are bound methods of
@@ -32,6 +35,11 @@ FUNCTIONAL_POOL = {
     "ShuffleNetV2": ("conv5", None),
     "DenseNet": ("features", F.relu),
 }
+
+
+# Networks whose published dense features are their last map through the norm their pooled output takes
+# last: DINOv3's ConvNeXt (transformers' last_hidden_state, the hub's x_norm_patchtokens).
+NORMED_MAPS = {"HFConvNeXt": "head.norm"}
 
 
 def _is_vit(net: nn.Module) -> bool:
@@ -88,6 +96,8 @@ class MapTap:
         elif (pool := _global_pool(net)) is not None:
             self.kind = "pool_input"
             net.get_submodule(pool).register_forward_pre_hook(self._keep_input)
+            if kind in NORMED_MAPS:  # the norm's module applied to the map (B, C, h, w), location by location
+                self.post = net.get_submodule(NORMED_MAPS[kind])
         else:
             raise UserError(
                 f"{self.name} has no feature map that this project can find (no global pooling layer); the dense "

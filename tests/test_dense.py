@@ -295,3 +295,35 @@ def test_compiled_dense_student_equals_eager():
     compiled = torch.compile(student, backend="aot_eager")(x)
     torch.testing.assert_close(compiled["dense"][0], eager["dense"][0])
     torch.testing.assert_close(compiled["global"][0], eager["global"][0])
+
+
+# ============ Hugging Face teachers: the patch tokens their publishers give ============
+@pytest.fixture(scope="module")
+def hf_snapshots(tmp_path_factory) -> dict:
+    from tests.hf_reference import build, write_snapshot
+
+    root = tmp_path_factory.mktemp("hf_dense")
+    return {case: write_snapshot(build(case), str(root / case)) for case in HF_CASES}
+
+
+HF_CASES = ("dinov2_registers", "dinov3", "clip", "siglip", "vit", "dinov3_convnext")
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_hf_teacher_dense_targets_are_its_patch_tokens(hf_snapshots, case):
+    """Registers and class token left out, the final norm applied (DINOv3 ConvNeXt: its LayerNorm per location):
+    models.hf_networks.patch_tokens, which is checked against transformers' last_hidden_state."""
+    from models.hf_networks import patch_tokens
+
+    teacher = load_teacher(hf_snapshots[case])
+    stride = 32 if case == "dinov3_convnext" else teacher.encoder.backbone.patch
+    size = 4 * stride
+    teacher.use_objective("both", image_size=size)
+    x = torch.rand(2, 3, size, size)
+    with torch.inference_mode():
+        got = teacher.targets(x, None)
+        want = patch_tokens(teacher, x).permute(0, 3, 1, 2)
+        plain = teacher(x)
+    assert teacher.dense_grid == (4, 4) and got["dense"].shape == want.shape
+    torch.testing.assert_close(got["dense"], want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["global"], plain)

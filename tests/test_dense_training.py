@@ -231,3 +231,21 @@ def test_a_compiled_teacher_keeps_its_feature_map_tap(teacher):
         a, b = plain.targets(x, None), fast.targets(x, None)
     torch.testing.assert_close(b["dense"], a["dense"])
     torch.testing.assert_close(b["global"], a["global"])
+
+
+def test_a_hugging_face_snapshot_teaches_densely_live_and_from_a_cache(data, tmp_path):
+    """A DINOv2-with-registers snapshot folder: its patch tokens (56 px: 4 x 4) cached with --dense, and trained
+    on live and from that cache (a ResNet-18's 2 x 2 map, the targets resampled to it)."""
+    from tests.hf_reference import build, write_snapshot
+
+    folder = write_snapshot(build("dinov2_registers"), str(tmp_path / "dinov2_reg"))
+    argv = [data, "--teacher_weights", folder, "--out", str(tmp_path / "hf.npy"), "--batch_size", "8",
+            "--num_workers", "0", "--device", "cpu", "--resize_size", "56", "--crop_size", "56", "--dense"]  # fmt: skip
+    cache_teacher_features.main(cache_teacher_features.get_args_parser().parse_args(argv))
+    dense = json.load(open(tmp_path / "hf.json"))["dense"]
+    assert dense["grid"] == [4, 4] and dense["source"] == "vit"
+    live = train(*argv_for(data, folder, str(tmp_path / "live"), 1, "--loss", "dense", size=56))
+    cached = train(*argv_for(data, folder, str(tmp_path / "cached"), 1, "--loss", "both", "--use_cache",
+                             "--teacher_feats", str(tmp_path / "hf.npy"), size=56))  # fmt: skip
+    assert 0 < live["loss"] < 4 and 0 < cached["loss_dense"] < 4
+    assert latest(str(tmp_path / "live"))["dense_heads"][0]["7.weight"].shape[0] == dense["channels"]

@@ -240,3 +240,14 @@ def test_mistakes_are_one_sentence(tmp_path, caplog):
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert exit_info.value.code == 2 and len(errors) == 1, (name, errors)
         assert "\n" not in errors[0] and re.search(message, errors[0]), (name, errors[0])
+
+
+def test_a_hugging_face_snapshot_folder_is_probed(tmp_path):
+    from tests.hf_reference import build, write_snapshot
+
+    folder = write_snapshot(build("dinov2_registers"), str(tmp_path / "dinov2_reg"))
+    data = write_voc(tmp_path / "voc")
+    result = eval_seg.main(eval_seg.get_args_parser().parse_args(
+        [data, "--weights", folder, "--save", str(tmp_path / "hf"), "--image_size", "56", "--workers", "0",
+         "--epochs", "1", "--device", "cpu"]))  # fmt: skip
+    assert result["feature_map"][1:] == [4, 4] and result["model"]["kind"] == "teacher"
