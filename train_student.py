@@ -28,13 +28,14 @@ from data.device_decode import describe
 from data.loaders import build_loader
 from data.prefetch import DevicePrefetcher
 from data.transforms import training_views
-from models.backbones import canonical_arch, is_timm_arch, teacher_arch_names, timm_name
+from models.backbones import canonical_arch, teacher_arch_names
 from models.errors import UserError
 from models.io import write_json
 from models.simreg import HEAD_LAYERS, Student, loss_names
 from tools.engine import cli, distributed
 from tools.engine.cli import nonneg_float, nonneg_int, positive_int
-from tools.engine.logs import RunClock, ScalarWriter, attach_log_file, log_epoch, log_step, setup_logging
+from tools.engine.epoch_log import RunClock, loads_into, log_epoch, log_step
+from tools.engine.logs import ScalarWriter, attach_log_file, setup_logging
 from tools.engine.meters import EpochProgress, Meters, StopVote
 from tools.engine.run_state import Run, export_backbone, resume, run_identity, save_checkpoint, teacher_fingerprint
 from tools.engine.run_teachers import (
@@ -371,13 +372,6 @@ def finish(run: Run) -> None:
         log.info("done. checkpoints: %s", os.path.join(run.exp_dir, "checkpoints"))
         log.info("logs (train.log, train_log.jsonl, TensorBoard): %s", os.path.join(run.exp_dir, "logs"))
         log.info("exported backbone (%s): %s", loads_into(run.student.arch), export)
-
-
-def loads_into(arch: str) -> str:
-    """What the exported backbone's state dict loads into, without its classifier."""
-    if is_timm_arch(arch):
-        return f"loads into timm.create_model('{timm_name(arch)}', num_classes=0)"
-    return f"loads into torchvision.models.{arch}() without its classifier"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from data.loaders import build_loader
 from data.transforms import TrainViews
 from models.simreg import Student
 from models.teachers import load_teacher
+from tools.engine import epoch_log
 from tools.engine.distributed import DistInfo
 from tools.engine.step import StepConfig, build_optimizer
 
@@ -154,7 +155,7 @@ def test_linear_pred_alias_sets_zero_layers(tiny_data, resnet18_teacher_file, tm
 # ============ what a run prints: the epoch line with the time left, k-NN on the console, loss per logged step
 def test_epoch_line_gives_the_time_left_and_the_knn_numbers(tmp_path, caplog):
     clock = iter([100.0, 160.0, 220.0])  # started at 100 s, epochs 3 and 4 done 60 s apart
-    pace = train_student.RunClock(start_epoch=3, epochs=12, clock=lambda: next(clock))
+    pace = epoch_log.RunClock(start_epoch=3, epochs=12, clock=lambda: next(clock))
     assert pace.epoch_done(3) == "60 s/epoch, about 9 min left"
     assert pace.epoch_done(4) == "60 s/epoch, about 8 min left"
     run = argparse.Namespace(is_main=True, exp_dir=str(tmp_path), epochs=12)
@@ -170,7 +171,7 @@ def test_epoch_line_gives_the_time_left_and_the_knn_numbers(tmp_path, caplog):
         "knn_weighted_top1_k20": 72.0,
     }
     with caplog.at_level(logging.INFO):
-        train_student.log_epoch(run, train_student.ScalarWriter(None), stats, "60 s/epoch, about 8 min left")
+        epoch_log.log_epoch(run, train_student.ScalarWriter(None), stats, "60 s/epoch, about 8 min left")
     assert caplog.messages == [
         "epoch 4/12: loss 0.5000, lr 0.04, 800 images/s; 60 s/epoch, about 8 min left",
         "epoch 4 k-NN top-1 on val/: 1-NN 71.50% (weighted vote 71.50%), 20-NN 70.25% (weighted vote 72.00%)",
@@ -186,10 +187,10 @@ def test_tensorboard_gets_the_loss_of_every_logged_step():
             self.points.append((scalars, step))
 
     writer = Writer()
-    train_student.log_step(writer, epoch=3, step=20, steps=50, loss=0.25)
+    epoch_log.log_step(writer, epoch=3, step=20, steps=50, loss=0.25)
     assert writer.points == [({"train/loss_step": 0.25}, 120)]  # the run's step number: 2 epochs of 50, then 20
 
 
 def test_the_last_line_says_what_the_exported_backbone_loads_into():
-    assert train_student.loads_into("resnet18") == "loads into torchvision.models.resnet18() without its classifier"
-    assert train_student.loads_into("timm/resnet10t") == "loads into timm.create_model('resnet10t', num_classes=0)"
+    assert epoch_log.loads_into("resnet18") == "loads into torchvision.models.resnet18() without its classifier"
+    assert epoch_log.loads_into("timm/resnet10t") == "loads into timm.create_model('resnet10t', num_classes=0)"

@@ -212,6 +212,8 @@ def _extract(
     device, world_size = dist_info.device, dist_info.world_size
     channels_last = channels_last_default(None, device, amp)
     widths = [int(teacher.feat_dim)] + ([dense.row_width] if dense else [])
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
     batches = iter(DevicePrefetcher(loader, device))
     try:
         for rows in tqdm(steps, desc=desc, disable=None if dist_info.is_main else True, dynamic_ncols=True):
@@ -255,13 +257,11 @@ def cache_shape(n_images: int, feat_dim: int, n_views: int = 0) -> tuple[int, ..
     return (n_images, feat_dim) if n_views == 0 else (n_views, n_images, feat_dim)
 
 
-def _full_manifest(
-    manifest: dict, dataset, npy_path: str, feat_dim: int, n_views: int, amp, dense: DenseSpec | None
-) -> tuple[dict, list[tuple[int, ...]]]:
-    """The manifest with its version, views, autocast, data fingerprint and shapes (and the dense section);
-    the shapes of the pooled (and dense) files."""
-    n = len(dataset)
-    shapes = [cache_shape(n, feat_dim, n_views)]
+def _complete_manifest(
+    manifest: dict, dataset, shapes: list, n_views: int, amp: torch.dtype | None, dense: DenseSpec | None, npy_path: str
+) -> dict:
+    """The manifest as written: the caller's description, the views, the autocast, fingerprint and shape (and
+    with dense targets their section)."""
     views = {**manifest.get("views", CENTRE_CROP), "n_views": max(n_views, 1)}
     if (views["mode"] == CENTRE_CROP["mode"]) != (n_views == 0):
         raise ValueError(f"a cache of {n_views} views cannot be described as {views['mode']}")
@@ -269,9 +269,8 @@ def _full_manifest(
     manifest = {"version": MANIFEST_VERSION, **manifest, "preprocessing": preprocessing, "views": views}
     manifest = {**manifest, **dataset_fingerprint(dataset), "shape": list(shapes[0])}
     if dense is not None:
-        shapes.append(cache_shape(n, dense.row_width, n_views))
         manifest["dense"] = {**dense.record(npy_path), "shape": list(shapes[1])}
-    return manifest, shapes
+    return manifest
 
 
 def build_cache(
@@ -300,7 +299,8 @@ def build_cache(
     progress bar. Ctrl-C keeps the rows computed so far: rerunning the same command resumes. ``dense``: each
     row's dense targets too, in ``FILE.dense.npy`` (the teacher set to ``use_objective("both")``)."""
     n, device, world_size = len(dataset), dist_info.device, dist_info.world_size
-    manifest, shapes = _full_manifest(manifest, dataset, npy_path, int(teacher.feat_dim), n_views, amp, dense)
+    shapes = [cache_shape(n, w, n_views) for w in (int(teacher.feat_dim), *([dense.row_width] if dense else []))]
+    manifest = _complete_manifest(manifest, dataset, shapes, n_views, amp, dense, npy_path)
     build_info = {k: manifest[k] for k in BUILD_KEYS if k in manifest}  # dense: only in dense builds
     done, finished = _agree_to_start(npy_path, shapes, build_info, overwrite, dist_info)
     if finished:
@@ -318,8 +318,6 @@ def build_cache(
     )
     writer = _RowWriter(npy_path, done, order, dense is not None) if dist_info.is_main else None
     teacher.eval()
-    if channels_last_default(None, device, amp):
-        teacher = teacher.to(memory_format=torch.channels_last)
     started = time.monotonic()
     try:
         _extract(teacher, loader, steps, batch_size, writer, dist_info, amp, desc, dense)
