@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.datasets import IndexedImages, dataset_fingerprint, split_folder
+from data.datasets import IndexedImages, dataset_fingerprint
 from data.device_decode import describe
 from data.loaders import build_loader
 from data.prefetch import DevicePrefetcher
@@ -33,14 +33,22 @@ from data.transforms import training_views
 from models.backbones import canonical_arch, teacher_arch_names
 from models.errors import UserError
 from models.io import write_json
-from models.simreg import HEAD_LAYERS, Student
+from models.simreg import HEAD_LAYERS, Student, loss_names
 from tools.engine import cli, distributed
 from tools.engine.cli import nonneg_float, nonneg_int, positive_int
 from tools.engine.epoch_log import RunClock, loads_into, log_epoch, log_step
 from tools.engine.logs import ScalarWriter, attach_log_file, setup_logging
 from tools.engine.meters import EpochProgress, Meters, StopVote
 from tools.engine.run_state import Run, export_backbone, resume, run_identity, save_checkpoint, teacher_fingerprint
-from tools.engine.run_teachers import TeacherSpec, build_teachers, loss_weights, members, teacher_specs, view_period
+from tools.engine.run_teachers import (
+    TeacherSpec,
+    build_teachers,
+    loss_weights,
+    members,
+    objective_settings,
+    teacher_specs,
+    view_period,
+)
 from tools.engine.schedules import cosine_lr, set_lr
 from tools.engine.signals import Interrupted, StopRequest
 from tools.engine.step import (
@@ -53,7 +61,7 @@ from tools.engine.step import (
     distill_step,
 )
 from tools.engine.sync_bn import convert_sync_batchnorm
-from tools.eval.monitor import knn_monitor, monitor_datasets
+from tools.eval.monitor import check_monitor_data, knn_monitor, monitor_sets
 
 log = logging.getLogger("simreg.train")
 
@@ -89,6 +97,7 @@ def add_model_args(g) -> None:
                    help="several teachers: the loss weights (normalised to sum 1; default equal)")  # fmt: skip
     g.add_argument("--arch_student", default="resnet18", help="a torchvision classification model or timm/<name>")
     g.add_argument("--n_mlp_layers", type=int, default=4, choices=HEAD_LAYERS, help="prediction head depth")
+    cli.add_objective_args(g)
     g.add_argument("--linear_pred", action="store_true", help="alias of --n_mlp_layers 0 (linear predictor)")
     g.add_argument("--use_cache", action="store_true", help="regress cached teacher features (no teacher network)")
     g.add_argument("--teacher_feats", nargs="+", action=cli.OneOrMany, default=None,
@@ -145,10 +154,12 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[TeacherSpec]:
             "processes; choose a multiple of the process count"
         )
     check_data(args.data)
-    check_monitor_data(args)
+    check_monitor_data(args.val_data, args.knn_every)
     specs = teacher_specs(args.teacher_weights, args.arch_teacher, args.teacher_format, args.teacher_fc,
                           args.teacher_feats, args.use_cache, args.teacher_pool)  # fmt: skip
     args.teacher_loss_weights = loss_weights(args.teacher_loss_weights, len(specs))
+    args.dense_weight, args.dense_blocks = objective_settings(args.loss, args.dense_weight, args.dense_blocks,
+                                                              specs)  # fmt: skip
     cli.check_paths(files={"--class_list": args.class_list, "--resume": args.resume, "--weights": args.weights})
     cli.check_batch_fits(args.batch_size // world_size, args.image_size)
     return specs
@@ -173,7 +184,7 @@ def train_one_epoch(
     progress = progress or EpochProgress()
     student.train()
     is_main = cfg.dist_info.is_main
-    meters = Meters(cfg.device, progress if is_main else EpochProgress(step=progress.step))
+    meters = Meters(cfg.device, progress if is_main else EpochProgress(step=progress.step), cfg.loss_names)
     batches = iter(DevicePrefetcher(loader, cfg.device, getattr(teacher, "read_ahead", None)))
     bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch}", disable=None if is_main else True, leave=False,
                dynamic_ncols=True)  # fmt: skip
@@ -221,42 +232,13 @@ def build_dataset(args, device: torch.device) -> IndexedImages:
     return dataset
 
 
-def check_monitor_data(args) -> None:
-    """``--val_data``: an existing root with train/ and val/ (the k-NN monitor's bank and queries)."""
-    if args.val_data and not args.knn_every:
-        cli.note_ignored("--val_data", "it names the k-NN monitor's data; add --knn_every N to run the monitor")
-    if args.val_data and args.knn_every:
-        if not os.path.isdir(args.val_data):
-            what = "is a file" if os.path.exists(args.val_data) else "does not exist"
-            raise UserError(f"--val_data folder '{args.val_data}' {what}; give a root holding train/ and val/ "
-                            "in class folders, or drop --val_data")  # fmt: skip
-        split_folder(args.val_data, "train")
-        split_folder(args.val_data, "val")
-
-
-def monitor_sets(args, dataset: IndexedImages) -> dict | None:
-    """The k-NN monitor's centre-crop train/ and val/, as eval_knn.py reads them: ``--val_data`` (all its
-    classes), else DATA's own when its training images are DATA/train's class folders and it has val/ (the
-    training classes); None when the monitor is off (said in the log)."""
-    if not args.knn_every:
-        return None
-    if args.val_data:
-        return monitor_datasets(args.val_data, args.image_size, args.knn_resize_size, None)
-    own = dataset.root == os.path.join(args.data, "train") and os.path.isdir(os.path.join(args.data, "val"))
-    if dataset.classes and own:
-        return monitor_datasets(args.data, args.image_size, args.knn_resize_size, dataset.classes)
-    why = "has no val/" if dataset.classes else "holds images without labels"
-    log.warning("--knn_every %d: the k-NN monitor is off: DATA %s; pass --val_data DIR (train/ and val/ in class "
-                "folders) to run it", args.knn_every, why)  # fmt: skip
-    return None
-
-
 def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], dist_info) -> Run:
     """Student (one head per teacher), optimizer and scaler, with the run's identity (what resuming must agree on)."""
     teachers = members(teacher)
     dims = teachers[0].feat_dim if len(teachers) == 1 else [t.feat_dim for t in teachers]
     with default_dtype(compute_dtype(args)):
-        student = Student(args.arch_student, dims, args.n_mlp_layers).to(dist_info.device, compute_dtype(args))
+        student = Student(args.arch_student, dims, args.n_mlp_layers, args.loss, [t.dense_dim for t in teachers],
+                          args.image_size).to(dist_info.device, compute_dtype(args))  # fmt: skip
     if args.sync_bn:
         if not dist_info.distributed:
             log.info("--sync_bn: one process, so its BatchNorm statistics are the whole batch's anyway")
@@ -271,6 +253,10 @@ def build_run(args, exp_dir: str, dataset, teacher, specs: list[TeacherSpec], di
                   "image_size": args.image_size, "views": dataset.transform.name}  # fmt: skip
     if args.float64:  # only when set, so float32 runs keep the identities they were recorded with
         student_id["float64"] = True
+    if args.loss != "global":  # likewise: a global run's identity is the one it always had
+        student_id.update(loss=args.loss, dense_blocks=args.dense_blocks)
+        if args.loss == "both":
+            student_id["dense_weight"] = args.dense_weight
     if args.sync_bn:  # another normalisation: resuming must not switch it on or off
         student_id["sync_bn"] = True
     ids = [teacher_fingerprint(t, spec.weights, spec.use_fc) for t, spec in zip(teachers, specs, strict=True)]
@@ -315,14 +301,17 @@ def main(args: argparse.Namespace) -> dict:
     loader = build_loader(dataset, args.batch_size // dist_info.world_size, num_workers=args.num_workers,
                           rank=dist_info.rank, world_size=dist_info.world_size, seed=args.seed,
                           pin_memory=dist_info.device.type == "cuda")  # fmt: skip
-    knn_sets = monitor_sets(args, dataset)  # centre-crop train/ and val/, as eval_knn.py reads them
+    knn_sets = monitor_sets(
+        args.data, args.val_data, args.knn_every, args.image_size, args.knn_resize_size, dataset
+    )  # centre-crop train/ and val/, as eval_knn.py reads them
 
     # ============ building teacher and student ============
     teacher = build_teachers(specs, dist_info.device, dataset_fingerprint(dataset), args.teacher_loss_weights,
                              channels_last=args.channels_last, compile_teacher=args.compile_teacher,
                              cache_on_device=args.cache_on_device, image_size=args.image_size,
                              views=dataset.transform.record(args.seed), epochs=args.epochs,
-                             dtype=compute_dtype(args), amp=amp)  # fmt: skip
+                             dtype=compute_dtype(args), amp=amp, objective=args.loss,
+                             dense_blocks=args.dense_blocks)  # fmt: skip
     dataset.epoch_period = view_period(teacher)  # the loader's crops repeat with a K-view cache's K views
     run = build_run(args, exp_dir, dataset, teacher, specs, dist_info)
     start_epoch, progress = resume(run, args.resume, args.no_resume, args.weights)
@@ -333,7 +322,8 @@ def main(args: argparse.Namespace) -> dict:
     if dist_info.is_main:
         write_json(os.path.join(exp_dir, "logs", "train_args.json"), vars(args))
     cfg = StepConfig(dist_info, amp, args.channels_last, args.print_freq, args.ckpt_every_steps,
-                     StopVote(StopRequest(dist_info.is_main).install(), dist_info), compute_dtype(args))  # fmt: skip
+                     StopVote(StopRequest(dist_info.is_main).install(), dist_info), compute_dtype(args),
+                     args.dense_weight or 1.0, loss_names(len(members(teacher)), args.loss))  # fmt: skip
     stats = train(args, run, model, teacher, loader, cfg, start_epoch, progress, knn_sets)
     if not stats.get("interrupted"):
         finish(run)

@@ -292,6 +292,16 @@ class Encoder(nn.Module):
         return self.backbone(self.normalize(x))
 
 
+def innermost_encoder(model: nn.Module) -> Encoder:
+    """The :class:`Encoder` (normalisation + backbone) inside a student, a teacher or an evaluated network."""
+    module = model
+    while not isinstance(module, Encoder):
+        module = getattr(module, "encoder", None)
+        if module is None:
+            raise UserError(f"{type(model).__name__} has no backbone encoder")
+    return module
+
+
 def build_encoder(arch: str) -> Encoder:
     """A student encoder for ``arch`` with its normalisation inside (ImageNet's; a timm model's own config)."""
     net = build_backbone(arch)

@@ -51,13 +51,14 @@ def count_batchnorms(module: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def compile_frozen(module: nn.Module, backend: str = "inductor") -> nn.Module:
+def compile_frozen(module: nn.Module, backend: str = "inductor", fold: bool = True) -> nn.Module:
     """BatchNorm folded, then ``torch.compile``d: the fast form of a frozen feature extractor.
 
     A network without BatchNorm (a ViT) is compiled as it is; one that ``torch.fx`` cannot trace (some
-    timm CNNs) is compiled unfolded, with a log line.
+    timm CNNs) is compiled unfolded, with a log line. ``fold=False`` compiles the network as it is (its
+    modules and their hooks kept, as the dense objectives' feature-map taps need).
     """
-    if count_batchnorms(module) == 0:
+    if not fold or count_batchnorms(module) == 0:
         return torch.compile(module, backend=backend)
     try:
         folded = fold_batchnorm(module)

@@ -39,6 +39,7 @@ class Converted:
     unknown: list[str] = field(default_factory=list)
     head: dict[str, torch.Tensor] | None = None  # SimReg prediction head, paper indices
     heads: list[dict[str, torch.Tensor]] | None = None  # every head of a several-teacher SimReg student
+    dense_heads: list[dict[str, torch.Tensor]] | None = None  # a --loss dense / both student's dense heads
     arch: str | None = None  # architecture recorded in the file, if any
     meta: dict = field(default_factory=dict)
     projection: dict[str, torch.Tensor] | None = None
@@ -253,14 +254,17 @@ def _convert_simreg(raw: dict) -> Converted:
     settings = raw.get("args") or {}  # the run's arguments, saved as a dict
     head = _tensors(raw.get("head")) or None
     heads = [_tensors(h) for h in raw["heads"]] if isinstance(raw.get("heads"), list) else None
+    dense = [_tensors(h) for h in raw["dense_heads"]] if isinstance(raw.get("dense_heads"), list) else None
     return Converted(
         _tensors(raw["student"]),
         head=head,
         heads=heads,
+        dense_heads=dense,
         arch=settings.get("arch_student"),
         meta={
             "n_mlp_layers": settings.get("n_mlp_layers"),
             "epoch": raw.get("epoch"),
+            "loss": settings.get("loss") or "global",
             "epochs": settings.get("epochs"),
             "steps_into_next": (raw.get("progress") or {}).get("step", 0),
             "image_size": settings.get("image_size"),  # what evaluation defaults to (tools/eval/common.py)

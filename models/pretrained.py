@@ -169,6 +169,12 @@ def _student_model(
 def _prediction_head(conv: Converted, use_pred: bool | int, in_dim: int, weights: str) -> nn.Module:
     """Head 1 (``True``) or head K of the file, rebuilt in the layout it was trained with."""
     heads = conv.heads or ([conv.head] if conv.head else [])
+    if not heads and conv.dense_heads:
+        raise CheckpointError(
+            f"'{weights}' was trained with --loss dense: it has no global prediction head (its dense heads map "
+            "feature maps, not pooled features, and are not exported); evaluate or export its backbone without "
+            "--use_pred / --with_head"
+        )
     if not heads:
         raise CheckpointError(
             f"--use_pred: '{weights}' holds no prediction head (an exported backbone?); "

@@ -11,6 +11,9 @@ A plain dict of tensors, numbers and strings, so ``torch.load(weights_only=True)
 - ``student``: backbone weights with torchvision's (or timm's) names, no classifier;
 - ``head``: the prediction head, paper indices ``0, 1, 3, 4, 5, 7``;
 - ``heads`` (several teachers only): every head's state dict in teacher order (``heads[0]`` is ``head``);
+  ``head`` is empty (``{}``) for ``--loss dense``, which has no global head;
+- ``dense_heads`` (``--loss dense`` / ``both`` only): the dense heads (1x1 convolutions, paper indices),
+  one per teacher;
 - ``optimizer``, ``scaler``, ``rng``: what an exact resume needs.
 No teacher weights are stored.
 """

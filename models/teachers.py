@@ -35,15 +35,23 @@ from models.backbones import (
     timm_mean_std,
 )
 from models.errors import UserError
+from models.feature_maps import MapTap, probe_map
 from models.formats import FORMATS, Converted, convert, detect_format, infer_arch
 from models.frozen import FrozenExtractor, out_dim
 from models.hf_checkpoints import read_weights
 from models.hf_networks import load_hf_network
 from models.io import CheckpointError, load_strict
+from models.simreg import fp32_or_wider
 from models.vit import POOLS, build_vit, check_patch_multiple, materialise
 from models.vit_layouts import PUBLISHER
 
 log = logging.getLogger(__name__)
+DENSE_SOURCES = {  # where a teacher's dense targets come from, for the log
+    "vit": "final-norm patch tokens of the last {n} block(s)",
+    "torchvision_vit": "final-norm patch tokens",
+    "pool_input": "the feature map its global pool reads",
+    "module_output": "the feature map its global pool reads",
+}
 
 
 class Teacher(FrozenExtractor):
@@ -68,10 +76,34 @@ class Teacher(FrozenExtractor):
             if not norm.enabled
             else "mean/std " + str(tuple(round(v, 4) for v in norm.mean.flatten().tolist()))
         )
+        self.objective, self.tap, self.dense_dim, self.dense_grid = "global", None, 0, (0, 0)  # see use_objective
 
-    def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Regression targets (B, D) for a batch; a cached teacher answers the same call from indices."""
-        return self(images)
+    def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Regression targets (B, D) for a batch; a cached teacher answers the same call from indices.
+
+        After :meth:`use_objective` ``dense`` / ``both``: ``{"dense": (B, C, h, w)}`` (and ``"global": (B, D)``),
+        both from one forward.
+        """
+        if self.objective == "global":
+            return self(images)
+        self.tap.start()
+        pooled = self(images)
+        dense = fp32_or_wider(self.tap.read())
+        return {"dense": dense} if self.objective == "dense" else {"global": pooled, "dense": dense}
+
+    def use_objective(self, objective: str, blocks: int = 1, image_size: int = 224) -> Teacher:
+        """Give the targets of ``--loss objective``: the map of :mod:`models.feature_maps` (a ViT's final-norm
+        patch tokens, ``blocks`` > 1 the last blocks' concatenated; a CNN's last feature map) alone or with
+        the pooled feature. Sets ``dense_dim`` (C) and ``dense_grid`` (h, w) at ``image_size`` px."""
+        self.objective = objective
+        if objective == "global":
+            return self
+        self.tap = MapTap(self.encoder.backbone, blocks, name=f"teacher {self.arch}")
+        self.dense_dim, *grid = probe_map(self.encoder, self.tap, self.encoder, image_size)
+        self.dense_grid = tuple(grid)
+        log.info("teacher %s: dense targets %d x %d x %d at %d px (%s)", self.arch, self.dense_dim, *self.dense_grid,
+                 image_size, DENSE_SOURCES[self.tap.kind].format(n=blocks))  # fmt: skip
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         """The training loop's epoch: a live teacher computes every target afresh (a K-view cache picks a view)."""
@@ -314,6 +346,7 @@ class TeacherSet:
         self.teachers = teachers
         self.weights = [w / sum(raw) for w in raw]
         self.feat_dims = [t.feat_dim for t in teachers]
+        self.dense_dims = [getattr(t, "dense_dim", 0) for t in teachers]
         self._weight_tensors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def weight_tensor(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 import train_student
 from data.loaders import EpochSampler, build_loader
+from models.simreg import loss_names
 from tools.engine.distributed import DistInfo
 from tools.engine.step import StepConfig, build_optimizer
 from tools.engine.sync_bn import convert_sync_batchnorm
@@ -54,28 +55,56 @@ def toy_student_bn():
     )  # fmt: skip
 
 
-def train_toy(rank: int, world_size: int, out: str, bn: str = "") -> None:
-    """Two epochs of the toy; ``bn``: "" (no BatchNorm), "local" (per-rank statistics) or "sync" (--sync_bn)."""
-    student = toy_student_bn() if bn else toy_student()
+class ToyDenseTeacher(ToyTeacher):
+    """Dense targets (B, 5, 4, 4) from the images' 2 x 2 blocks (a coarser grid than the student's 6 x 6 map,
+    so the targets are resampled), and the pooled ones."""
+
+    def targets(self, images, indices):
+        pooled = super().targets(images, indices)
+        blocks = torch.nn.functional.avg_pool2d(images.float(), 2)  # (B, 3, 4, 4)
+        return {"dense": torch.cat([blocks, blocks[:, :2] ** 2], dim=1), "global": pooled}
+
+
+class ToyDenseStudent(torch.nn.Module):
+    """BatchNorm-free, with a map (B, 4, 6, 6), a global head and a dense (1x1 convolution) head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+        self.head, self.dense = torch.nn.Linear(4, 5), torch.nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        fmap = self.trunk(x)
+        return {"dense": [self.dense(fmap)], "global": [self.head(fmap.mean(dim=(2, 3)))]}
+
+
+def train_toy(rank: int, world_size: int, out: str, bn: str = "", dense: bool = False) -> None:
+    """Two epochs of the toy; ``bn``: "" (no BatchNorm), "local" (per-rank statistics) or "sync" (--sync_bn);
+    ``dense``: the dense toy with --loss both (dense weight 0.5)."""
+    student = ToyDenseStudent() if dense else toy_student_bn() if bn else toy_student()
     if bn == "sync":
         student = convert_sync_batchnorm(student)
     model = torch.nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
     hp = argparse.Namespace(learning_rate=0.1, sgd_momentum=0.9, weight_decay=1e-4)
     opt = build_optimizer(student.parameters(), hp.learning_rate, hp.sgd_momentum, hp.weight_decay, torch.device("cpu"))
     loader = build_loader(ToyImages(), 8 // world_size, num_workers=0, rank=rank, world_size=world_size, seed=3)
-    cfg = StepConfig(DistInfo(rank, world_size), None, False, print_freq=1000)
+    names = loss_names(1, "both") if dense else None
+    cfg = StepConfig(DistInfo(rank, world_size), None, False, print_freq=1000, dense_weight=0.5, loss_names=names)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    teacher = ToyDenseTeacher() if dense else ToyTeacher()
     for epoch in (1, 2):
         loader.sampler.set_epoch(epoch)
-        stats = train_student.train_one_epoch(model, ToyTeacher(), loader, opt, scaler, epoch, cfg)
+        stats = train_student.train_one_epoch(model, teacher, loader, opt, scaler, epoch, cfg)
     if rank == 0:
-        torch.save({"params": student.state_dict(), "loss": stats["loss"], "steps": stats["steps"]}, out)
+        torch.save({"params": student.state_dict(), "steps": stats["steps"],
+                    **{k: v for k, v in stats.items() if k.startswith("loss")}}, out)  # fmt: skip
 
 
-def _worker(rank: int, world_size: int, store: str, out: str, bn: str = "") -> None:
+def _worker(rank: int, world_size: int, store: str, out: str, bn: str = "", dense: bool = False) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        train_toy(rank, world_size, out, bn)
+        train_toy(rank, world_size, out, bn, dense)
     finally:
         dist.destroy_process_group()
 
@@ -147,3 +176,21 @@ def test_batch_size_must_divide_across_ranks(tiny_data, resnet18_teacher_file, t
     with pytest.raises(train_student.UserError, match="does not divide across 3 processes"):
         train_student.main(args)
     assert not os.path.exists(str(tmp_path / "e"))  # refused at start-up: nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_gloo_equals_one_process_with_the_dense_objective(tmp_path):
+    """--loss both: the per-location loss is a mean over images and locations, so ranks' equal shares average
+    to the one-process loss, and the dense and global heads' gradients are synchronised."""
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    train_toy(0, 1, one, dense=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), two, "", True), nprocs=2, join=True)
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert a["steps"] == 2 and b["steps"] == 2 and set(a) >= {"loss_global", "loss_dense"}
+    for k in a["params"]:
+        torch.testing.assert_close(b["params"][k], a["params"][k], rtol=1e-5, atol=1e-6)
+    for k in ("loss", "loss_global", "loss_dense"):
+        assert b[k] == pytest.approx(a[k], rel=1e-5)
+    assert a["loss"] == pytest.approx(a["loss_global"] + 0.5 * a["loss_dense"], rel=1e-6)
+    assert not torch.equal(a["params"]["dense.weight"], ToyDenseStudent().state_dict()["dense.weight"])

@@ -15,7 +15,7 @@ import torchvision
 from PIL import Image
 
 from models.errors import UserError
-from tools.study import grid, report, verify
+from tools.study import grid, report, runner, verify
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -96,11 +96,15 @@ def test_shared_runs_and_rows():
     runs = grid.runs_of(rows)
     paper = grid.RunConfig(student="timm/resnet10t")
     assert sum(v.run == paper for r in rows for v in r.variants) == 7  # every row, twice in "features"
-    assert len(runs) == len(set(runs)) == 12 and runs[0] == paper
+    assert len(runs) == len(set(runs)) == 15 and runs[0] == paper
+    dense = [r for r in runs if r.data == "segdemo"]
+    assert [r.loss for r in dense] == ["global", "dense", "both"] and {r.teachers for r in dense} == {("S",)}
+    assert paper.key() == "timm_resnet10t-h4-single_weak-live-A-ec8e23"  # the folders recorded before the dense row
     assert [r.name for r in grid.select_rows(rows, ["views", "head"])] == ["head", "views"]
     with pytest.raises(UserError, match="'heads' is not a row of the study; choose from head, views"):
         grid.select_rows(rows, ["heads"])
-    assert grid.teachers_of(rows) == ["A", "B"] and grid.students_of(rows) == [
+    assert grid.students_of(rows, "segdemo") == ["timm/resnet10t"]
+    assert grid.teachers_of(rows) == ["A", "B", "S"] and grid.students_of(rows) == [
         "mobilenet_v2",
         "resnet18",
         "timm/resnet10t",
@@ -151,3 +155,43 @@ def test_rerun_conclusion_is_the_verdict_of_the_rerun_seed():
     flipped = verify.conclusions(summary, {"p": {"backbone.knn1": 50.0, "pred.knn1": 53.2}})
     assert not flipped["features"]["agrees"] and flipped["features"]["rerun_seed"].startswith("Not reproduced")
     assert verify.conclusions(summary, {"other": {}}) == {}  # a row whose runs were not all rerun
+
+
+def test_report_keeps_rows_recorded_elsewhere_and_names_where_a_new_row_ran(tmp_path, monkeypatch):
+    """A fresh clone has summary.json only: --report keeps its rows as recorded; a row run here (the dense row)
+    records this machine and command beside its numbers, and its verdict follows them."""
+    previous = json.loads((ROOT / "results" / "small_scale" / "summary.json").read_text())
+    previous["rows"] = [r for r in previous["rows"] if r["name"] != "dense"]
+    scale = grid.Scale()
+    study = runner.Study(str(tmp_path), str(tmp_path / "data"), scale, {})
+    here = dict(previous["machine"], avx512f=not previous["machine"]["avx512f"])
+    monkeypatch.setattr(report, "machine", lambda: here)
+    kept = report.summarise(study, grid.rows(scale), "python -m tools.reproduce --report", previous)
+    assert kept["rows"] == previous["rows"] and kept["machine"] == previous["machine"]
+    assert kept["command"] == previous["command"] and kept["references"] == previous["references"]
+
+    dense = next(r for r in grid.rows(scale) if r.name == "dense")
+    numbers = {"global": (60.0, 20.0), "dense": (50.0, 25.0), "both": (61.0, 24.0)}  # (1-NN, mIoU)
+    for v in dense.variants:
+        for seed in scale.seeds:
+            knn1, miou = numbers[v.run.loss]
+            backbone = {"knn1": knn1 + seed * 0.1, "knn20": 1.0, "linear": 1.0, "miou": miou + seed * 0.1,
+                        "pixel_acc": 90.0}  # fmt: skip
+            folder = tmp_path / "runs" / v.run.key() / f"seed{seed}"
+            folder.mkdir(parents=True)
+            result = {
+                "backbone": backbone,
+                "losses": {"loss": 1.0},
+                "train_s": 1.0,
+                "command": "python train_student.py",
+            }
+            (folder / "result.json").write_text(json.dumps(result))
+    summary = report.summarise(study, grid.rows(scale), "python -m tools.reproduce --only dense", previous, {"dense"})
+    row = summary["rows"][-1]
+    assert row["name"] == "dense" and row["machine"] == here and row["command"].endswith("--only dense")
+    assert summary["machine"] == previous["machine"] and summary["rows"][:-1] == previous["rows"]
+    assert row["verdict"].startswith("Dense map for segmentation: Reproduced: dense 25.1 ± 0.1 mIoU beats global")
+    assert "Both keeps the 1-NN: Reproduced: both 61.1 ± 0.1 beats global 60.1 ± 0.1" in row["verdict"]
+    text = report.markdown(summary, "../out")
+    assert "| variant | 1-NN | 20-NN | linear (cached) | seg. mIoU | pixel acc. | final loss |" in text
+    assert "This row ran as `python -m tools.reproduce --only dense` on AMD EPYC" in text

@@ -137,6 +137,15 @@ CASES: dict[str, Mistake] = {
     "eval_knn: weights missing": Mistake(
         [*KNN, "--weights", "{tmp}/w.pth"], r"--weights '.*/w.pth' does not exist", absent=("{out}",)),
     "eval_knn: a training flag": Mistake([*KNN, "--skip_bad_images"], r"unrecognized arguments: --skip_bad_images"),
+    "train: --dense_weight without --loss both": Mistake(
+        [*TRAIN, "--loss", "dense", "--dense_weight", "2"],
+        r"--dense_weight weighs the dense term of --loss both; drop it with --loss dense", absent=("{out}",)),
+    "train: --dense_blocks of a CNN teacher": Mistake(
+        [*TRAIN, "--loss", "both", "--dense_blocks", "2"],
+        r"--dense_blocks 2 concatenates a ViT's last blocks; teacher resnet18 is not a ViT", absent=("{out}/exp",)),
+    "eval_seg: an image folder, not a segmentation set": Mistake(
+        [*PY, "eval_seg.py", "{data}", "--weights", "{teacher}", "--teacher", "--save", "{out}/seg", "--device", "cpu"],
+        r"is neither a Pascal VOC 2012 folder .* nor an ADE20K one", absent=("{out}",)),
     "eval_linear: resume missing": Mistake(
         [*PY, "eval_linear.py", "{data}", "--weights", "{teacher}", "--save", "{out}/linear", "--resume",
          "{tmp}/p.pth", "--device", "cpu"], r"--resume '.*/p.pth' does not exist", absent=("{out}",)),

@@ -39,7 +39,8 @@ def read_results(folder: str) -> dict:
 
 
 def read_losses(folder: str) -> dict:
-    """{column: value} of a training run's last logged epoch: the loss and, with several teachers, each one's."""
+    """{column: value} of a training run's last logged epoch: the loss and, with several teachers, each one's
+    (with ``--loss both``, its global and dense terms too)."""
     path = os.path.join(folder, "logs", "train_log.jsonl")
     if not os.path.isfile(path):
         return {}
@@ -49,6 +50,7 @@ def read_losses(folder: str) -> dict:
     losses = {"loss": last["loss"]} if "loss" in last else {}
     teachers = sorted((k for k in last if k.startswith("loss_teacher_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     losses.update({f"teacher {k.rsplit('_', 1)[1]}": last[k] for k in teachers})
+    losses.update({k[5:]: last[k] for k in ("loss_global", "loss_dense") if k in last})  # --loss both's terms
     return {**losses, "epoch": last.get("epoch")} if losses else {}
 
 

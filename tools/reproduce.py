@@ -81,6 +81,8 @@ def build_study(args: argparse.Namespace) -> Study:
             "AB", args.arch_teacher, (args.teacher_a, args.teacher_b), (0, 1), strict=True
         )
     }
+    # the dense row's teacher: a demo ResNet-18 trained on the segmentation demo's large digits
+    teachers["S"] = Teacher("S", "resnet18", os.path.join(args.out, "teachers", "S.pth"), 2, "segdemo")
     return Study(args.out, data, scale, teachers, args.threads, args.knn_every, RunConfig(student=scale.student))
 
 
@@ -119,12 +121,11 @@ def main(args: argparse.Namespace) -> dict:
     if not args.report:
         log.info("%d configurations x %d seeds", len(runs), len(study.scale.seeds))
         run_all(study, runs, pred_runs, args.jobs)
-        report.references(study, teachers_of(selected), students_of(selected))
+        report.references(study, teachers_of(selected), students_of(selected), students_of(selected, "segdemo"))
     command = "python -m tools.reproduce " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     previous = read_json(os.path.join(args.out, "summary.json")) or {}
-    if args.report and previous.get("command"):  # the summary names the command that ran the grid
-        command = previous["command"]
-    summary = report.summarise(study, rows(study.scale), command)
+    ran_now = set() if args.report else {r.name for r in selected}
+    summary = report.summarise(study, rows(study.scale), command, previous, ran_now)
     report.write_all(study, summary, args.doc)
     return summary
 

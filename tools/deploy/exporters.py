@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models.backbones import NO_AUX, TIMM_PREFIX, Encoder, build_timm, is_timm_arch
+from models.backbones import NO_AUX, TIMM_PREFIX, build_timm, innermost_encoder, is_timm_arch
 from models.errors import UserError
 from models.io import load_strict
 from models.pretrained import EvalModel
@@ -74,16 +74,6 @@ class Exported:
 
 
 # ---------------------------------------------------------------- the network's parts
-def innermost_encoder(model: nn.Module) -> Encoder:
-    """The :class:`~models.backbones.Encoder` (normalisation + backbone) inside a student or teacher."""
-    module = model
-    while not isinstance(module, Encoder):
-        module = getattr(module, "encoder", None)
-        if module is None:
-            raise UserError(f"{type(model).__name__} has no backbone encoder to export")
-    return module
-
-
 def normalisation(model: nn.Module) -> dict | None:
     """The input mean/std the network applies inside (None: it takes [0, 1] pixels as they are)."""
     norm = innermost_encoder(model).normalize

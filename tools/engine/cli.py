@@ -356,6 +356,20 @@ def add_teacher_args(
     add_pool_arg(g, several)
 
 
+def add_objective_args(g: argparse._ArgumentGroup) -> None:
+    """``--loss`` and the flags of the dense objectives (docs/dense.md)."""
+    from models.simreg import OBJECTIVES
+
+    g.add_argument("--loss", default="global", choices=OBJECTIVES,
+                   help="global: regress the pooled feature (the paper); dense: the teacher's feature map (a "
+                        "ViT's patch tokens) with a dense head on the student's map; both (docs/dense.md)")  # fmt: skip
+    g.add_argument("--dense_weight", type=nonneg_float, default=None,
+                   help="--loss both: the dense term's weight (loss = global + W * dense; default 1)")  # fmt: skip
+    g.add_argument("--dense_blocks", type=positive_int, default=None,
+                   help="--loss dense/both with ViT teachers: the last N blocks' normalised patch tokens, "
+                        "concatenated (default 1: the final ones)")  # fmt: skip
+
+
 TEACHER_POOLS = ("auto", "cls", "avg", "cls+avg")
 
 

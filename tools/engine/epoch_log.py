@@ -56,6 +56,11 @@ def log_epoch(run, writer: ScalarWriter, stats: dict, pace: str = "") -> None:
         ks = [key.split("_k")[-1] for key in knn if key.startswith("top1_k")]
         parts = [f"{k}-NN {knn[f'top1_k{k}']:.2f}% (weighted vote {knn[f'weighted_top1_k{k}']:.2f}%)" for k in ks]
         log.info("epoch %d k-NN top-1 on val/: %s", stats["epoch"], ", ".join(parts))
+    terms = {f"train/{k}": v for k, v in stats.items() if k in ("loss_global", "loss_dense")}
+    if terms:  # --loss both: its two terms beside their sum
+        writer.add(terms, stats["epoch"])
+        log.info("epoch %d: global loss %.4f, dense loss %.4f", stats["epoch"], stats["loss_global"],
+                 stats["loss_dense"])  # fmt: skip
     per_teacher = {f"train/{k}": v for k, v in stats.items() if k.startswith("loss_teacher_")}
     if per_teacher:  # several teachers: each one's loss beside the weighted total
         writer.add(per_teacher, stats["epoch"])

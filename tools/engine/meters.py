@@ -89,8 +89,8 @@ class _Ballot:
 class Meters:
     """Loss, step and image counts kept on the device; the first non-finite step is remembered too."""
 
-    def __init__(self, device: torch.device, progress: EpochProgress) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, progress: EpochProgress, names: list[str] | None = None) -> None:
+        self.device, self.names = device, names  # names: the loss vector's entries (default: total, per teacher)
         self.loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.step, self.images = progress.step, progress.images
@@ -131,10 +131,10 @@ class Meters:
         steps_all, new_images = distributed.all_reduce_sum(t).tolist()
         sums = self.reduced().loss_sum
         sums = sums if isinstance(sums, list) else [sums]
-        per_teacher = {f"loss_teacher_{k}": v / max(steps_all, 1) for k, v in enumerate(sums[1:], start=1)}
+        names = self.names or ["loss"] + [f"loss_teacher_{k}" for k in range(1, len(sums))]
+        losses = {name: v / max(steps_all, 1) for name, v in zip(names, sums, strict=True)}
         return {
-            "loss": sums[0] / max(steps_all, 1),
-            **per_teacher,
+            **losses,
             "images_per_s": new_images / seconds,
             "steps": self.step,
             "time_s": seconds,

@@ -63,7 +63,9 @@ def teacher_fingerprint(teacher, weights: str | None, use_fc: bool) -> str:
         pool = f"/pool={t['pool']}" if t.get("pool") else ""
         # A K-view cache's targets follow its views: resuming on another K would change them.
         per_view = f"/{views['n_views']} views" if views.get("mode", "centre crop") != "centre crop" else ""
-        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}{pool}/{t['weights_sha256']}{per_view}"
+        # dense targets stored on a coarser grid (--cache_grid) are other targets than the live teacher's
+        grid = "/dense {}x{}".format(*teacher.dense_grid) if getattr(teacher, "objective", "global") != "global" else ""
+        return f"{t['arch']}/{t['format']}/fc={t['use_fc']}{pool}/{t['weights_sha256']}{per_view}{grid}"
     pool = f"/pool={teacher.pool}" if getattr(teacher, "pool", None) else ""  # CNN fingerprints unchanged
     return f"{teacher.arch}/{teacher.fmt}/fc={use_fc}{pool}/{file_sha256(weights)}"
 
@@ -94,12 +96,15 @@ def init_student_weights(student: Student, path: str) -> None:
     load_strict(student.encoder.backbone, conv.backbone, path, "student backbone")
     stored = conv.heads or ([conv.head] if conv.head is not None else [])
     loaded = 0
-    for head, sd in zip(student.heads, stored, strict=False):
+    pairs = [*zip(student.heads, stored, strict=False),
+             *zip(getattr(student, "dense_heads", []), conv.dense_heads or [], strict=False)]  # fmt: skip
+    for head, sd in pairs:
         if {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in head.state_dict().items()}:
             head.load_state_dict(sd)
             loaded += 1
     if loaded:
-        what = "head" if len(student.heads) == 1 else f"{loaded} of {len(student.heads)} heads"
+        n_heads = len(student.heads) + len(getattr(student, "dense_heads", []))
+        what = "head" if n_heads == 1 else f"{loaded} of {n_heads} heads"
         log.info("student backbone and %s initialised from %s (%s)", what, path, fmt)
     else:
         log.info("student backbone initialised from %s (%s); head starts fresh", path, fmt)
@@ -125,17 +130,30 @@ def resume(run: Run, resume_from: str = "", no_resume: bool = False, weights: st
     if run.epochs < ckpt["epoch"]:
         raise UserError(f"--epochs {run.epochs} is below the {ckpt['epoch']} epochs already done in '{path}'")
     load_strict(run.student.encoder.backbone, ckpt["student"], path, "student backbone")
-    head_states = ckpt.get("heads") or [ckpt["head"]]
-    if len(head_states) != len(run.student.heads):
-        raise UserError(f"'{path}' holds {len(head_states)} prediction head(s), this run has {len(run.student.heads)}")
-    for k, (head, sd) in enumerate(zip(run.student.heads, head_states, strict=True), start=1):
-        load_strict(head, sd, path, f"student head {k}" if len(head_states) > 1 else "student head")
+    load_heads(run.student, ckpt, path)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     progress = EpochProgress(**ckpt["progress"]) if ckpt.get("progress") else EpochProgress()
     log.info("resumed from %s: %d epochs done, %d steps into the next", path, ckpt["epoch"], progress.step)
     return ckpt["epoch"] + 1, progress
+
+
+def load_heads(student: Student, ckpt: dict, path: str) -> None:
+    """The prediction heads of a training checkpoint into ``student``, strictly: the global heads (none for
+    ``--loss dense``, stored as an empty ``head``) and the dense heads."""
+    head_states = ckpt.get("heads") or ([ckpt["head"]] if ckpt["head"] else [])
+    dense_states = ckpt.get("dense_heads") or []
+    dense_heads = getattr(student, "dense_heads", [])
+    if len(head_states) != len(student.heads) or len(dense_states) != len(dense_heads):
+        raise UserError(
+            f"'{path}' holds {len(head_states)} prediction head(s) and {len(dense_states)} dense head(s), this run "
+            f"has {len(student.heads)} and {len(dense_heads)}"
+        )
+    for k, (head, sd) in enumerate(zip(student.heads, head_states, strict=True), start=1):
+        load_strict(head, sd, path, f"student head {k}" if len(head_states) > 1 else "student head")
+    for k, (head, sd) in enumerate(zip(dense_heads, dense_states, strict=True), start=1):
+        load_strict(head, sd, path, f"student dense head {k}")
 
 
 def find_checkpoint(exp_dir: str, resume_from: str = "", no_resume: bool = False) -> tuple[str, dict] | None:
@@ -154,13 +172,15 @@ def save_checkpoint(run: Run, epoch: int, progress: EpochProgress | None = None)
     if not run.is_main:
         return
     heads = {"heads": [h.state_dict() for h in run.student.heads]} if len(run.student.heads) > 1 else {}
+    if hasattr(run.student, "dense_heads"):  # --loss dense / both
+        heads["dense_heads"] = [h.state_dict() for h in run.student.dense_heads]
     state = training_state(
         epoch=epoch - 1 if progress else epoch,
         progress=asdict(progress) if progress else None,
         identity=run.identity,
         args=run.settings,
         student=run.student.backbone_state_dict(),
-        head=run.student.head.state_dict(),
+        head=run.student.head.state_dict() if run.student.heads else {},  # --loss dense: no global head
         optimizer=run.optimizer.state_dict(),
         scaler=run.scaler.state_dict(),
         rng=rng_state(),

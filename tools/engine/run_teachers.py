@@ -87,6 +87,26 @@ def teacher_specs(weights, arch, fmt, use_fc, feats, use_cache: bool, pool="auto
     return specs
 
 
+def objective_settings(
+    loss: str, dense_weight: float | None, dense_blocks: int | None, specs: list[TeacherSpec]
+) -> tuple[float | None, int | None]:
+    """``--loss`` and the flags that belong to it, checked; (``--dense_weight``, ``--dense_blocks``) with a dense
+    objective's defaults (1 and 1), unchanged (None) for the global loss."""
+    if dense_weight is not None and loss != "both":
+        raise UserError(f"--dense_weight weighs the dense term of --loss both; drop it with --loss {loss}")
+    if dense_blocks is not None and loss == "global":
+        raise UserError("--dense_blocks chooses the dense targets; add --loss dense or --loss both, or drop it")
+    if loss == "dense" and any(spec.use_fc for spec in specs):
+        raise UserError("--teacher_fc chooses the pooled target; --loss dense regresses the feature map only: "
+                        "drop --teacher_fc, or use --loss both")  # fmt: skip
+    if loss == "dense" and any(spec.pool != "auto" for spec in specs):
+        raise UserError("--teacher_pool chooses the pooled target; --loss dense regresses the patch tokens only: "
+                        "drop --teacher_pool, or use --loss both")  # fmt: skip
+    if loss == "global":
+        return dense_weight, dense_blocks
+    return (1.0 if dense_weight is None else dense_weight), (1 if dense_blocks is None else dense_blocks)
+
+
 def loss_weights(values, n: int) -> list[float] | None:
     """``--teacher_loss_weights``: n non-negative numbers with a positive sum (None: equal weights)."""
     values = as_list(values)
@@ -107,16 +127,20 @@ def build_one(spec: TeacherSpec, device: torch.device, fingerprint: dict, option
     if spec.feats:
         teacher = {"arch": spec.arch, "weights": spec.weights, "use_fc": spec.use_fc, "pool": spec.pool}
         views, epochs = options.get("views"), options.get("epochs")
-        return open_cached_teacher(spec.feats, fingerprint, device, options["cache_on_device"], options["image_size"],
-                                   teacher=teacher, views=views, epochs=epochs,
-                                   autocast=autocast_name(options.get("amp")))  # fmt: skip
+        cached = open_cached_teacher(spec.feats, fingerprint, device, options["cache_on_device"],
+                                     options["image_size"], teacher=teacher, views=views, epochs=epochs,
+                                     autocast=autocast_name(options.get("amp")))  # fmt: skip
+        return cached.use_objective(options.get("objective", "global"), options.get("dense_blocks", 1))
     teacher = load_teacher(spec.weights, spec.arch, spec.fmt, use_fc=spec.use_fc, pool=spec.pool,
                            input_size=options["image_size"])  # fmt: skip
     teacher = teacher.to(device, options.get("dtype", torch.float32))
     if options["channels_last"]:
         teacher = teacher.to(memory_format=torch.channels_last)
+    objective = options.get("objective", "global")
+    teacher.use_objective(objective, options.get("dense_blocks", 1), options["image_size"])
     if options["compile_teacher"]:  # inference only: BatchNorm folds into the convs (a ViT is compiled as is)
-        teacher.encoder = compile_frozen(teacher.encoder)
+        # the dense objectives read the map where the network pools, so the graph keeps its modules unfolded
+        teacher.encoder = compile_frozen(teacher.encoder, fold=objective == "global")
     return teacher
 
 
@@ -125,7 +149,7 @@ def build_teachers(specs: list[TeacherSpec], device: torch.device, fingerprint: 
 
     ``options``: ``channels_last``, ``compile_teacher``, ``cache_on_device``, ``image_size``, ``dtype`` (a live
     teacher's parameters: float32, or float64 for ``--float64``), ``amp`` (the run's autocast dtype, compared
-    with a cache's), and for K-view
+    with a cache's), ``objective`` and ``dense_blocks`` (``--loss``: what the targets are), and for K-view
     caches ``views`` (the run's ``TrainViews.record(seed)``, checked against each cache) and ``epochs``.
     """
     teachers = [build_one(spec, device, fingerprint, options) for spec in specs]

@@ -74,6 +74,8 @@ class StepConfig:
     ckpt_every_steps: int = 0  # 0: checkpoints at epoch ends only
     stop: StopVote | None = None  # called after every step: True when all ranks stop (on a signal)
     dtype: torch.dtype = torch.float32  # the networks' parameters and the images fed to them (--float64)
+    dense_weight: float = 1.0  # --loss both: the dense term's weight (models.simreg.objective_losses)
+    loss_names: tuple[str, ...] | None = None  # the step's loss vector, entry by entry (models.simreg.loss_names)
 
     @property
     def device(self) -> torch.device:
@@ -99,17 +101,19 @@ def distill_step(model, teacher, views, index: torch.Tensor, optimizer, scaler, 
     (student view, teacher view). What the step computes is :func:`models.simreg.distillation_losses`;
     here it runs: images to the device, both forwards under autocast, one optimizer step (through the
     gradient scaler). With several teachers (a :class:`models.teachers.TeacherSet`) the returned loss is
-    the (K + 1,) vector ``[weighted total, per-teacher losses]``; one step over the backbone and all heads.
+    the (K + 1,) vector ``[weighted total, per-teacher losses]``, with ``--loss both`` followed by the global
+    and dense terms (:func:`models.simreg.loss_names`); one step over the backbone and all heads.
     """
     x_s = to_device_images(views[0] if isinstance(views, (list, tuple)) else views, cfg)
     x_t = to_device_images(views[1], cfg) if isinstance(views, (list, tuple)) else x_s
-    losses = distillation_losses(model, teacher, x_s, x_t, index, lambda: autocast(cfg.device, cfg.amp_dtype))
+    context = lambda: autocast(cfg.device, cfg.amp_dtype)  # noqa: E731
+    losses = distillation_losses(model, teacher, x_s, x_t, index, context, cfg.dense_weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     scaler.step(optimizer)
     scaler.update()
-    if "per_teacher" in losses:
-        return torch.cat([losses["loss"].reshape(1), losses["per_teacher"]]).detach()
+    if len(losses) > 1:  # [loss, per-teacher losses, global and dense terms]: models.simreg.loss_names
+        return torch.cat([v.reshape(-1) for v in losses.values()]).detach()
     return losses["loss"].detach()
 
 

@@ -2,12 +2,52 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
+from data.datasets import IndexedImages, split_folder
+from models.errors import UserError
+from tools.engine.cli import note_ignored
 from tools.engine.distributed import DistInfo
 from tools.eval.common import default_resize, eval_datasets
 from tools.eval.features import extract_features
 from tools.eval.knn import knn_classify
+
+log = logging.getLogger("simreg.train")
+
+
+def check_monitor_data(val_data: str | None, knn_every: int) -> None:
+    """``--val_data``: an existing root with train/ and val/ (the k-NN monitor's bank and queries)."""
+    if val_data and not knn_every:
+        note_ignored("--val_data", "it names the k-NN monitor's data; add --knn_every N to run the monitor")
+    if val_data and knn_every:
+        if not os.path.isdir(val_data):
+            what = "is a file" if os.path.exists(val_data) else "does not exist"
+            raise UserError(f"--val_data folder '{val_data}' {what}; give a root holding train/ and val/ "
+                            "in class folders, or drop --val_data")  # fmt: skip
+        split_folder(val_data, "train")
+        split_folder(val_data, "val")
+
+
+def monitor_sets(
+    data: str, val_data: str | None, knn_every: int, image_size: int, resize_size: int, dataset: IndexedImages
+) -> dict | None:
+    """The k-NN monitor's centre-crop train/ and val/, as eval_knn.py reads them: ``val_data`` (all its
+    classes), else ``data``'s own when its training images are data/train's class folders and it has val/ (the
+    training classes); None when the monitor is off (said in the log)."""
+    if not knn_every:
+        return None
+    if val_data:
+        return monitor_datasets(val_data, image_size, resize_size, None)
+    own = dataset.root == os.path.join(data, "train") and os.path.isdir(os.path.join(data, "val"))
+    if dataset.classes and own:
+        return monitor_datasets(data, image_size, resize_size, dataset.classes)
+    why = "has no val/" if dataset.classes else "holds images without labels"
+    log.warning("--knn_every %d: the k-NN monitor is off: DATA %s; pass --val_data DIR (train/ and val/ in class "
+                "folders) to run it", knn_every, why)  # fmt: skip
+    return None
 
 
 def monitor_datasets(data: str, image_size: int, resize_size: int, classes: list[str]) -> dict:

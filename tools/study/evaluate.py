@@ -24,6 +24,7 @@ from tools.eval.linear_probe import (
     step_lr,
     train_epoch_cached,
 )
+from tools.eval.seg_probe import ProbeSettings, segmentation_probe
 
 PROBE = {"lr": 0.01, "batch_size": 256, "milestones": (15, 30), "seed": 0}  # eval_linear.py's defaults
 KNN_SEED = 0  # eval_knn.py's default tie-break seed
@@ -69,3 +70,11 @@ def linear_probe(
             probe, train_x, train_y, optimizer, batch_size=PROBE["batch_size"], seed=PROBE["seed"], epoch=epoch
         )
     return evaluate_probe(probe, val_x, val_y)["top1"]
+
+
+def segmentation(model: EvalModel, data: str, store_dir: str, scale) -> dict:
+    """{"miou", "pixel_acc"} (%) of ``eval_seg.py``'s probe on the segmentation demo ``data`` at ``scale.seg_size``
+    px, for ``scale.seg_probe_epochs`` epochs (maps stored in ``store_dir``)."""
+    settings = ProbeSettings(image_size=scale.seg_size, epochs=scale.seg_probe_epochs)
+    result, _ = segmentation_probe(model, data, store_dir, settings, torch.device("cpu"))
+    return {"miou": result["miou"], "pixel_acc": result["pixel_acc"]}

@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 from models.errors import UserError
+from models.simreg import OBJECTIVES
 
 VIEWS = {  # train_student.py's view flags per view mode (neither flag: two independent strong views)
     "single_weak": ["--single_aug", "--weak_weak"],
@@ -36,6 +37,12 @@ class Scale:
     teacher_epochs: int = 6  # the demo teachers: supervised, AdamW (the demo's recipe)
     teacher_lr: float = 0.002
     probe_epochs: int = 40
+    # the dense row: the segmentation demo (python -m data.demo --seg), large enough for a map of 2 x 2 cells
+    dense_size: int = 64  # distillation crops and k-NN; a stride-32 network's map is 2 x 2
+    seg_size: int = 128  # the segmentation probe's input: 4 x 4 maps
+    dense_epochs: int = 8
+    dense_teacher_epochs: int = 10  # teacher S: supervised on the large digit of each image
+    seg_probe_epochs: int = 10
 
 
 @dataclass(frozen=True)
@@ -47,11 +54,16 @@ class RunConfig:
     views: str = "single_weak"
     cache: str = "live"
     teachers: tuple[str, ...] = ("A",)
+    loss: str = "global"  # train_student.py --loss
+    data: str = "digits"  # digits: the study's data; segdemo: the segmentation demo of the dense row
 
     def key(self) -> str:
-        """A short, stable folder name for this configuration."""
-        text = json.dumps(asdict(self), sort_keys=True)
+        """A short, stable folder name for this configuration (the fields added later count only when set, so
+        earlier configurations keep their folders)."""
+        fields = {k: v for k, v in asdict(self).items() if (k, v) not in (("loss", "global"), ("data", "digits"))}
+        text = json.dumps(fields, sort_keys=True)
         tag = f"{self.student.replace('/', '_')}-h{self.head}-{self.views}-{self.cache}-{'+'.join(self.teachers)}"
+        tag += "" if self.loss == "global" and self.data == "digits" else f"-{self.loss}-{self.data}"
         return f"{tag}-{hashlib.sha256(text.encode()).hexdigest()[:6]}"
 
 
@@ -78,6 +90,10 @@ def rows(scale: Scale) -> list[Row]:
     """The study's rows; the first variant of each row is the paper's setting unless the row says otherwise."""
     paper = RunConfig(student=scale.student)
     s = scale.student
+
+    def dense(loss: str) -> RunConfig:  # teacher S on the segmentation demo, at scale.dense_size
+        return RunConfig(student=s, teachers=("S",), loss=loss, data="segdemo")
+
     return [
         Row("head", "prediction head depth", "the 4-layer MLP head beats 2 layers and a linear predictor",
             (Variant("4 layers (paper)", paper), Variant("2 layers", replace(paper, head=2)),
@@ -102,6 +118,10 @@ def rows(scale: Scale) -> list[Row]:
         Row("student", "student architecture", "distillation works for other student networks",
             (Variant(f"{s} (the grid's default)", paper),
              *(Variant(a, replace(paper, student=a)) for a in ("resnet18", "mobilenet_v2") if a != s))),
+        Row("dense", "pooled feature, feature map or both (segmentation demo)",
+            "regressing the teacher's feature map (--loss dense) gives a better segmentation probe than the pooled "
+            "feature (the paper's global loss); both keeps the global loss's 1-NN",
+            tuple(Variant(f"{loss}{' (paper)' if loss == 'global' else ''}", dense(loss)) for loss in OBJECTIVES)),
     ]  # fmt: skip
 
 
@@ -131,6 +151,6 @@ def teachers_of(selected: list[Row]) -> list[str]:
     return sorted({t for run in runs_of(selected) for t in run.teachers})
 
 
-def students_of(selected: list[Row]) -> list[str]:
-    """The student architectures the selected rows train (their random-init baselines are evaluated)."""
-    return sorted({run.student for run in runs_of(selected)})
+def students_of(selected: list[Row], data: str = "digits") -> list[str]:
+    """The student architectures the selected rows train on ``data`` (their random-init baselines are evaluated)."""
+    return sorted({run.student for run in runs_of(selected) if run.data == data})

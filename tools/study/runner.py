@@ -24,10 +24,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from data.demo import make_seg_dataset
 from models.errors import UserError
 from models.io import read_json, write_json
 from tools.eval_summary import read_losses
-from tools.study.evaluate import evaluate, network
+from tools.study.evaluate import evaluate, network, segmentation
 from tools.study.grid import VIEWS, RunConfig, Scale
 
 log = logging.getLogger("simreg.reproduce")
@@ -43,6 +44,7 @@ class Teacher:
     arch: str
     weights: str
     seed: int = 0
+    data: str = "digits"  # what the demo teacher is trained on (segdemo: teacher S of the dense row)
 
 
 @dataclass
@@ -61,6 +63,17 @@ class Study:
 
     def run_dir(self, run: RunConfig, seed: int) -> str:
         return os.path.join(self.out, self.runs_folder, run.key(), f"seed{seed}")
+
+    def data_of(self, data: str) -> str:
+        """The dataset root of ``data``: the study's (``digits``), or the segmentation demo, written on first use
+        under ``OUT/demo_seg``."""
+        if data == "digits":
+            return self.data
+        return make_seg_dataset(os.path.join(self.out, "demo_seg"))
+
+    def size_of(self, data: str) -> int:
+        """The crop size of the runs on ``data``."""
+        return self.scale.image_size if data == "digits" else self.scale.dense_size
 
 
 def command(module_or_script: str, *argv: str) -> list[str]:
@@ -91,9 +104,10 @@ def prepare_teacher(study: Study, t: Teacher) -> None:
     if os.path.isfile(t.weights):
         return
     s = study.scale
-    cmd = command("tools.pretrain_teacher", study.data, "--arch", t.arch, "--epochs", s.teacher_epochs,
+    epochs = s.teacher_epochs if t.data == "digits" else s.dense_teacher_epochs
+    cmd = command("tools.pretrain_teacher", study.data_of(t.data), "--arch", t.arch, "--epochs", epochs,
                   "--batch_size", s.batch_size, "--optimizer", "adamw", "--learning_rate", s.teacher_lr,
-                  "--image_size", s.image_size,
+                  "--image_size", study.size_of(t.data),
                   "--num_workers", 0, "--seed", t.seed, "--out", t.weights)  # fmt: skip
     log.info("training teacher %s (%s, seed %d)", t.name, t.arch, t.seed)
     run_command(cmd, os.path.join(study.out, "teachers", f"{t.name}.log"), study.threads)
@@ -124,12 +138,15 @@ def prepare_cache(study: Study, run: RunConfig, teacher: str, seed: int) -> str:
 def train_argv(study: Study, run: RunConfig, seed: int) -> list[str]:
     """train_student.py's flags for ``run`` with ``seed`` (caches built first)."""
     s, teachers = study.scale, [study.teachers[n] for n in run.teachers]
-    argv = [study.data, "--arch_teacher", *(t.arch for t in teachers),
+    epochs = s.epochs if run.data == "digits" else s.dense_epochs
+    argv = [study.data_of(run.data), "--arch_teacher", *(t.arch for t in teachers),
             "--teacher_weights", *(t.weights for t in teachers),
             "--arch_student", run.student, "--n_mlp_layers", run.head, *VIEWS[run.views],
-            "--image_size", s.image_size, "--epochs", s.epochs, "--batch_size", s.batch_size,
-            "--learning_rate", s.lr, "--save_freq", s.epochs, "--print_freq", 1000, "--num_workers", 0,
+            "--image_size", study.size_of(run.data), "--epochs", epochs, "--batch_size", s.batch_size,
+            "--learning_rate", s.lr, "--save_freq", epochs, "--print_freq", 1000, "--num_workers", 0,
             "--device", "cpu", "--seed", seed, "--exp_dir", study.run_dir(run, seed)]  # fmt: skip
+    if run.loss != "global":
+        argv += ["--loss", run.loss]
     if run.cache != "live":
         argv += ["--use_cache", "--teacher_feats", *(prepare_cache(study, run, n, seed) for n in run.teachers)]
     if run == study.paper and study.knn_every:
@@ -149,11 +166,13 @@ def run_student(study: Study, run: RunConfig, seed: int, pred: bool) -> dict:
     run_command(command("train_student.py", *argv), os.path.join(folder, "train.out"), study.threads)
     train_s = time.perf_counter() - start
     weights = os.path.join(folder, "checkpoints", "checkpoint_latest.pth")
-    s = study.scale
+    s, data, size = study.scale, study.data_of(run.data), study.size_of(run.data)
     with study._eval_lock:  # evaluations run in this process, one at a time
         result = {"config": asdict(run), "seed": seed, "train_s": round(train_s, 1), "losses": read_losses(folder)}
-        result["backbone"] = evaluate(network("student", weights, run.student), study.data, s.image_size,
-                                      os.path.join(folder, "features"), s.probe_epochs)  # fmt: skip
+        model = network("student", weights, run.student)
+        result["backbone"] = evaluate(model, data, size, os.path.join(folder, "features"), s.probe_epochs)
+        if run.data == "segdemo":  # the dense row: the linear segmentation probe too
+            result["backbone"].update(segmentation(model, data, os.path.join(folder, "seg_maps"), s))
         if pred:  # the first head's output (the paper's setting has one teacher)
             result["pred"] = evaluate(network("student", weights, run.student, use_pred=True), study.data,
                                       s.image_size, os.path.join(folder, "features_pred"), s.probe_epochs)  # fmt: skip
@@ -164,15 +183,22 @@ def run_student(study: Study, run: RunConfig, seed: int, pred: bool) -> dict:
     return result
 
 
-def run_reference(study: Study, name: str, kind: str, arch: str, weights: str | None, seed: int) -> dict:
-    """A teacher or a random-init student under the same protocol (written once, skipped after)."""
+def run_reference(
+    study: Study, name: str, kind: str, arch: str, weights: str | None, seed: int, data: str = "digits"
+) -> dict:
+    """A teacher or a random-init student under the same protocol (written once, skipped after); on the
+    segmentation demo (``data`` segdemo, the dense row) with the segmentation probe too."""
     folder = os.path.join(study.out, "references", f"{name}-seed{seed}" if kind == "random" else name)
     done = read_json(os.path.join(folder, RESULT))
     if done is not None:
         return done
+    root, size = study.data_of(data), study.size_of(data)
     with study._eval_lock:
-        result = {"kind": kind, "arch": arch, "seed": seed, **evaluate(network(kind, weights, arch, seed), study.data,
-                  study.scale.image_size, os.path.join(folder, "features"), study.scale.probe_epochs)}  # fmt: skip
+        model = network(kind, weights, arch, seed)
+        result = {"kind": kind, "arch": arch, "seed": seed, "data": data}
+        result.update(evaluate(model, root, size, os.path.join(folder, "features"), study.scale.probe_epochs))
+        if data == "segdemo":
+            result.update(segmentation(model, root, os.path.join(folder, "seg_maps"), study.scale))
     write_json(os.path.join(folder, RESULT), result)
     return result
 

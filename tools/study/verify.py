@@ -24,7 +24,7 @@ from dataclasses import replace
 from models.errors import UserError
 from models.io import read_json, write_json
 from tools.study.grid import RunConfig
-from tools.study.report import METRICS, machine, verdict
+from tools.study.report import METRICS, SEG_METRICS, machine, verdict
 from tools.study.runner import RESULT, Study, prepare_teacher, run_student
 
 SIGMAS = 3.0  # the band: the recorded seeds' mean +- 3 std ...
@@ -35,7 +35,8 @@ SAME_KIND = ("cpu", "avx2", "avx512f", "torch")  # what must agree for the exact
 
 def numbers(result: dict) -> dict[str, float]:
     """A run's result (``result.json``) as flat numbers: ``backbone.knn1``, ..., ``pred.linear``, ``loss``."""
-    out = {f"{part}.{m}": result[part][m] for part in ("backbone", "pred") if part in result for m in METRICS}
+    out = {f"{part}.{m}": result[part][m] for part in ("backbone", "pred") if part in result
+           for m in (*METRICS, *SEG_METRICS) if m in result[part]}  # fmt: skip
     if "loss" in result.get("losses", {}):
         out["loss"] = result["losses"]["loss"]
     return out
@@ -51,7 +52,7 @@ def from_summary(summary: dict, run_key: str) -> dict[str, dict[str, float]]:
             part = "pred" if v["use_pred"] else "backbone"
             for seed, nums in v["per_seed"].items():
                 got = per_seed.setdefault(seed, {})
-                got.update({f"{part}.{m}": nums[m] for m in METRICS if m in nums})
+                got.update({f"{part}.{m}": nums[m] for m in (*METRICS, *SEG_METRICS) if m in nums})
                 if part == "backbone" and "loss" in nums:
                     got["loss"] = nums["loss"]
     return per_seed
@@ -105,12 +106,19 @@ def conclusions(summary: dict, reruns: dict[str, dict[str, float]]) -> dict[str,
         variants = []
         for v in row["variants"]:
             part = "pred" if v["use_pred"] else "backbone"
-            mean = {m: reruns[v["run"]].get(f"{part}.{m}", float("nan")) for m in METRICS}
+            mean = {m: reruns[v["run"]].get(f"{part}.{m}", float("nan")) for m in (*METRICS, *SEG_METRICS)
+                    if m in v["mean"]}  # fmt: skip
             variants.append({**v, "mean": {**v["mean"], **mean}})
         rerun_verdict = verdict({**row, "variants": variants}, summary.get("references", {}))
         out[row["name"]] = {"recorded": row.get("verdict", ""), "rerun_seed": rerun_verdict,
                             "agrees": rerun_verdict.split(":")[0] == row.get("verdict", "").split(":")[0]}  # fmt: skip
     return out
+
+
+def recorded_machines(summary: dict, keys: set[str]) -> list[dict]:
+    """The machines that recorded the runs ``keys``: each row's own (the dense row ran elsewhere) or the grid's."""
+    rows = [row for row in summary.get("rows", []) if any(v["run"] in keys for v in row["variants"])]
+    return [m for m in (row.get("machine", summary.get("machine")) for row in rows) if m]
 
 
 def verify_seed(study: Study, runs: list[RunConfig], pred_runs: set[RunConfig], seed: int) -> dict:
@@ -122,7 +130,8 @@ def verify_seed(study: Study, runs: list[RunConfig], pred_runs: set[RunConfig], 
     summary = read_json(os.path.join(study.out, "summary.json")) or {}
     recorded = {run.key(): recorded_of(study, summary, run, seed) for run in runs}
     here = machine()
-    exact_expected = same_machine_kind(summary.get("machine", here), here)
+    kinds = recorded_machines(summary, {run.key() for run in runs}) or [summary.get("machine", here)]
+    exact_expected = all(same_machine_kind(kind, here) for kind in kinds)
     for name in sorted({t for r in runs for t in r.teachers}):
         prepare_teacher(study, study.teachers[name])  # a fresh clone retrains the demo teachers here
     fresh = replace(study, runs_folder="verify", _eval_lock=threading.Lock())

@@ -50,6 +50,12 @@ def manifest_path(npy_path: str) -> str:
     return (root if ext == ".npy" else npy_path) + ".json"
 
 
+def dense_path(npy_path: str) -> str:
+    """``FILE.npy`` -> ``FILE.dense.npy`` (the dense targets of a cache built with ``--dense``)."""
+    root, ext = os.path.splitext(npy_path)
+    return (root if ext == ".npy" else npy_path) + ".dense.npy"
+
+
 def read_manifest(npy_path: str) -> dict:
     """The manifest of a finished cache, or a UserError saying why there is none."""
     path = manifest_path(npy_path)
@@ -120,15 +126,7 @@ class CachedTeacher:
         self.manifest = read_manifest(npy_path)
         if fingerprint is not None:
             check_manifest(self.manifest, fingerprint, npy_path)
-        try:
-            self.feats = np.load(npy_path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise UserError(f"teacher cache '{npy_path}' is unreadable ({exc}); rebuild it") from exc
-        if list(self.feats.shape) != self.manifest["shape"] or self.feats.dtype != np.float16:
-            raise UserError(
-                f"teacher cache '{npy_path}' holds {self.feats.dtype} {tuple(self.feats.shape)} but its manifest "
-                f"says float16 {tuple(self.manifest['shape'])}; rebuild it"
-            )
+        self.feats = _load_array(npy_path, self.manifest["shape"])
         teacher = self.manifest["teacher"]
         self.feat_dim, self.arch, self.fmt = int(self.feats.shape[-1]), teacher["arch"], teacher["format"]
         self.views = self.manifest["views"]
@@ -138,6 +136,7 @@ class CachedTeacher:
         self.view, self.rows, self.table = 0, None, None
         self._ahead: deque = deque(maxlen=self.AHEAD)  # (index tensor, view, rows (B, D) on the device)
         self._lock = threading.Lock()
+        self.path, self.objective, self.dense_dim, self.dense_grid = npy_path, "global", 0, (0, 0)
         self.set_epoch(1)
 
     def set_epoch(self, epoch: int) -> None:
@@ -148,31 +147,38 @@ class CachedTeacher:
         self.view, self.rows = view, self.feats[view - 1] if self.view_period else self.feats
         if self.on_device:
             self.table = self._to_device(self.device)
+            self.on_device = self.table is not None
+        self._select_dense()
 
-    def _to_device(self, device: torch.device) -> torch.Tensor | None:
-        size = self.rows.nbytes
+    def _to_device(self, device: torch.device, rows: np.ndarray | None = None, what: str = "") -> torch.Tensor | None:
+        """``rows`` (default: the pooled rows in use) copied to ``device``, or None (memory-mapped reads) when
+        they do not fit in half its free memory."""
+        rows = self.rows if rows is None else rows
+        size = rows.nbytes
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            if self.table is not None:
-                free += self.table.numel() * self.table.element_size()  # the view it replaces
+            for old in (self.table, getattr(self, "dense_table", None)):  # the view they replace
+                free += old.numel() * old.element_size() if old is not None else 0
             if size > 0.5 * free:  # leave room for the training itself
                 log.warning(
-                    "teacher cache (%.1f GiB) does not fit in half the free memory of %s (%.1f GiB); "
+                    "teacher cache%s (%.1f GiB) does not fit in half the free memory of %s (%.1f GiB); "
                     "reading it memory-mapped instead",
+                    what,
                     size / 2**30,
                     device,
                     free / 2**30,
                 )
-                self.on_device = False
                 return None
-        self.table = None
-        log.info("teacher cache view %d: %.2f GiB copied to %s", self.view, size / 2**30, device)
-        return torch.from_numpy(np.array(self.rows)).to(device)  # one read of the rows in use
+        if not what:  # the pooled view it replaces, freed before the copy
+            self.table = None
+        log.info("teacher cache view %d%s: %.2f GiB copied to %s", self.view, what, size / 2**30, device)
+        return torch.from_numpy(np.array(rows)).to(device)  # one read of the rows in use
 
-    def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def targets(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """Rows ``indices`` (B,) of the current view as float32 (B, D) on the run's device; ``images`` unused.
 
-        The rows :meth:`read_ahead` gathered for this very index tensor, when it did; else read now.
+        The rows :meth:`read_ahead` gathered for this very index tensor, when it did; else read now. After
+        :meth:`use_objective` ``dense`` / ``both``: ``{"dense": (B, C, h, w)}`` (and ``"global": (B, D)``).
         """
         with self._lock:
             for k, (index, view, rows) in enumerate(self._ahead):
@@ -187,20 +193,82 @@ class CachedTeacher:
         rows = self.read(indices)
         with self._lock:
             self._ahead.append((indices, self.view, rows))
-        return [rows]
+        return list(rows.values()) if isinstance(rows, dict) else [rows]
 
-    def read(self, indices: torch.Tensor) -> torch.Tensor:
-        """Rows ``indices`` (B,) of the current view as float32 (B, D) on the run's device, without a host wait.
+    def read(self, indices: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Rows ``indices`` (B,) of the current view as float32 (B, D) on the run's device, without a host wait
+        (with a dense objective, the dict :meth:`targets` describes)."""
+        pooled = self._gather(self.rows, self.table, indices)
+        if self.objective == "global":
+            return pooled
+        h, w = self.dense_grid
+        dense = self._gather(self.dense_rows, self.dense_table, indices)
+        dense = dense.reshape(-1, h, w, self.dense_dim).permute(0, 3, 1, 2)  # (B, C, h, w)
+        return {"dense": dense} if self.objective == "dense" else {"global": pooled, "dense": dense}
+
+    def _gather(self, rows: np.ndarray, table: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` of ``rows`` (or of its device copy ``table``) as float32 on the run's device.
 
         From the device table: ``index_select`` there. From the mapped file: one vectorised gather into
         pinned host memory (on CUDA), then a non-blocking copy to the device.
         """
-        if self.table is not None:
-            return self.table.index_select(0, indices.to(self.table.device, non_blocking=True)).float()
+        if table is not None:
+            return table.index_select(0, indices.to(table.device, non_blocking=True)).float()
         pinned = self.device.type == "cuda"
-        rows = torch.empty(len(indices), self.feat_dim, dtype=torch.float16, pin_memory=pinned)
-        np.take(self.rows, indices.cpu().numpy(), axis=0, out=rows.numpy())
-        return rows.to(self.device, non_blocking=True).float()
+        picked = torch.empty(len(indices), rows.shape[-1], dtype=torch.float16, pin_memory=pinned)
+        np.take(rows, indices.cpu().numpy(), axis=0, out=picked.numpy())
+        return picked.to(self.device, non_blocking=True).float()
+
+    def use_objective(self, objective: str, blocks: int = 1) -> CachedTeacher:
+        """Serve the targets of ``--loss objective``: a dense one needs a cache built with ``--dense`` (and the
+        same ``--dense_blocks``); the dense rows are memory-mapped (or copied to the device) like the pooled."""
+        self.objective = objective
+        if objective == "global":
+            return self
+        dense = self.manifest.get("dense")
+        if not dense:
+            raise UserError(
+                f"teacher cache '{self.path}' holds pooled features only; --loss {objective} needs its dense targets: "
+                "rebuild it with python -m tools.cache_teacher_features ... --dense"
+            )
+        if dense["blocks"] != blocks:
+            raise UserError(
+                f"teacher cache '{self.path}' holds the tokens of the last {dense['blocks']} block(s), but "
+                f"--dense_blocks is {blocks}; match the flag to the cache or rebuild it"
+            )
+        self.dense_feats = _load_array(dense_path(self.path), dense["shape"])
+        self.dense_dim, self.dense_grid = int(dense["channels"]), tuple(dense["grid"])
+        self.dense_view, self.dense_on_device = 0, True
+        self._select_dense()
+        log.info("teacher: cached dense targets %d x %d x %d (the teacher's %s grid: %s) from %s", self.dense_dim,
+                 *self.dense_grid, "x".join(map(str, dense["teacher_grid"])), dense["source"],
+                 dense_path(self.path))  # fmt: skip
+        return self
+
+    def _select_dense(self) -> None:
+        """The current view's dense rows (copied to the device with ``on_device``, as the pooled rows)."""
+        if self.objective == "global" or self.dense_view == self.view:
+            return
+        self.dense_view = self.view
+        self.dense_rows = self.dense_feats[self.view - 1] if self.view_period else self.dense_feats
+        self.dense_table = None
+        if self.on_device and self.dense_on_device:
+            self.dense_table = self._to_device(self.device, self.dense_rows, " (dense targets)")
+            self.dense_on_device = self.dense_table is not None
+
+
+def _load_array(npy_path: str, shape: list[int]) -> np.ndarray:
+    """The memory-mapped float16 array of a cache file, checked against the shape its manifest states."""
+    try:
+        feats = np.load(npy_path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"teacher cache '{npy_path}' is unreadable ({exc}); rebuild it") from exc
+    if list(feats.shape) != list(shape) or feats.dtype != np.float16:
+        raise UserError(
+            f"teacher cache '{npy_path}' holds {feats.dtype} {tuple(feats.shape)} but its manifest says float16 "
+            f"{tuple(shape)}; rebuild it"
+        )
+    return feats
 
 
 def _check_teacher(built: dict, teacher: dict, npy_path: str) -> None:
