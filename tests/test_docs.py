@@ -13,7 +13,7 @@ from tools.study import report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README_MAX_LINES = 300
-TEST_COMMAND = 'python -m pytest -q -m "slow or not slow"'
+TEST_COMMAND = 'python -m pytest -q -m "slow or not slow" -n 2'
 
 FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", re.S | re.M)
 CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1", re.S)
