@@ -21,12 +21,11 @@ import os
 
 from data.segmentation import detect_layout, list_pairs
 from models.errors import UserError
-from models.formats import FORMATS
 from models.io import atomic_save, write_json
 from tools.engine import cli, distributed
 from tools.engine.logs import setup_logging
 from tools.engine.step import amp_dtype
-from tools.eval.common import build_model_from_args, exp_dir_of, output_dir
+from tools.eval.common import add_network_args, build_model_from_args, exp_dir_of, output_dir
 from tools.eval.seg_probe import ProbeSettings, segmentation_probe
 
 log = logging.getLogger("simreg.eval_seg")
@@ -41,11 +40,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("-j", "--workers", dest="workers", type=cli.nonneg_int, default=8, help="loader processes")
     g.add_argument("--extract_batch", type=cli.positive_int, default=32, help="images per feature-map batch")
     g = p.add_argument_group("network")
-    g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")
-    g.add_argument("--weights", default=None, help="checkpoint to evaluate (any student or teacher format)")
-    g.add_argument("--format", default="auto", help=f"checkpoint layout: {', '.join(['auto', *FORMATS])}")
-    g.add_argument("--teacher", action="store_true", help="load --weights as a teacher (load_teacher, any format)")
-    g.add_argument("--random_init", action="store_true", help="evaluate --arch at random initialisation")
+    add_network_args(g)
     g.add_argument("--epoch", type=cli.nonneg_int, default=None, help="with --exp_dir: evaluate ckpt_epoch_<N>.pth")
     g = p.add_argument_group("probe")
     g.add_argument("--epochs", type=cli.positive_int, default=20)

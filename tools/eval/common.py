@@ -47,11 +47,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-b", "--batch-size", dest="batch_size", type=cli.positive_int, default=256, help="GLOBAL batch")
 
     g = p.add_argument_group("network")
-    g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")
-    g.add_argument("--weights", default=None, help="checkpoint to evaluate (any student or teacher format)")
-    g.add_argument("--format", default="auto", help=f"checkpoint layout: {', '.join(['auto', *FORMATS])}")
-    g.add_argument("--teacher", action="store_true", help="load --weights as a teacher (load_teacher, any format)")
-    g.add_argument("--random_init", action="store_true", help="evaluate --arch at random initialisation")
+    add_network_args(g)
     g.add_argument("--use_pred", action="store_true", help="evaluate the prediction head's output")
     g.add_argument("--head", type=cli.positive_int, default=1, help="with --use_pred: the head of teacher K (1-based)")
     g.add_argument("--linear_pred", action="store_true", help="original flag; the head layout is read from the file")
@@ -64,6 +60,15 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no_save_features", action="store_true", help="do not keep the float16 features")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"], help="auto = bf16 on CUDA")
     cli.add_runtime_args(g)
+
+
+def add_network_args(g: argparse._ArgumentGroup) -> None:
+    """Which network an evaluation reads: ``--arch``, ``--weights`` (``--format``, ``--teacher``), ``--random_init``."""
+    g.add_argument("-a", "--arch", default=None, help="architecture; default: read from the checkpoint")
+    g.add_argument("--weights", default=None, help="checkpoint to evaluate (any student or teacher format)")
+    g.add_argument("--format", default="auto", help=f"checkpoint layout: {', '.join(['auto', *FORMATS])}")
+    g.add_argument("--teacher", action="store_true", help="load --weights as a teacher (load_teacher, any format)")
+    g.add_argument("--random_init", action="store_true", help="evaluate --arch at random initialisation")
 
 
 def add_size_args(g: argparse._ArgumentGroup, crop_help: str = "centre crop size") -> None:
