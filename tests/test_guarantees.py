@@ -216,6 +216,62 @@ def test_ctrl_c_asks_to_save_and_a_second_one_a_second_later_aborts():
     assert "second Ctrl-C: aborting without saving" in out.stderr and "Traceback" not in out.stderr
 
 
+INTERRUPTED_LOG_WRITE = """
+import logging, os, signal, sys
+sys.path.insert(0, {root!r})
+from tools.engine.logs import attach_log_file, setup_logging
+from tools.engine.signals import StopRequest
+
+
+class OneWriterAtATime:  # a buffered file's rule: entered again while writing, it raises
+    def __init__(self, f):
+        self.f, self.busy, self.interrupt = f, False, True
+
+    def write(self, text):
+        if self.busy:
+            raise RuntimeError("reentrant call")
+        self.busy = True
+        try:
+            if self.interrupt:  # Ctrl-C arrives while the log line is being written
+                self.interrupt = False
+                os.kill(os.getpid(), signal.SIGINT)
+            self.f.write(text)
+        finally:
+            self.busy = False
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+setup_logging()
+attach_log_file({log!r})
+handler = next(h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler))
+handler.setStream(OneWriterAtATime(handler.stream))
+stop = StopRequest().install()
+logging.getLogger("simreg.train").info("epoch 1 step 1/2 loss 1.0")
+print(stop.requested, stop.exit_status, flush=True)
+logging.shutdown()
+"""
+
+
+def test_a_signal_during_a_log_write_is_said_without_entering_the_log_again(tmp_path):
+    """The stop signal can arrive while the main thread writes a log line; the handler must not log (a
+    buffered file entered again raises), yet the console gets its line at once and the log file at the next
+    step boundary."""
+    log_file = str(tmp_path / "train.log")
+    script = INTERRUPTED_LOG_WRITE.format(root=ROOT, log=log_file)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "True 130\n" and out.returncode == 0, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr and "Logging error" not in out.stderr, out.stderr
+    notice = "tools.engine.signals: received Ctrl-C: saving a checkpoint at the next step, then exiting"
+    assert out.stderr.count(notice) == 1, out.stderr
+    logged = open(log_file).read()
+    assert logged.count(notice) == 1 and "epoch 1 step 1/2 loss 1.0" in logged, logged
+
+
 @pytest.mark.slow
 def test_same_seed_same_result_and_other_seed_differs(data8, resnet18_teacher_file, tmp_path):
     runs = {}

@@ -5,6 +5,11 @@ Such a signal usually reaches the whole process group: a terminal's Ctrl-C, ``ti
 loader's workers ignore it (:func:`data.loaders.ignore_stop_signals`) and are shut down by the main process
 once it has saved; the main process only notes the signal here and the training loop saves at the next
 step boundary. A second Ctrl-C (a second or more after the first) aborts at once, without saving.
+
+The handler never logs: it may interrupt the main thread inside a logging handler's write to the console
+or to train.log, and a buffered file entered again from a signal handler raises ("reentrant call").
+It writes its line straight to the console's file descriptor and leaves the log file's copy to the next
+step boundary (:meth:`StopRequest.log_notices`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class StopRequest:
         self.signum: int | None = None
         self._first_sigint: float | None = None
         self._previous: dict[int, object] = {}
+        self._notices: list[str] = []  # said on the console by the handler, not yet in the log file
 
     def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:
@@ -44,6 +50,14 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        self.log_notices()
+
+    def log_notices(self) -> None:
+        """Outside the handler (every step boundary): the handler's lines into the log file, not the console
+        again (the console handler skips ``file_only`` records)."""
+        while self._notices:
+            log.log(logging.WARNING if self.announce else logging.DEBUG, self._notices.pop(0),
+                    extra={"file_only": True})  # fmt: skip
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
@@ -53,11 +67,14 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
             again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
-            log.log(logging.WARNING if self.announce else logging.DEBUG,
-                    "received %s: saving a checkpoint at the next step, then exiting%s", self.name, again)  # fmt: skip
+            notice = f"received {self.name}: saving a checkpoint at the next step, then exiting{again}"
+            if self.announce:
+                say_now(notice)
+            self._notices.append(notice)
 
     @property
     def requested(self) -> bool:
+        self.log_notices()
         return self.signum is not None
 
     @property
@@ -74,9 +91,19 @@ class StopRequest:
         return 128 + signal.SIGINT if self.signum == signal.SIGINT else 0
 
 
+def say_now(message: str) -> None:
+    """A warning line on the console from inside a signal handler: one unbuffered write to file descriptor 2,
+    in the log's format, never through logging's buffered streams."""
+    line = f"{time.strftime('%H:%M:%S')} WARNING {__name__}: {message}\n"
+    try:
+        os.write(2, line.encode("utf-8", "replace"))
+    except OSError:  # a closed console: the log file still gets the line
+        pass
+
+
 def abort_now() -> None:
     """End this process at once, as an unhandled Ctrl-C would (no checkpoint of the current step)."""
-    log.warning("second Ctrl-C: aborting without saving; the last checkpoint stays")
+    say_now("second Ctrl-C: aborting without saving; the last checkpoint stays")
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
 
