@@ -32,12 +32,12 @@ log = logging.getLogger("simreg.eval_seg")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("SimReg linear segmentation probe", add_help=add_help)
+    p = cli.ArgumentParser("SimReg linear segmentation probe", add_help=add_help)
     g = p.add_argument_group("data")
     g.add_argument("data", metavar="DATA", help="a Pascal VOC 2012 folder (JPEGImages/, SegmentationClass/, "
                    "ImageSets/Segmentation/) or an ADE20K one (images/, annotations/)")  # fmt: skip
     g.add_argument("--image_size", type=cli.image_size_int, default=448, help="images are resized whole to S x S")
-    g.add_argument("-j", "--workers", dest="workers", type=cli.nonneg_int, default=8, help="loader processes")
+    cli.add_workers_arg(g, "workers")
     g.add_argument("--extract_batch", type=cli.positive_int, default=32, help="images per feature-map batch")
     g = p.add_argument_group("network")
     add_network_args(g)

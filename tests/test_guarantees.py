@@ -253,6 +253,7 @@ handler.setStream(OneWriterAtATime(handler.stream))
 stop = StopRequest().install()
 logging.getLogger("simreg.train").info("epoch 1 step 1/2 loss 1.0")
 print(stop.requested, stop.exit_status, flush=True)
+stop.log_notices()  # what the training loop does at every step boundary
 logging.shutdown()
 """
 

@@ -146,6 +146,9 @@ CASES: dict[str, Mistake] = {
     "eval_seg: an image folder, not a segmentation set": Mistake(
         [*PY, "eval_seg.py", "{data}", "--weights", "{teacher}", "--teacher", "--save", "{out}/seg", "--device", "cpu"],
         r"is neither a Pascal VOC 2012 folder .* nor an ADE20K one", absent=("{out}",)),
+    "eval_seg: a flag that does not exist": Mistake(
+        [*PY, "eval_seg.py", "{data}", "--weights", "{teacher}", "--teacher", "--nope"],
+        r"unrecognized arguments: --nope"),
     "eval_linear: resume missing": Mistake(
         [*PY, "eval_linear.py", "{data}", "--weights", "{teacher}", "--save", "{out}/linear", "--resume",
          "{tmp}/p.pth", "--device", "cpu"], r"--resume '.*/p.pth' does not exist", absent=("{out}",)),

@@ -44,6 +44,7 @@ class StopVote:
         """Call once after every step, on every rank."""
         if self.stop is None:
             return False
+        self.stop.log_notices()  # the signal handler's line, into the log file (the handler never logs)
         if not self.dist_info.distributed:
             return self.stop.requested
         self._pending.append(_Ballot(self.stop.requested, self.dist_info.device))

@@ -19,6 +19,8 @@ import os
 import signal
 import time
 
+from tools.engine.logs import FORMAT
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -74,7 +76,6 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
-        self.log_notices()
         return self.signum is not None
 
     @property
@@ -94,7 +95,7 @@ class StopRequest:
 def say_now(message: str) -> None:
     """A warning line on the console from inside a signal handler: one unbuffered write to file descriptor 2,
     in the log's format, never through logging's buffered streams."""
-    line = f"{time.strftime('%H:%M:%S')} WARNING {__name__}: {message}\n"
+    line = FORMAT.format(log.makeRecord(log.name, logging.WARNING, __file__, 0, message, None, None)) + "\n"
     try:
         os.write(2, line.encode("utf-8", "replace"))
     except OSError:  # a closed console: the log file still gets the line
